@@ -1,0 +1,25 @@
+"""tablefree: language models without a trainable input embedding table (arXiv 2605.09751)."""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .codes import CodeLift, build_code, verify_code
+from .configuration_tablefree import TableFreeConfig
+from .errors import TableFreeError
+from .modeling_tablefree import TableFreeForCausalLM, TableFreeModel
+
+__version__ = "0.1.0"
+
+# So that a saved model loads through the Auto classes without trust_remote_code where the package is installed.
+AutoConfig.register("tablefree", TableFreeConfig, exist_ok=True)
+AutoModel.register(TableFreeConfig, TableFreeModel, exist_ok=True)
+AutoModelForCausalLM.register(TableFreeConfig, TableFreeForCausalLM, exist_ok=True)
+
+__all__ = [
+    "CodeLift",
+    "TableFreeConfig",
+    "TableFreeError",
+    "TableFreeForCausalLM",
+    "TableFreeModel",
+    "build_code",
+    "verify_code",
+]

@@ -1,0 +1,44 @@
+"""`tablefree <verb>`: each verb is one module's entry function; user errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import TableFreeError
+
+# Each module registers its own verb(s) through `add_cli(subparsers)`.
+COMMAND_MODULES = ["presets", "tokenizer", "export", "generate"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tablefree",
+        description="Language models without a trainable input embedding table (arXiv 2605.09751).",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"tablefree.{name}").add_cli(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        result = args.run(args)
+    except TableFreeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""`tablefree export MODEL OUT --format gpt-neox`: a stock GPTNeoXForCausalLM checkpoint.
+
+The table-free model's fixed code vectors of all V ids are written into `embed_in.weight` (a
+constant that is never trained), so any engine that serves GPT-NeoX (vLLM, SGLang, TGI,
+llama.cpp) serves the model without remote code, and its logits equal the table-free model's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+from .configuration_tablefree import TableFreeConfig
+from .errors import TableFreeError
+from .hub import load_model, save_model
+
+EXPORT_FORMATS = ("gpt-neox",)
+_CODE_FIELDS = {
+    "code_family", "code_bits", "code_seed", "affine_preset", "affine_rows", "affine_offset",
+    "code_layout", "code_values", "code_scale", "auto_map", "architectures", "model_type",
+}  # fmt: skip
+
+
+def to_gpt_neox(model) -> GPTNeoXForCausalLM:
+    """The same network as a stock GPTNeoXForCausalLM whose embed_in holds the code table."""
+    config = model.config
+    if not isinstance(config, TableFreeConfig):
+        return model
+    fields = {k: v for k, v in config.to_dict().items() if k not in _CODE_FIELDS}
+    fields.pop("transformers_version", None)
+    neox_config = GPTNeoXConfig(**fields)
+    with torch.device("meta"):
+        neox = GPTNeoXForCausalLM(neox_config)
+    state = dict(model.state_dict())
+    dtype = model.lm_head.weight.dtype
+    state["gpt_neox.embed_in.weight"] = model.get_input_embeddings().table(dtype=dtype, device=model.device)
+    neox.load_state_dict(state, strict=True, assign=True)
+    # Non-persistent rotary buffers are not in the state dict: build them on real memory.
+    neox.gpt_neox.rotary_emb = type(neox.gpt_neox.rotary_emb)(config=neox_config).to(model.device)
+    return neox.eval()
+
+
+def export_command(model_path: str, out: str, format: str = "gpt-neox") -> Path:
+    if format not in EXPORT_FORMATS:
+        raise TableFreeError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    model, tokenizer = load_model(model_path)
+    if Path(out).resolve() == Path(model_path).resolve():
+        raise TableFreeError("the export directory must differ from the model directory")
+    return save_model(to_gpt_neox(model), out, tokenizer)
+
+
+def add_cli(subparsers) -> None:
+    export = subparsers.add_parser("export", help="write a stock GPT-NeoX checkpoint (code table as embed_in)")
+    export.add_argument("model", help="model directory or cached hub id")
+    export.add_argument("out", help="output directory")
+    export.add_argument("--format", default="gpt-neox", help=f"one of: {', '.join(EXPORT_FORMATS)}")
+    export.set_defaults(run=lambda a: print(f"exported -> {export_command(a.model, a.out, a.format)}"))

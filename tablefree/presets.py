@@ -1,0 +1,202 @@
+"""Named model presets: a size (depth, width, context) times an input interface (variant).
+
+`paper-learned`, `paper-minimal`, `paper-affine` are the three models of the paper; `tiny-*` and
+`small-*` are CPU sizes. Sizes derive from depth and width alone (head size 32, MLP 4x), as in the
+paper's 32 x 1024 backbone. Every field can be overridden.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PretrainedConfig
+
+from .codes import CODE_FAMILIES, CodeError
+from .configuration_tablefree import TableFreeConfig
+from .errors import TableFreeError
+from .modeling_tablefree import TableFreeForCausalLM
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+
+@dataclass(frozen=True)
+class Size:
+    depth: int
+    width: int
+    context: int
+
+    def backbone(self) -> dict:
+        return dict(
+            num_hidden_layers=self.depth,
+            hidden_size=self.width,
+            num_attention_heads=max(1, self.width // 32),
+            intermediate_size=4 * self.width,
+            max_position_embeddings=self.context,
+        )
+
+
+SIZES = {"paper": Size(32, 1024, 1024), "small": Size(4, 256, 512), "tiny": Size(2, 64, 256)}
+# variant -> the fields that choose its input interface; `learned` is stock GPT-NeoX.
+VARIANTS = {
+    "learned": None,
+    "minimal": {"code_family": "minimal"},
+    "affine": {"code_family": "affine"},
+    "gray": {"code_family": "affine", "affine_preset": "gray"},
+    "hashed": {"code_family": "hashed"},
+}
+PRESETS = [f"{size}-{variant}" for size in SIZES for variant in VARIANTS]
+
+# Exactly GPT-NeoX with a sequential residual and full rotary (DESIGN.md section 3).
+BACKBONE = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_act="gelu",
+    use_parallel_residual=False,
+    tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+    bos_token_id=BOS_ID,
+    eos_token_id=EOS_ID,
+    pad_token_id=PAD_ID,
+    hidden_dropout=0.0,
+    attention_dropout=0.0,
+)
+
+
+def _config_fields(cls) -> set[str]:
+    from dataclasses import fields
+
+    return {f.name for f in fields(cls)} | {"variant"}
+
+
+def build_config(preset: str, **overrides) -> PretrainedConfig:
+    """The config of a preset with `overrides` applied; `variant=...` switches the input interface."""
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(preset, PRESETS, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise TableFreeError(f"unknown preset {preset!r}{hint}; choose one of {', '.join(PRESETS)}")
+    size_name, variant = preset.split("-", 1)
+    variant = overrides.pop("variant", variant)
+    if variant not in VARIANTS:
+        raise TableFreeError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if "code_family" in overrides and overrides["code_family"] not in CODE_FAMILIES:
+        raise TableFreeError(
+            f"unknown code family {overrides['code_family']!r}; choose one of {', '.join(CODE_FAMILIES)}"
+        )
+    cls = GPTNeoXConfig if variant == "learned" else TableFreeConfig
+    known = _config_fields(cls)
+    for key in overrides:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise TableFreeError(f"unknown model field {key!r} for the {variant} variant{hint}")
+    fields = {**BACKBONE, **SIZES[size_name].backbone(), **(VARIANTS[variant] or {}), **overrides}
+    return make_config(cls, fields)
+
+
+def make_config(cls, fields: dict) -> PretrainedConfig:
+    """Instantiate a config class, turning every validation failure into a TableFreeError."""
+    try:
+        config = cls(**fields)
+        if isinstance(config, TableFreeConfig):
+            from .modeling_tablefree import build_code_lift
+
+            build_code_lift(config)  # width/layout checks need hidden_size as well as the code
+        return config
+    except CodeError as exc:
+        raise TableFreeError(str(exc)) from None
+    except (ValueError, TypeError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, CodeError) else exc
+        raise TableFreeError(f"invalid model config: {cause}") from None
+
+
+def build_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
+    """A freshly initialised model; its weights depend on `seed` alone (the global RNG is left untouched)."""
+    cls = TableFreeForCausalLM if isinstance(config, TableFreeConfig) else GPTNeoXForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(config)
+
+
+def variant_of(config: PretrainedConfig) -> str:
+    if not isinstance(config, TableFreeConfig):
+        return "learned"
+    if config.code_family == "affine" and config.affine_preset == "gray":
+        return "gray"
+    return config.code_family
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`key=value` strings from the command line; values parse as YAML scalars (ints, floats, lists)."""
+    import yaml
+
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise TableFreeError(f"override {pair!r} is not of the form key=value (for example hidden_size=128)")
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def new_command(args) -> int:
+    """`tablefree new PRESET OUT`: a freshly initialised model, saved in the Hugging Face form."""
+    from .hub import save_model
+    from .tokenizer import as_transformers, build_tokenizer, load_tokenizer
+
+    config = build_config(args.preset, **parse_overrides(args.overrides))
+    model = build_model(config, seed=args.seed)
+    if args.tokenizer:
+        tokenizer = load_tokenizer(args.tokenizer)
+    else:
+        from .corpus import embedded_documents
+
+        tokenizer = as_transformers(build_tokenizer(embedded_documents(max_docstring_files=0)))
+    from .hub import check_tokenizer
+
+    check_tokenizer(tokenizer, config, args.tokenizer or "the default tokenizer")
+    tokenizer.model_max_length = config.max_position_embeddings
+    out = save_model(model, args.out, tokenizer)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"{args.preset} ({variant_of(config)}): {params:,} parameters -> {out}")
+    return 0
+
+
+def verify_command(args) -> int:
+    """`tablefree verify PRESET|MODEL`: the exhaustive injectivity and inverse check over all V ids."""
+    from pathlib import Path
+
+    from .codes import verify_code
+
+    if args.target in PRESETS:
+        config = build_config(args.target, **parse_overrides(args.overrides))
+    else:
+        from .hub import load_config, resolve_model_path
+
+        config = load_config(resolve_model_path(args.target))
+        if not isinstance(config, TableFreeConfig):
+            print(f"{args.target}: learned input table, no fixed code to verify")
+            return 0
+    if not isinstance(config, TableFreeConfig):
+        print(f"{args.target}: learned input table, no fixed code to verify")
+        return 0
+    try:
+        code = config.build_code()
+        verify_code(code)
+    except CodeError as exc:
+        raise TableFreeError(str(exc)) from None
+    print(f"ok: {code.describe()} is injective on all {code.vocab_size:,} ids and decodes exactly")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    new = subparsers.add_parser("new", help="initialise a model from a preset and save it")
+    new.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
+    new.add_argument("out", help="output directory")
+    new.add_argument("overrides", nargs="*", help="model fields as key=value, e.g. hidden_size=128")
+    new.add_argument("--seed", type=int, default=0, help="model seed (initialisation depends on it alone)")
+    new.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: code-point tokenizer)")
+    new.set_defaults(run=new_command)
+    verify = subparsers.add_parser("verify", help="check a code is injective and invertible over all V ids")
+    verify.add_argument("target", help="a preset name or a model directory")
+    verify.add_argument("overrides", nargs="*", help="model fields as key=value (with a preset)")
+    verify.set_defaults(run=verify_command)

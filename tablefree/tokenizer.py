@@ -1,0 +1,170 @@
+"""The code-point tokenizer (DESIGN.md sections 1 and 5), saved as a standard tokenizer.json.
+
+Layout of the V = 65,536 ids:
+- every Basic-Multilingual-Plane character outside the surrogate and private-use ranges has its
+  own code point as id, so bin_16 of a one-character token is the character's code point;
+- 0xE000-0xE0FF: special tokens (<pad> = 57344, <s>, </s>, <unk>, ...), then <special_token_N>;
+- 0xD800-0xDFFF and 0xE100-0xF8FF: 8,192 n-gram slots, filled in order with the merges that
+  byte-pair-encoding training on the given corpus learns first (its most frequent adjacent pairs);
+  slots the corpus cannot fill hold unused <reserved_0x....> placeholders.
+Text is split like GPT-2 (words with their leading space, numbers, punctuation runs, whitespace)
+and never normalised, so decoding the ids gives back the text exactly. A character without a slot
+(outside the BMP, or in the private-use area U+E000-U+F8FF) becomes <unk> (id 57347): the only loss,
+reported by `unknown_characters`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from .errors import TableFreeError
+
+VOCAB_SIZE = 1 << 16
+SPECIAL_BASE = 0xE000
+SPECIAL_TOKENS = [
+    "<pad>", "<s>", "</s>", "<unk>", "<think>", "</think>", "<emotions>", "</emotions>",
+    "<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>", "[INST]", "[/INST]",
+    "[EOT]", "[USER]", "[ASSISTANT]", "[FIM_PREFIX]", "[FIM_MIDDLE]", "[FIM_SUFFIX]", "[FIM_PAD]",
+    "[REPO_NAME]", "[FILE_SEP]",
+]  # fmt: skip
+SPECIAL_END = 0xE100
+NGRAM_SLOTS = list(range(0xD800, 0xE000)) + list(range(0xE100, 0xF900))
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0xE000, 0xE001, 0xE002, 0xE003
+SPLIT_PATTERN = r" ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_NO_SLOT = re.compile("[\ue000-\uf8ff\U00010000-\U0010ffff]")
+# Ids and the string each one stands for, as a chat template would name them.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% elif message['role'] == 'user' %}[USER]{{ message['content'] }}[EOT]"
+    "{% else %}[ASSISTANT]{{ message['content'] }}[EOT]{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}[ASSISTANT]{% endif %}"
+)
+
+
+def has_slot(char: str) -> bool:
+    """Whether a character has its own id (its code point) in the code-point layout."""
+    cp = ord(char)
+    return cp < 0xD800 or 0xF900 <= cp <= 0xFFFF
+
+
+def special_tokens() -> dict[str, int]:
+    names = SPECIAL_TOKENS + [f"<special_token_{i}>" for i in range(len(SPECIAL_TOKENS), SPECIAL_END - SPECIAL_BASE)]
+    return {name: SPECIAL_BASE + i for i, name in enumerate(names)}
+
+
+def learn_ngrams(texts: Iterable[str], slots: int = len(NGRAM_SLOTS)) -> list[tuple[str, str]]:
+    """The first `slots` BPE merges learned on `texts` (characters without a slot are left out)."""
+    trainer_tokenizer = Tokenizer(models.BPE())
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    seen = set()
+
+    def cleaned():
+        for text in texts:
+            text = _NO_SLOT.sub(" ", text)
+            seen.update(text)
+            yield text
+
+    # The trainer counts its alphabet in the vocabulary size, so ask for alphabet + slots merges.
+    trainer = trainers.BpeTrainer(vocab_size=slots + 70_000, show_progress=False, max_token_length=24)
+    trainer_tokenizer.train_from_iterator(cleaned(), trainer=trainer)
+    merges = json.loads(trainer_tokenizer.to_str())["model"]["merges"]
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges[:slots]]
+
+
+def build_tokenizer(texts: Iterable[str]) -> Tokenizer:
+    """The code-point tokenizer with its n-gram slots learned from `texts`."""
+    merges = learn_ngrams(texts)
+    if not merges:
+        raise TableFreeError("the corpus has no repeated character pairs to fill n-gram slots; give a larger corpus")
+    vocab = {chr(cp): cp for cp in range(VOCAB_SIZE) if has_slot(chr(cp))}
+    for slot, (left, right) in zip(NGRAM_SLOTS, merges):
+        vocab[left + right] = slot
+    for slot in NGRAM_SLOTS[len(merges) :]:
+        vocab[f"<reserved_0x{slot:04X}>"] = slot
+    specials = special_tokens()
+    vocab.update(specials)
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=list(merges), unk_token="<unk>", ignore_merges=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    tokenizer.decoder = decoders.Fuse()
+    tokenizer.add_special_tokens(list(specials))
+    return tokenizer
+
+
+def as_transformers(tokenizer: Tokenizer, model_max_length: int = 1024):
+    """Wrap a `tokenizers.Tokenizer` as the transformers fast tokenizer that AutoTokenizer reloads."""
+    from transformers import PreTrainedTokenizerFast
+
+    names = {i: t for t, i in special_tokens().items()}
+    kwargs = {}
+    for role, token_id in (("pad_token", PAD_ID), ("bos_token", BOS_ID), ("eos_token", EOS_ID), ("unk_token", UNK_ID)):
+        if tokenizer.id_to_token(token_id) == names[token_id]:
+            kwargs[role] = names[token_id]
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **kwargs)
+    if tokenizer.get_vocab_size() == VOCAB_SIZE and tokenizer.token_to_id("[USER]") is not None:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer directory (or a bare tokenizer.json) as a transformers tokenizer; no remote code."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if path.is_file() and path.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        raise TableFreeError(f"no tokenizer at {path}: expected a directory with tokenizer.json, or a tokenizer.json file")
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError, json.JSONDecodeError, Exception) as exc:  # tokenizers raises its own types
+        raise TableFreeError(f"could not load the tokenizer at {path}: {exc}") from None
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """Content hash of what the tokenizer maps (vocabulary, merges, pre-tokenizer): prepared data records it."""
+    backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer
+    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()[:16]
+
+
+def unknown_characters(text: str) -> dict[str, int]:
+    """Characters of `text` that the code-point layout maps to <unk>, with their counts."""
+    counts: dict[str, int] = {}
+    for char in _NO_SLOT.findall(text):
+        counts[char] = counts.get(char, 0) + 1
+    return counts
+
+
+def build_command(corpus: list[str], out: str, limit_chars: int | None = None) -> Path:
+    """`tablefree tokenizer build`: learn the n-gram slots from a corpus and save the tokenizer."""
+    from .corpus import read_corpus
+
+    texts = read_corpus(corpus, limit_chars=limit_chars)
+    fast = as_transformers(build_tokenizer(texts))
+    out_path = Path(out)
+    out_path.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(str(out_path))
+    return out_path
+
+
+def build_cli(args) -> int:
+    out = build_command(args.corpus, args.out, limit_chars=args.limit_chars)
+    print(f"code-point tokenizer (V = {VOCAB_SIZE:,}) -> {out}")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    tokenizer = subparsers.add_parser("tokenizer", help="build the code-point tokenizer")
+    verbs = tokenizer.add_subparsers(dest="tokenizer_command", metavar="VERB", required=True)
+    build = verbs.add_parser("build", help="fill the n-gram slots from a corpus and save tokenizer.json")
+    build.add_argument("--corpus", nargs="+", default=["embedded"], help="'embedded' (default) or .txt/.jsonl/.parquet files")
+    build.add_argument("--out", required=True, help="output directory")
+    build.add_argument("--limit-chars", type=int, default=None, help="read at most this many characters")
+    build.set_defaults(run=build_cli)
