@@ -125,6 +125,16 @@ def variant_of(config: PretrainedConfig) -> str:
     return config.code_family
 
 
+def tokenizer_fields(tokenizer) -> dict:
+    """vocab_size and special ids that follow from any tokenizer (V, and so K, come from it)."""
+    fields = {"vocab_size": len(tokenizer)}
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        fields[name] = getattr(tokenizer, name, None)
+    if fields["pad_token_id"] is None:
+        fields["pad_token_id"] = fields["eos_token_id"]
+    return fields
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """`key=value` strings from the command line; values parse as YAML scalars (ints, floats, lists)."""
     import yaml
@@ -140,20 +150,20 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def new_command(args) -> int:
     """`tablefree new PRESET OUT`: a freshly initialised model, saved in the Hugging Face form."""
-    from .hub import save_model
+    from .hub import check_tokenizer, save_model
     from .tokenizer import as_transformers, build_tokenizer, load_tokenizer
 
-    config = build_config(args.preset, **parse_overrides(args.overrides))
-    model = build_model(config, seed=args.seed)
+    overrides = parse_overrides(args.overrides)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
+        overrides = {**tokenizer_fields(tokenizer), **overrides}
     else:
         from .corpus import embedded_documents
 
         tokenizer = as_transformers(build_tokenizer(embedded_documents(max_docstring_files=0)))
-    from .hub import check_tokenizer
-
+    config = build_config(args.preset, **overrides)
     check_tokenizer(tokenizer, config, args.tokenizer or "the default tokenizer")
+    model = build_model(config, seed=args.seed)
     tokenizer.model_max_length = config.max_position_embeddings
     out = save_model(model, args.out, tokenizer)
     params = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_config
+from transformers import GPTNeoXForCausalLM
+
+from tablefree.errors import TableFreeError
+from tablefree.export import export_command, to_gpt_neox
+from tablefree.hub import save_model
+from tablefree.presets import build_model
+
+
+@pytest.mark.parametrize(
+    "variant, overrides",
+    [("affine", {}), ("minimal", {"code_layout": "interleave"}), ("hashed", {"code_bits": 24, "code_values": "bipolar", "code_scale": 0.5})],
+)
+def test_exported_gpt_neox_checkpoint_has_the_same_logits(variant, overrides, tmp_path, code_point_tokenizer):
+    model = build_model(tiny_config(variant, **overrides), seed=3).eval()
+    source = save_model(model, tmp_path / "model", code_point_tokenizer)
+    out = export_command(str(source), str(tmp_path / "neox"))
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt_neox" and "auto_map" not in config
+    assert not (out / "modeling_tablefree.py").exists()
+    neox = GPTNeoXForCausalLM.from_pretrained(str(out)).eval()  # stock class, no remote code
+    ids = torch.randint(0, 65_536, (2, 16))
+    with torch.no_grad():
+        diff = (neox(ids).logits - model(ids).logits).abs().max().item()
+    assert diff <= 1e-5
+    assert torch.equal(neox.gpt_neox.embed_in.weight, model.get_input_embeddings().table())
+    assert torch.equal(
+        neox.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0),
+        model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0),
+    )
+
+
+def test_export_through_the_cli_and_bad_format(saved_tiny_model, tmp_path):
+    path, _ = saved_tiny_model
+    result = subprocess.run(
+        [sys.executable, "-m", "tablefree.cli", "export", str(path), str(tmp_path / "out"), "--format", "gguf"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "unknown export format 'gguf'; choose one of gpt-neox" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_learned_model_exports_as_itself():
+    model = build_model(tiny_config("learned"), seed=0)
+    assert to_gpt_neox(model) is model
+
+
+def test_export_refuses_to_overwrite_its_source(saved_tiny_model):
+    path, _ = saved_tiny_model
+    with pytest.raises(TableFreeError, match="must differ"):
+        export_command(str(path), str(path))
