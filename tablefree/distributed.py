@@ -1,0 +1,92 @@
+"""Process-group setup and model wrapping for `torchrun`: DDP, or FSDP2 (`fully_shard`) for sharding.
+
+One process without torchrun is world size 1 and wraps nothing. gloo on CPU, nccl on GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import TableFreeError
+
+STRATEGIES = ("auto", "none", "ddp", "fsdp")
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_world(device: str = "auto") -> World:
+    """The process group from torchrun's environment (or a world of one) and this rank's device."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise TableFreeError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    elif device == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise TableFreeError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return World(rank, size, local_rank, dev)
+
+
+def close_world(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap_model(model: torch.nn.Module, world: World, strategy: str) -> torch.nn.Module:
+    """DDP or FSDP2 around `model` (already on its device); the training loop sees one interface."""
+    if strategy not in STRATEGIES:
+        raise TableFreeError(f"unknown distributed strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if strategy == "auto":
+        strategy = "ddp" if world.size > 1 else "none"
+    if strategy == "none":
+        if world.size > 1:
+            raise TableFreeError("distributed=none under torchrun with several processes; use ddp or fsdp")
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[world.local_rank] if world.device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    # Shard each block, then the root (embeddings/head/final norm), as FSDP2 expects.
+    for layer in model.gpt_neox.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") and isinstance(model.module, torch.nn.Module) else model
+
+
+def all_reduce_sum(value: torch.Tensor, world: World) -> torch.Tensor:
+    if world.size > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()

@@ -1,0 +1,109 @@
+"""`tablefree eval MODEL --data DIR|FILE`: validation loss, perplexity and bits per byte.
+
+Bits per byte = summed next-token loss in bits / UTF-8 bytes of the predicted tokens: the measure
+that compares models across tokenizers (perplexity is per token, and tokens differ in length).
+Benchmarks beyond this run through lm-evaluation-harness, which loads any saved model as
+`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import TableFreeError
+
+
+def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 length of each id's text; special tokens (</s>, <pad>, ...) count zero bytes."""
+    backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer
+    size = backend.get_vocab_size(with_added_tokens=True)
+    texts = backend.decode_batch([[i] for i in range(size)], skip_special_tokens=True)
+    lengths = np.zeros(vocab_size, dtype=np.int64)
+    lengths[: min(size, vocab_size)] = [len(t.encode("utf-8")) for t in texts[:vocab_size]]
+    return lengths
+
+
+@torch.no_grad()
+def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=None) -> dict:
+    """Loss (nats/token), perplexity and bits per byte over (T+1)-token windows of ids."""
+    was_training = model.training
+    model.eval()
+    nats, tokens, n_bytes = 0.0, 0, 0
+    for window in windows:
+        ids = torch.as_tensor(window, device=device).unsqueeze(0)
+        with autocast or contextlib.nullcontext():
+            logits = model(input_ids=ids[:, :-1]).logits
+        nats += F.cross_entropy(logits.float()[0], ids[0, 1:], reduction="sum").item()
+        tokens += ids.shape[1] - 1
+        n_bytes += int(byte_lengths[np.asarray(window[1:])].sum())
+    if was_training:
+        model.train()
+    if tokens == 0:
+        raise TableFreeError("nothing to evaluate: the validation data holds fewer than 2 tokens")
+    loss = nats / tokens
+    return {"loss": loss, "ppl": math.exp(loss), "bits_per_byte": nats / math.log(2) / max(1, n_bytes), "tokens": tokens}
+
+
+def evaluate_shards(model, shards, seq_len: int, max_tokens: int | None, byte_lengths, device, autocast=None) -> dict:
+    return evaluate_windows(model, shards.sequential(seq_len, max_tokens), byte_lengths, device, autocast)
+
+
+def text_windows(path: Path, tokenizer, seq_len: int, max_tokens: int | None):
+    """Windows over a local text file's documents, tokenised with the model's tokenizer, </s> between them."""
+    from .corpus import read_local_file
+    from .tokenizer import EOS_ID
+
+    ids: list[int] = []
+    for doc in read_local_file(path):
+        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
+        ids.append(EOS_ID)
+        if max_tokens is not None and len(ids) > max_tokens:
+            break
+    ids = ids[: (max_tokens + 1) if max_tokens else None]
+    array = np.asarray(ids, dtype=np.int64)
+    for start in range(0, max(0, array.size - 1), seq_len):
+        yield array[start : start + seq_len + 1]
+
+
+def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_tokens: int | None = 262144) -> dict:
+    """Evaluate a saved model on the val split of a prepared directory, or on a local text file."""
+    from .data import TokenShards
+    from .hub import load_model
+    from .tokenizer import tokenizer_hash
+
+    model, tokenizer = load_model(model_path)
+    if tokenizer is None:
+        raise TableFreeError(f"{model_path} has no tokenizer; bits per byte need the tokenizer the model was trained with")
+    seq_len = seq_len or model.config.max_position_embeddings
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    path = Path(data)
+    if path.is_dir():
+        shards = TokenShards(path, "val", expected_tokenizer_hash=tokenizer_hash(tokenizer))
+        windows = shards.sequential(seq_len, max_tokens)
+    elif path.is_file():
+        windows = text_windows(path, tokenizer, seq_len, max_tokens)
+    else:
+        raise TableFreeError(f"no data at {data}: give a prepared directory or a .txt/.jsonl/.parquet file")
+    return evaluate_windows(model, windows, byte_lengths, torch.device("cpu"))
+
+
+def eval_command(args) -> int:
+    result = evaluate_model(args.model, args.data, args.seq_len, args.max_tokens)
+    print(f"{args.model}: val loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "
+          f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    ev = subparsers.add_parser("eval", help="validation loss, perplexity and bits per byte of a saved model")
+    ev.add_argument("model", help="model directory or cached hub id")
+    ev.add_argument("--data", required=True, help="a prepared data directory (its val split) or a .txt/.jsonl/.parquet file")
+    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
+    ev.add_argument("--max-tokens", type=int, default=262144)
+    ev.set_defaults(run=eval_command)
