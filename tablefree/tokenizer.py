@@ -146,11 +146,28 @@ def build_command(corpus: list[str], out: str, limit_chars: int | None = None) -
     """`tablefree tokenizer build`: learn the n-gram slots from a corpus and save the tokenizer."""
     from .corpus import read_corpus
 
-    texts = read_corpus(corpus, limit_chars=limit_chars)
-    fast = as_transformers(build_tokenizer(texts))
+    counts = {"documents": 0, "characters": 0, "unknown": 0}
+
+    def counted():
+        for text in read_corpus(corpus, limit_chars=limit_chars):
+            counts["documents"] += 1
+            counts["characters"] += len(text)
+            counts["unknown"] += len(_NO_SLOT.findall(text))
+            yield text
+
+    try:
+        fast = as_transformers(build_tokenizer(counted()))
+    except TableFreeError:
+        if counts["documents"] == 0:
+            raise TableFreeError(f"the corpus {' '.join(corpus)} is empty: no documents to learn n-grams from") from None
+        raise
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_path))
+    print(
+        f"read {counts['documents']:,} documents, {counts['characters']:,} characters; "
+        f"{counts['unknown']:,} without a slot (they encode as <unk>)"
+    )
     return out_path
 
 
