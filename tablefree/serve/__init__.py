@@ -1,0 +1,34 @@
+"""`tablefree serve`: an OpenAI-compatible HTTP server with continuous batching (DESIGN.md section 8).
+
+Modules: engine (the batch scheduler and KV cache), sampling (next-token choice), text (incremental
+decoding, stop strings), protocol (request bodies), app (routes), gate (size limit, API key, metrics
+per request), metrics (Prometheus), server (model loading and uvicorn).
+"""
+
+from __future__ import annotations
+
+
+def add_cli(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (port 30000)")
+    serve.add_argument("model", nargs="?", help="model directory or cached hub id")
+    serve.add_argument("--model-path", help="the same as MODEL (the spelling of SGLang's command)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, default=30000)
+    serve.add_argument("--served-model-name", help="the name clients pass as 'model' (default: MODEL as given)")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1, /tokenize and /detokenize")
+    serve.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    serve.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="sequences decoded together")
+    serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    serve.add_argument("--max-queue", type=int, default=512, help="waiting sequences before answering 503")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (413 above it)")
+    serve.add_argument("--seed", type=int, default=None, help="seed for requests without their own 'seed'")
+    serve.add_argument("--trust-remote-code", action="store_true", help="serve any causal LM that transformers loads")
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+    def run(args) -> int:
+        from .server import serve_command
+
+        return serve_command(args)
+
+    serve.set_defaults(run=run)

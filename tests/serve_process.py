@@ -1,0 +1,75 @@
+"""A real `tablefree serve` process on a free loopback port, for the serving tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+CARD_CONTEXT = 1024  # the model card's curl asks for 512 new tokens: the test model's context must hold them
+
+
+def serving_model(tmp_path_factory) -> Path:
+    """A tiny table-free model (random weights, code-point tokenizer with chat template), built once per session."""
+    path = tmp_path_factory.getbasetemp() / "serve-model"
+    if not (path / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "tablefree.cli", "new", "tiny-affine", str(path),
+                        f"max_position_embeddings={CARD_CONTEXT}"], check=True, capture_output=True)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, model: Path, log_path: Path, *args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.log = open(log_path, "w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tablefree.cli", "serve", str(model), "--port", str(self.port), "--host", "127.0.0.1",
+             "--log-level", "warning", *args],
+            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_path.read_text()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_path.read_text()}")
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS line")
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
