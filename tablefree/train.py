@@ -31,6 +31,7 @@ DTYPES = ("auto", "float32", "bfloat16")
 @dataclass
 class TrainConfig:
     data: str = "runs/data"  # a directory made by `tablefree data prepare`
+    tokenizer: str | None = None  # the model's tokenizer (default: the one the data was prepared with)
     out: str = "runs/train"
     preset: str = "small-affine"  # see `tablefree new --help`
     variant: str | None = None  # switch the preset's input interface: learned, minimal, affine, gray, hashed
@@ -202,7 +203,7 @@ def _train(cfg: TrainConfig, world) -> dict:
 
     out = Path(cfg.out)
     config = model_config(cfg)
-    tokenizer = load_tokenizer(Path(cfg.data) / "tokenizer")
+    tokenizer = load_tokenizer(cfg.tokenizer or Path(cfg.data) / "tokenizer")
     tok_hash = tokenizer_hash(tokenizer)
     train_shards = TokenShards(cfg.data, "train", expected_tokenizer_hash=tok_hash)
     val_shards = TokenShards(cfg.data, "val", expected_tokenizer_hash=tok_hash)
