@@ -1,0 +1,40 @@
+import json
+
+from training_data import prepared_data, train_overrides  # noqa: F401  (fixture)
+
+from tablefree.compare import compare, summarise
+from tablefree.train import make_config
+
+
+def test_toy_matched_comparison_writes_table_json_and_plot(prepared_data, tmp_path, capsys):
+    base = make_config(train_overrides(prepared_data, tmp_path / "unused", max_steps=3, checkpoint_every=2))
+    out = tmp_path / "cmp"
+    results = compare(base, ["learned", "affine"], [0, 1], out)
+    assert (out / "results.json").is_file() and (out / "loss_curves.png").stat().st_size > 5000
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| learned |" in table and "| affine |" in table and " ± " in table
+    assert "| +0.0% |" in table.split("| learned |")[1].splitlines()[0]  # learned is its own reference
+    summary = json.loads((out / "results.json").read_text())["summary"]
+    assert summary["learned"]["trainable_input_params"] == 65536 * 32 and summary["affine"]["trainable_input_params"] == 0
+    assert summary["learned"]["gap_to_learned"] == 0
+    # Same data seed: both variants saw identical batches; different model seeds gave different models.
+    runs = results["runs"]
+    assert len(runs) == 4 and runs[0]["val_loss"] != runs[1]["val_loss"]
+    # An interrupted or repeated comparison does not retrain finished runs.
+    stamp = (out / "affine-seed1" / "checkpoint.pt").stat().st_mtime_ns
+    again = compare(base, ["learned", "affine"], [0, 1], out)
+    assert (out / "affine-seed1" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert again["summary"] == results["summary"]
+
+
+def test_summary_arithmetic():
+    runs = [
+        {"variant": "learned", "val_ppl": 2.4, "val_bits_per_byte": 1.0, "trainable_input_params": 10},
+        {"variant": "learned", "val_ppl": 2.6, "val_bits_per_byte": 1.2, "trainable_input_params": 10},
+        {"variant": "affine", "val_ppl": 2.45, "val_bits_per_byte": 1.05, "trainable_input_params": 0},
+    ]
+    summary = summarise(runs, ["learned", "affine"])
+    assert abs(summary["learned"]["val_ppl_mean"] - 2.5) < 1e-12
+    assert abs(summary["learned"]["seed_spread"] - 0.08) < 1e-12
+    assert abs(summary["affine"]["gap_to_learned"] - (2.45 / 2.5 - 1)) < 1e-12
