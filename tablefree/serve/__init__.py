@@ -22,6 +22,8 @@ def add_cli(subparsers) -> None:
     serve.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     serve.add_argument("--max-queue", type=int, default=512, help="waiting sequences before answering 503")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="request body limit (413 above it)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="CPU threads for the model (default: torch's, one per core; on a shared machine fewer is faster)")
     serve.add_argument("--seed", type=int, default=None, help="seed for requests without their own 'seed'")
     serve.add_argument("--trust-remote-code", action="store_true", help="serve any causal LM that transformers loads")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

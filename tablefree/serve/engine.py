@@ -74,7 +74,7 @@ class Engine:
     """Owns the model; `submit` queues sequences from any thread, the worker thread streams their events back."""
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_model_len: int, max_queue: int = 512,
-                 max_prefill_tokens: int = 4096, eos_ids: set[int], seed: int | None = None):
+                 max_prefill_tokens: int = 4096, eos_ids: set[int], seed: int | None = None, threads: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -82,6 +82,7 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_ids = eos_ids
+        self.threads = threads
         self.device = next(model.parameters()).device
         self.sampler = TokenSampler(seed if seed is not None else int(torch.seed() % 2**63))
         # transformers 5 names the cache argument `cache`; remote-code models may still say `past_key_values`.
@@ -127,6 +128,8 @@ class Engine:
     # ---- worker thread ----
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.threads:
+            torch.set_num_threads(self.threads)  # set here: OpenMP thread counts are per calling thread
         while True:
             with self._wake:
                 while not self._pending and not self._rows and not self._stopping:
@@ -192,8 +195,8 @@ class Engine:
             prompt_scores = self._score_prompt(group[0], logits[0]) if group[0].params.prompt_logprobs else None
             self._join(group, layers)
             last = logits[:, -1]
+            logprobs = self._logprobs(last, group)  # before sampling, which scales the logits in place
             tokens = self.sampler.sample(last, group)
-            logprobs = self._logprobs(last, group)
             for row, seq in enumerate(group):
                 if seq.params.max_tokens == 0:
                     seq.finished = True
@@ -246,8 +249,8 @@ class Engine:
         for seq in rows:
             seq.cache_len += 1
         last = logits[:, -1]
+        logprobs = self._logprobs(last, rows)  # before sampling, which scales the logits in place
         tokens = self.sampler.sample(last, rows).tolist()
-        logprobs = self._logprobs(last, rows)
         for row, seq in enumerate(rows):
             if not seq.cancelled:
                 self._append(seq, tokens[row], logprobs[row])

@@ -76,7 +76,7 @@ class TokenSampler:
         self.shared = torch.Generator().manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, rows: list) -> torch.Tensor:
-        """`rows[i]` has `.params`, `.prompt_ids`, `.output_ids`, `.generator` (None unless seeded)."""
+        """`rows[i]` has `.params`, `.prompt_ids`, `.output_ids`, `.generator` (None unless seeded). Overwrites `logits`."""
         logits = logits.float()
         chosen = torch.empty(len(rows), dtype=torch.long)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.penalized]
@@ -84,10 +84,10 @@ class TokenSampler:
             chosen[greedy] = logits[greedy].argmax(-1).cpu()
         plain = [i for i, r in enumerate(rows) if _is_plain(r.params)]
         if plain:
-            # The common case (temperature only, no seed) takes one batched draw.
+            # The common case (temperature only, no seed) takes one batched draw, in place when it is every row.
             temps = torch.tensor([rows[i].params.temperature for i in plain], device=logits.device)[:, None]
-            scaled = logits[plain] / temps
-            weights = torch.exp(scaled - scaled.max(-1, keepdim=True).values).cpu()
+            scaled = logits.div_(temps) if len(plain) == len(rows) else logits[plain].div_(temps)
+            weights = scaled.sub_(scaled.max(-1, keepdim=True).values).exp_().cpu()
             chosen[plain] = draw(weights, torch.rand(len(plain), generator=self.shared))
         done = set(greedy) | set(plain)
         for i, row in enumerate(rows):

@@ -88,6 +88,8 @@ def serve_command(args) -> int:
     model_path = args.model or args.model_path
     if not model_path:
         raise TableFreeError("give the model: tablefree serve MODEL (or --model-path MODEL)")
+    if args.threads is not None and args.threads < 1:
+        raise TableFreeError(f"--threads must be at least 1, got {args.threads}")
     if args.max_batch_size < 1:
         raise TableFreeError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
     device = pick_device(args.device)
@@ -96,7 +98,7 @@ def serve_command(args) -> int:
     max_model_len = context_length(model.config, args.max_model_len)
     eos_ids, turn_ids = stop_ids(model, tokenizer)
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=max_model_len,
-                    max_queue=args.max_queue, eos_ids=eos_ids, seed=args.seed)
+                    max_queue=args.max_queue, eos_ids=eos_ids, seed=args.seed, threads=args.threads)
     settings = ServeSettings(
         model_name=args.served_model_name or str(model_path), max_model_len=max_model_len,
         vocab_size=model.config.vocab_size, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
