@@ -30,24 +30,36 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=None) -> dict:
+def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=None, batch_windows: int = 16) -> dict:
     """Loss (nats/token), perplexity and bits per byte over (T+1)-token windows of ids."""
     was_training = model.training
     model.eval()
     nats, tokens, n_bytes = 0.0, 0, 0
-    for window in windows:
-        ids = torch.as_tensor(window, device=device).unsqueeze(0)
+    for batch in _same_length_batches(windows, batch_windows):
+        ids = torch.as_tensor(np.stack(batch), device=device)
         with autocast or contextlib.nullcontext():
             logits = model(input_ids=ids[:, :-1]).logits
-        nats += F.cross_entropy(logits.float()[0], ids[0, 1:], reduction="sum").item()
-        tokens += ids.shape[1] - 1
-        n_bytes += int(byte_lengths[np.asarray(window[1:])].sum())
+        nats += F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
+        tokens += ids[:, 1:].numel()
+        n_bytes += int(byte_lengths[np.stack(batch)[:, 1:]].sum())
     if was_training:
         model.train()
     if tokens == 0:
         raise TableFreeError("nothing to evaluate: the validation data holds fewer than 2 tokens")
     loss = nats / tokens
     return {"loss": loss, "ppl": math.exp(loss), "bits_per_byte": nats / math.log(2) / max(1, n_bytes), "tokens": tokens}
+
+
+def _same_length_batches(windows, size: int):
+    """Group consecutive windows of equal length (one forward pass each); a shorter tail goes alone."""
+    batch: list[np.ndarray] = []
+    for window in windows:
+        if batch and (len(batch) == size or len(window) != len(batch[0])):
+            yield batch
+            batch = []
+        batch.append(np.asarray(window))
+    if batch:
+        yield batch
 
 
 def evaluate_shards(model, shards, seq_len: int, max_tokens: int | None, byte_lengths, device, autocast=None) -> dict:
