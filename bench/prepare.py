@@ -51,10 +51,10 @@ def main() -> None:
     assert tokens == loop_tokens, (tokens, loop_tokens)  # same corpus, same ids: only the speed may differ
     print(f"corpus: {args.copies} x embedded = {len(documents) * args.copies:,} documents, {chars / 2**20:.1f} MiB of JSONL, "
           f"{tokens:,} tokens; {torch.get_num_threads()} cores\n")
-    print(f"| {'run':<44} | {'seconds':>8} | {'tokens/s':>10} |")
-    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 12}|")
-    print(f"| {'encode loop (one document at a time)':<44} | {loop_seconds:>8.2f} | {loop_tokens / loop_seconds:>10,.0f} |")
-    print(f"| {'tablefree data prepare (batched, shards, split)':<44} | {prepare_seconds:>8.2f} | {tokens / prepare_seconds:>10,.0f} |")
+    print(f"| {'run':<48} | {'seconds':>8} | {'tokens/s':>10} |")
+    print(f"|{'-' * 50}|{'-' * 10}|{'-' * 12}|")
+    print(f"| {'encode loop (one document at a time)':<48} | {loop_seconds:>8.2f} | {loop_tokens / loop_seconds:>10,.0f} |")
+    print(f"| {'tablefree data prepare (batched, shards, split)':<48} | {prepare_seconds:>8.2f} | {tokens / prepare_seconds:>10,.0f} |")
     print(f"\nratio {loop_seconds / prepare_seconds:.2f}")
 
 
