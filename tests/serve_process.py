@@ -32,6 +32,7 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, model: Path, log_path: Path, *args: str):
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -39,7 +40,7 @@ class ServerProcess:
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tablefree.cli", "serve", str(model), "--port", str(self.port), "--host", "127.0.0.1",
-             "--log-level", "warning", *args],
+             "--log-level", "warning", "--threads", "1", *args],  # one thread: test machines are shared
             stdout=self.log, stderr=subprocess.STDOUT, env=env,
         )
         self.wait_ready()

@@ -6,6 +6,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import httpx
@@ -165,7 +166,8 @@ def test_bad_input_is_a_4xx_and_the_server_stays_up(server, name, body, status):
 
 def test_bad_chat_input(server):
     for body in ({"messages": []}, {"messages": [{"role": "wizard", "content": "x"}]}, {"messages": "hi"},
-                 {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}):
+                 {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+                 {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}]}):
         response = httpx.post(f"{server.url}/v1/chat/completions", json=body)
         assert response.status_code == 400, response.text
     assert httpx.get(f"{server.url}/v1/nothing").status_code == 404
@@ -193,3 +195,19 @@ def test_disconnect_stops_generation(server):
         time.sleep(0.2)
     assert metric(server, "tablefree_running_sequences") == 0
     assert metric(server, "tablefree_generation_tokens_total") - before < CARD_CONTEXT - 10  # stopped early, not run to max_tokens
+
+
+@pytest.mark.slow
+def test_stock_gpt_neox_export_serves_the_same_text(server, tmp_path):
+    """Any causal LM directory serves with --trust-remote-code; the GPT-NeoX export answers like the original."""
+    neox = tmp_path / "neox"
+    subprocess.run([sys.executable, "-m", "tablefree.cli", "export", str(server.model), str(neox),
+                    "--format", "gpt-neox"], check=True, capture_output=True)
+    other = ServerProcess(neox, tmp_path / "neox.log", "--trust-remote-code", "--served-model-name", MODEL)
+    try:
+        body = {"model": MODEL, "prompt": "Once upon a time,", "max_tokens": 16, "temperature": 0}
+        ours = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        theirs = httpx.post(f"{other.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+        assert theirs == ours
+    finally:
+        other.stop()

@@ -142,6 +142,10 @@ class _Routes:
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
         self._check_model(body.model)
+        if body.tools:
+            raise APIError(400, "tool calling is not supported by this server", "tools")
+        if body.response_format and body.response_format.get("type", "text") != "text":
+            raise APIError(400, "only response_format {'type': 'text'} is supported (no JSON or schema mode)", "response_format")
         ids = self._chat_ids(body.messages, body.add_generation_prompt)
         if not ids:
             raise APIError(400, "the rendered conversation is empty", "messages")

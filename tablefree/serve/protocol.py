@@ -72,6 +72,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    # Accepted so that a request using them gets a clear 400 rather than a silently plain answer.
+    tools: list[dict] | None = None
+    response_format: dict | None = None
 
 
 class TokenizeRequest(BaseModel):
