@@ -20,7 +20,7 @@ VARIANTS = ("affine", "learned")
 MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256}
 
 
-def quickstart(out: str | Path, steps: int = 100, seed: int = 0, progress: bool = True) -> dict:
+def quickstart(out: str | Path, steps: int = 80, seed: int = 0, progress: bool = True) -> dict:
     from .data import PrepareSettings, Source, mixture_text, prepare
     from .hub import replace_directory
     from .tokenizer import as_transformers, build_tokenizer, load_tokenizer
@@ -117,7 +117,7 @@ def quickstart_command(args) -> int:
 def add_cli(subparsers) -> None:
     qs = subparsers.add_parser("quickstart", help="train affine vs learned on the embedded corpus and compare (a few CPU minutes)")
     qs.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
-    qs.add_argument("--steps", type=int, default=100, help="optimizer steps per model")
+    qs.add_argument("--steps", type=int, default=80, help="optimizer steps per model")
     qs.add_argument("--seed", type=int, default=0)
     qs.add_argument("--quiet", action="store_true", help="no progress bars")
     qs.set_defaults(run=quickstart_command)
