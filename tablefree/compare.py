@@ -9,6 +9,7 @@ interrupted comparison continues where it stopped; finished runs are not retrain
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +48,8 @@ def compare(base, variants: list[str], seeds: list[int], out: str | Path) -> dic
         print(f"== {run_name(variant, seed)} ==")
         runs.append(train(cfg))
     summary = summarise(runs, variants)
+    if os.environ.get("RANK", "0") != "0":
+        return {"runs": runs, "summary": summary}  # under torchrun, rank 0 alone writes the outputs
     results = {"config": {k: v for k, v in vars(base).items() if k not in ("out", "variant", "seed")},
                "variants": variants, "seeds": seeds, "runs": runs, "summary": summary}
     out.mkdir(parents=True, exist_ok=True)
@@ -144,6 +147,8 @@ def compare_command(args) -> int:
     seeds = parse_list(args.seeds, int)
     out = Path(args.out or base.out)
     compare(base, variants, seeds, out)
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'loss_curves.png'}")
     return 0
