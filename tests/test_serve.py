@@ -181,13 +181,18 @@ def metric(server, name: str) -> float:
     raise AssertionError(f"no metric {name}")
 
 
-def test_disconnect_stops_generation(server):
+@pytest.mark.parametrize("stream", [True, False])
+def test_disconnect_stops_generation(server, stream):
     before = metric(server, "tablefree_generation_tokens_total")
-    with httpx.stream("POST", f"{server.url}/v1/completions",
-                      json={"prompt": "x", "max_tokens": CARD_CONTEXT - 10, "stream": True, "ignore_eos": True}) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: "):
-                break
+    body = {"prompt": "x", "max_tokens": CARD_CONTEXT - 10, "stream": stream, "ignore_eos": True}
+    if stream:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    break
+    else:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(f"{server.url}/v1/completions", json=body, timeout=1.0)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if metric(server, "tablefree_running_sequences") == 0:

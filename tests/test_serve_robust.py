@@ -65,7 +65,7 @@ def test_fuzz_openapi_schema_never_5xx(strict_server, mode, examples):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [GenerationMode.NEGATIVE, GenerationMode.POSITIVE])
 def test_fuzz_openapi_schema_never_5xx_long(strict_server, mode):
-    fuzz(strict_server, mode, 300)
+    fuzz(strict_server, mode, 150)
 
 
 def fuzz(strict_server, mode, examples: int) -> None:

@@ -184,8 +184,8 @@ class _Routes:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
         conversation = [
-            {"role": m.role, "content": m.content if isinstance(m.content, str) or m.content is None
-             else "".join(part.text for part in m.content)}
+            {"role": m.role, "content": m.content if isinstance(m.content, str)
+             else "".join(part.text for part in m.content or [])}
             for m in messages
         ]
         try:

@@ -171,7 +171,8 @@ class Engine:
         return out.logits, getattr(out, "cache", None) or out.past_key_values
 
     def _prefill(self, admitted: list[Sequence]) -> None:
-        admitted = [s for s in admitted if not s.cancelled]
+        self._abort_cancelled(admitted)
+        admitted = [s for s in admitted if not s.finished]
         # A prompt to score (echo + logprobs) needs every position's logits: prefill it alone.
         scored = [s for s in admitted if s.params.prompt_logprobs]
         batched = [s for s in admitted if not s.params.prompt_logprobs]
@@ -225,8 +226,16 @@ class Engine:
         self._rows = self._rows + group
         self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
+    def _abort_cancelled(self, sequences: list[Sequence]) -> None:
+        """A cancelled sequence still ends with an event, so whoever awaits it is released."""
+        for seq in sequences:
+            if seq.cancelled and not seq.finished:
+                seq.finished = True
+                seq.sink(SequenceEvent("", [], finish_reason="abort"))
+
     def _drop_done(self) -> None:
-        keep = [i for i, s in enumerate(self._rows) if not (s.finished or s.cancelled)]
+        self._abort_cancelled(self._rows)
+        keep = [i for i, s in enumerate(self._rows) if not s.finished]
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]
