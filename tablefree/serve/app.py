@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .engine import Engine, QueueFull, Sequence, SequenceEvent
+from .engine import Engine, QueueFull, Sequence
 from .gate import RequestGate, error_body
 from .metrics import ServerMetrics
 from .protocol import (
@@ -394,4 +394,4 @@ def _sse(payload: dict) -> str:
     return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-__all__ = ["APIError", "ServeSettings", "SequenceEvent", "create_app"]
+__all__ = ["APIError", "ServeSettings", "create_app"]

@@ -4,7 +4,9 @@ The running batch is one left-padded KV cache: every row's tokens sit right-alig
 step a row's real length alone gives its attention mask and next position. New sequences are
 prefilled together, then their caches are padded to the batch's length and concatenated; finished or
 cancelled rows are dropped and all-padding columns trimmed, so the cache never outgrows the longest
-live sequence. (transformers' own continuous batching crashes on GPT-NeoX: DESIGN.md section 8.)
+live sequence. Own scheduler, not transformers' continuous batching: with transformers 5.24,
+`transformers serve --continuous-batching` on a GPT-NeoX model answers every request with
+"PagedAttentionCache.update() missing 1 required positional argument: 'kwargs'" (checked again here).
 """
 
 from __future__ import annotations
