@@ -1,8 +1,9 @@
 """`tablefree serve`: an OpenAI-compatible HTTP server with continuous batching (DESIGN.md section 8).
 
 Modules: engine (the batch scheduler and KV cache), sampling (next-token choice), text (incremental
-decoding, stop strings), protocol (request bodies), app (routes), gate (size limit, API key, metrics
-per request), metrics (Prometheus), server (model loading and uvicorn).
+decoding, stop strings), protocol (request bodies, errors), app (routes), responses (response bodies
+and stream chunks), gate (size limit, API key, metrics per request), metrics (Prometheus), server
+(model loading and uvicorn).
 """
 
 from __future__ import annotations

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-import uuid
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -18,6 +16,7 @@ from .engine import Engine, QueueFull, Sequence
 from .gate import RequestGate, error_body
 from .metrics import ServerMetrics
 from .protocol import (
+    APIError,
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
@@ -25,6 +24,7 @@ from .protocol import (
     SamplingFields,
     TokenizeRequest,
 )
+from .responses import RequestRun
 from .sampling import SamplingParams
 
 MAX_SEQUENCES_PER_REQUEST = 64
@@ -39,12 +39,6 @@ class ServeSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     eos_ids: frozenset[int] = frozenset()
     end_of_turn_ids: frozenset[int] = frozenset()  # tokens that close a chat turn (e.g. [EOT]); chat stops there too
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.type = status, message, param, type_
 
 
 def create_app(engine: Engine, tokenizer, settings: ServeSettings) -> FastAPI:
@@ -245,153 +239,11 @@ class _Routes:
         except ValueError as exc:
             raise APIError(400, str(exc), "n") from None
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in plans))
-        run = _Run(self, body, plans, sequences, events, chat, time.perf_counter())
+        run = RequestRun(self.tokenizer, self.settings.model_name, self.metrics, body, plans, sequences, events, chat,
+                         time.perf_counter())
         if body.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream")
         return await run.collect(request)
-
-
-class _Run:
-    """One request's sequences: gathers their events into an OpenAI response or a stream of chunks."""
-
-    def __init__(self, routes: _Routes, body, plans, sequences: list[Sequence], events: asyncio.Queue, chat: bool, started: float):
-        self.routes, self.body, self.plans, self.sequences, self.events = routes, body, plans, sequences, events
-        self.chat, self.started = chat, started
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.first_token_at: float | None = None
-        self.generated = 0
-
-    def _prompt_of(self, index: int) -> list[int]:
-        return self.plans[index // self.body.n][0]
-
-    async def _events(self):
-        """(index, event) until every sequence has finished; stops the sequences if the consumer goes away."""
-        remaining = len(self.sequences)
-        try:
-            while remaining:
-                index, event = await self.events.get()
-                if event.token_ids:
-                    self.generated += len(event.token_ids)
-                    self.routes.metrics.generated_tokens.inc(len(event.token_ids))
-                    if self.first_token_at is None:
-                        self.first_token_at = time.perf_counter()
-                        self.routes.metrics.time_to_first_token.observe(self.first_token_at - self.started)
-                if event.error:
-                    raise APIError(500, f"generation failed: {event.error}", None, "server_error")
-                if event.finish_reason:
-                    remaining -= 1
-                yield index, event
-        finally:
-            for seq in self.sequences:
-                seq.cancel()
-            if self.first_token_at is not None and self.generated > 1:
-                self.routes.metrics.time_per_output_token.observe((time.perf_counter() - self.first_token_at) / (self.generated - 1))
-
-    async def collect(self, request: Request):
-        watcher = asyncio.create_task(self._watch_disconnect(request))
-        texts = [""] * len(self.sequences)
-        tokens: list[list] = [[] for _ in self.sequences]
-        prompt_scores: list = [None] * len(self.sequences)
-        finish = [None] * len(self.sequences)
-        try:
-            async for index, event in self._events():
-                texts[index] += event.text
-                tokens[index].extend(event.logprobs or [])
-                prompt_scores[index] = prompt_scores[index] or event.prompt_logprobs
-                finish[index] = event.finish_reason or finish[index]
-        finally:
-            watcher.cancel()
-        choices = []
-        for index in range(len(self.sequences)):
-            if self.chat:
-                logprobs = {"content": [self._chat_logprob(t) for t in tokens[index]]} if self.body.logprobs else None
-                choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
-                                "logprobs": logprobs, "finish_reason": finish[index]})
-            else:
-                text, logprobs = texts[index], None
-                if self.body.echo:
-                    text = self.routes.tokenizer.decode(self._prompt_of(index)) + text
-                if self.body.logprobs is not None:
-                    scored = (prompt_scores[index] or []) + tokens[index]
-                    logprobs = self._completion_logprobs(scored, 0)
-                choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish[index]})
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.routes.settings.model_name, "choices": choices, "usage": self._usage()}
-
-    async def stream(self):
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        head = {"id": self.id, "object": kind, "created": self.created, "model": self.routes.settings.model_name}
-        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
-        try:
-            if self.chat:
-                for index in range(len(self.sequences)):
-                    delta = {"role": "assistant", "content": ""}
-                    yield _sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})
-            elif self.body.echo:
-                for index in range(len(self.sequences)):
-                    text = self.routes.tokenizer.decode(self._prompt_of(index))
-                    yield _sse({**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]})
-            offsets = [0] * len(self.sequences)
-            async for index, event in self._events():
-                if not (event.text or event.finish_reason or event.logprobs):
-                    continue
-                if self.chat:
-                    delta = {"content": event.text} if event.text else {}
-                    logprobs = ({"content": [self._chat_logprob(t) for t in event.logprobs]}
-                                if self.body.logprobs and event.logprobs else None)
-                    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
-                else:
-                    logprobs = None
-                    if self.body.logprobs is not None:
-                        scored = (event.prompt_logprobs or []) + (event.logprobs or [])
-                        logprobs = self._completion_logprobs(scored, offsets[index])
-                        offsets[index] += sum(len(t) for t in logprobs["tokens"])
-                    choice = {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
-                yield _sse({**head, "choices": [choice]})
-            if include_usage:
-                yield _sse({**head, "choices": [], "usage": self._usage()})
-        except APIError as exc:
-            yield _sse(error_body(exc.message, exc.type, exc.status))
-        yield "data: [DONE]\n\n"
-
-    async def _watch_disconnect(self, request: Request):
-        """A non-streaming client that hangs up cancels its sequences (streams notice through the send failing)."""
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                for seq in self.sequences:
-                    seq.cancel()
-                return
-
-    def _usage(self) -> dict:
-        prompt = sum(len(ids) for ids, _ in self.plans)
-        return {"prompt_tokens": prompt, "completion_tokens": self.generated, "total_tokens": prompt + self.generated}
-
-    def _token_text(self, token: int) -> str:
-        return self.routes.tokenizer.decode([token], skip_special_tokens=False)
-
-    def _completion_logprobs(self, scored, offset: int) -> dict:
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for item in scored:
-            text = self._token_text(item.token)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(item.logprob)
-            out["top_logprobs"].append({self._token_text(t): v for t, v in item.top} if item.logprob is not None else None)
-            out["text_offset"].append(offset)
-            offset += len(text)
-        return out
-
-    def _chat_logprob(self, item) -> dict:
-        def entry(token, value):
-            text = self._token_text(token)
-            return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8", "replace"))}
-
-        return {**entry(item.token, item.logprob), "top_logprobs": [entry(t, v) for t, v in item.top]}
-
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
 __all__ = ["APIError", "ServeSettings", "create_app"]
