@@ -87,9 +87,11 @@ def run_hf_trainer(settings: dict) -> dict:
             "peak_extra_bytes": peak_rss_bytes() - before, "peak_rss_bytes": peak_rss_bytes(), "loss": output.training_loss}
 
 
-def subprocess_run(kind: str, settings: dict) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--one", kind, json.dumps(settings)],
-                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+def subprocess_run(kind: str, settings: dict, threads: int | None = None) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    done = subprocess.run([sys.executable, __file__, "--one", kind, json.dumps(settings)], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -117,6 +119,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run (1 is steadier on a shared machine)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; the best tokens/s counts")
     parser.add_argument("--one", nargs=2, metavar=("KIND", "SETTINGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -142,13 +145,15 @@ def main() -> None:
         # Interleaved repeats, best tokens/s of each: a shared machine's load hits all configurations alike.
         for repeat in range(args.repeats):
             for name, (kind, variant) in plan.items():
-                r = subprocess_run(kind, training_settings(args, data_dir, root / f"{kind}-{variant}-{repeat}", variant))
+                r = subprocess_run(kind, training_settings(args, data_dir, root / f"{kind}-{variant}-{repeat}", variant), args.threads)
                 if name not in runs or r["tokens_per_s"] > runs[name]["tokens_per_s"]:
                     runs[name] = r
     config = build_config("tiny-affine", hidden_size=args.width, num_hidden_layers=args.layers,
                           num_attention_heads=max(1, args.width // 32), intermediate_size=4 * args.width)
     flops_per_token = training_flops_per_token(config, args.seq_len)
     peak = measured_matmul_flops(torch.device("cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)  # the matmul reference runs on the same number of threads
     print(f"model: {args.layers} layers x width {args.width}, V = 65,536, seq {args.seq_len} x batch {args.batch}, "
           f"{args.steps} steps, {torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"measured fp32 matmul rate: {peak / 1e9:.1f} GFLOP/s; {flops_per_token / 1e6:.1f} MFLOP per trained token\n")
