@@ -9,7 +9,7 @@ import sys
 from .errors import TableFreeError
 
 # Each module registers its own verb(s) through `add_cli(subparsers)`.
-COMMAND_MODULES = ["presets", "tokenizer", "export", "generate", "data", "train", "evaluate", "quickstart", "serve"]
+COMMAND_MODULES = ["presets", "tokenizer", "export", "generate", "data", "train", "compare", "evaluate", "quickstart", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
