@@ -38,3 +38,17 @@ def test_summary_arithmetic():
     assert abs(summary["learned"]["val_ppl_mean"] - 2.5) < 1e-12
     assert abs(summary["learned"]["seed_spread"] - 0.08) < 1e-12
     assert abs(summary["affine"]["gap_to_learned"] - (2.45 / 2.5 - 1)) < 1e-12
+
+
+def test_compare_cli_with_yaml_config(prepared_data, tmp_path, capsys):
+    import yaml
+
+    from tablefree.cli import main
+
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump(train_overrides(prepared_data, tmp_path / "runs", max_steps=2)))
+    assert main(["compare", "--config", str(config), "--variants", "minimal,learned", "--seeds", "3"]) == 0
+    assert "| minimal |" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "runs").iterdir()} >= {"minimal-seed3", "learned-seed3", "results.md", "results.json", "loss_curves.png"}
+    assert main(["compare", "--config", str(config), "--variants", "affin"]) == 2
+    assert "unknown variant(s) affin" in capsys.readouterr().err
