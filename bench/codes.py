@@ -51,6 +51,8 @@ def main() -> None:
         table(ids).backward(upstream)
 
     rows = [("nn.Embedding (learned table)", time_step(embedding_step, args.repeats, device))]
+    with torch.no_grad():  # inference pays only the lookup; shown for reference, not the headline
+        rows.append(("nn.Embedding forward only", time_step(lambda: table(ids), args.repeats, device)))
     for family in ("minimal", "affine", "hashed"):
         for layout in ("tile", "interleave"):
             lift = CodeLift(build_code(family, vocab, seed=0), args.width, layout=layout)
