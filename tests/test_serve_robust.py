@@ -152,3 +152,15 @@ def test_sigterm_drains_in_flight_requests(tmp_path_factory):
     assert lines[-1] == "data: [DONE]"
     finishes = [line for line in lines if '"finish_reason": "length"' in line]
     assert len(finishes) == 1, "the in-flight request ran to its max_tokens before the server exited"
+
+
+def test_stream_events_survive_line_separator_characters_in_the_text():
+    import json
+
+    from tablefree.serve.responses import _sse
+
+    text = "a\u2028b\x85c\u2029d\x0be\rf\ng"
+    event = _sse({"choices": [{"text": text}]})
+    body = event[len("data: ") : -2]
+    assert event.endswith("\n\n") and body.splitlines() == [body]  # one line for every line-splitting rule
+    assert json.loads(body)["choices"][0]["text"] == text

@@ -156,4 +156,5 @@ class RequestRun:
 
 
 def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    # ASCII-escaped so text holding U+2028, U+0085, ... cannot split the event in clients that break lines like str.splitlines.
+    return f"data: {json.dumps(payload, ensure_ascii=True)}\n\n"
