@@ -202,27 +202,27 @@ class AffineCode(Code):
                 "the matrix A must be invertible; remove affine_rows to redraw it from code_seed"
             )
         self.rows, self.offset, self.inverse_rows = list(rows), offset, inverse
-        self._row_tensors: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._device_tensors: dict[torch.device, dict[str, torch.Tensor]] = {}
 
-    def _tensors(self, device: torch.device, inverse: bool = False) -> torch.Tensor:
+    def _tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
         # Built lazily from the integers on the device where ids live; never a module buffer.
-        if device not in self._row_tensors:
-            self._row_tensors[device] = (
-                torch.tensor(self.rows, dtype=torch.int64, device=device),
-                torch.tensor(self.inverse_rows, dtype=torch.int64, device=device),
-            )
-        return self._row_tensors[device][int(inverse)]
-
-    def _apply_rows(self, x: torch.Tensor, inverse: bool) -> torch.Tensor:
-        return _parity(x.unsqueeze(-1) & self._tensors(x.device, inverse))
+        if device not in self._device_tensors:
+            offset = torch.tensor(self.offset, dtype=torch.int64, device=device)
+            self._device_tensors[device] = {
+                "rows": torch.tensor(self.rows, dtype=torch.int64, device=device),
+                "inverse_rows": torch.tensor(self.inverse_rows, dtype=torch.int64, device=device),
+                "offset": offset,
+                "offset_bits": _bits_msb_first(offset, self.bits),
+            }
+        return self._device_tensors[device]
 
     def encode(self, ids):
-        offset_bits = _bits_msb_first(torch.tensor(self.offset, device=ids.device), self.bits)
-        return self._apply_rows(ids.to(torch.int64), inverse=False) ^ offset_bits
+        tensors = self._tensors(ids.device)
+        return _parity(ids.to(torch.int64).unsqueeze(-1) & tensors["rows"]) ^ tensors["offset_bits"]
 
     def decode(self, code):
-        offset = torch.tensor(self.offset, dtype=torch.int64, device=code.device)
-        return _pack_msb_first(self._apply_rows(_pack_msb_first(code) ^ offset, inverse=True))
+        tensors = self._tensors(code.device)
+        return _pack_msb_first(_parity((_pack_msb_first(code) ^ tensors["offset"]).unsqueeze(-1) & tensors["inverse_rows"]))
 
 
 class HashedCode(Code):

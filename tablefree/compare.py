@@ -68,9 +68,9 @@ def summarise(runs: list[dict], variants: list[str]) -> dict:
     summary = {}
     for variant in variants:
         mine = [r for r in runs if r["variant"] == variant]
-        ppl, ppl_std = _mean_std([r["val_ppl"] for r in mine])
-        bpb, bpb_std = _mean_std([r["val_bits_per_byte"] for r in mine])
         values = [r["val_ppl"] for r in mine]
+        ppl, ppl_std = _mean_std(values)
+        bpb, bpb_std = _mean_std([r["val_bits_per_byte"] for r in mine])
         summary[variant] = {
             "val_ppl_mean": ppl, "val_ppl_std": ppl_std, "bits_per_byte_mean": bpb, "bits_per_byte_std": bpb_std,
             "trainable_input_params": mine[0]["trainable_input_params"],

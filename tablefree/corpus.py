@@ -70,6 +70,8 @@ def read_local_file(path: Path, text_field: str = "text") -> Iterator[str]:
         raise TableFreeError(f"cannot read {path}: expected one of {', '.join(sorted(TEXT_SUFFIXES))}")
     if not path.is_file():
         raise TableFreeError(f"no such file: {path}")
+    if path.stat().st_size == 0:  # datasets fails on a 0-byte file with an unrelated StopIteration
+        raise TableFreeError(f"the corpus is empty: {path} has no bytes")
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
     dataset = load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
     for row in dataset:

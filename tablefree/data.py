@@ -69,8 +69,6 @@ def iter_documents(source: Source) -> Iterator[str]:
     if source.kind == "embedded":
         yield from embedded_documents()
     elif source.kind == "file":
-        if Path(source.spec).is_file() and Path(source.spec).stat().st_size == 0:
-            raise TableFreeError(f"the corpus is empty: {source.spec} has no bytes")
         yield from read_local_file(Path(source.spec), text_field=source.text_field)
     else:
         yield from _hub_documents(source)

@@ -36,12 +36,13 @@ def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=
     model.eval()
     nats, tokens, n_bytes = 0.0, 0, 0
     for batch in _same_length_batches(windows, batch_windows):
-        ids = torch.as_tensor(np.stack(batch), device=device)
+        rows = np.stack(batch)
+        ids = torch.as_tensor(rows, device=device)
         with autocast or contextlib.nullcontext():
             logits = model(input_ids=ids[:, :-1]).logits
         nats += F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
         tokens += ids[:, 1:].numel()
-        n_bytes += int(byte_lengths[np.stack(batch)[:, 1:]].sum())
+        n_bytes += int(byte_lengths[rows[:, 1:]].sum())
     if was_training:
         model.train()
     if tokens == 0:

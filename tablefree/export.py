@@ -7,6 +7,7 @@ llama.cpp) serves the model without remote code, and its logits equal the table-
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -17,10 +18,10 @@ from .errors import TableFreeError
 from .hub import load_model, save_model
 
 EXPORT_FORMATS = ("gpt-neox",)
-_CODE_FIELDS = {
-    "code_family", "code_bits", "code_seed", "affine_preset", "affine_rows", "affine_offset",
-    "code_layout", "code_values", "code_scale", "auto_map", "architectures", "model_type",
-}  # fmt: skip
+# What TableFreeConfig adds to GPT-NeoX's config, plus the bookkeeping that names the table-free classes.
+_CODE_FIELDS = {f.name for f in fields(TableFreeConfig)} - {f.name for f in fields(GPTNeoXConfig)} | {
+    "auto_map", "architectures", "model_type", "transformers_version",
+}
 
 
 def to_gpt_neox(model) -> GPTNeoXForCausalLM:
@@ -28,9 +29,7 @@ def to_gpt_neox(model) -> GPTNeoXForCausalLM:
     config = model.config
     if not isinstance(config, TableFreeConfig):
         return model
-    fields = {k: v for k, v in config.to_dict().items() if k not in _CODE_FIELDS}
-    fields.pop("transformers_version", None)
-    neox_config = GPTNeoXConfig(**fields)
+    neox_config = GPTNeoXConfig(**{k: v for k, v in config.to_dict().items() if k not in _CODE_FIELDS})
     with torch.device("meta"):
         neox = GPTNeoXForCausalLM(neox_config)
     state = dict(model.state_dict())

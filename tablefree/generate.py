@@ -79,6 +79,9 @@ def add_cli(subparsers) -> None:
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=0)
-    gen.set_defaults(
-        run=lambda a: generate_command(a.model, a.prompt, a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.seed) and 0
-    )
+    gen.set_defaults(run=_generate_cli)
+
+
+def _generate_cli(args) -> int:
+    generate_command(args.model, args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    return 0

@@ -120,8 +120,7 @@ def load_model(name: str | Path, dtype: torch.dtype | None = None, device: str |
 
     path = resolve_model_path(name)
     config = load_config(path)
-    weights = [p for p in path.glob("*.safetensors")] + [p for p in path.glob("*.bin")]
-    if not weights:
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise TableFreeError(f"{path} has no weights file (expected {WEIGHTS_NAME})")
     _check_safetensors(path)
     try:

@@ -8,7 +8,7 @@ paper's 32 x 1024 backbone. Every field can be overridden.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PretrainedConfig
@@ -63,8 +63,6 @@ BACKBONE = dict(
 
 
 def _config_fields(cls) -> set[str]:
-    from dataclasses import fields
-
     return {f.name for f in fields(cls)} | {"variant"}
 
 
@@ -89,14 +87,14 @@ def build_config(preset: str, **overrides) -> PretrainedConfig:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise TableFreeError(f"unknown model field {key!r} for the {variant} variant{hint}")
-    fields = {**BACKBONE, **SIZES[size_name].backbone(), **(VARIANTS[variant] or {}), **overrides}
-    return make_config(cls, fields)
+    values = {**BACKBONE, **SIZES[size_name].backbone(), **(VARIANTS[variant] or {}), **overrides}
+    return make_config(cls, values)
 
 
-def make_config(cls, fields: dict) -> PretrainedConfig:
+def make_config(cls, values: dict) -> PretrainedConfig:
     """Instantiate a config class, turning every validation failure into a TableFreeError."""
     try:
-        config = cls(**fields)
+        config = cls(**values)
         if isinstance(config, TableFreeConfig):
             from .modeling_tablefree import build_code_lift
 
@@ -127,12 +125,12 @@ def variant_of(config: PretrainedConfig) -> str:
 
 def tokenizer_fields(tokenizer) -> dict:
     """vocab_size and special ids that follow from any tokenizer (V, and so K, come from it)."""
-    fields = {"vocab_size": len(tokenizer)}
+    values = {"vocab_size": len(tokenizer)}
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        fields[name] = getattr(tokenizer, name, None)
-    if fields["pad_token_id"] is None:
-        fields["pad_token_id"] = fields["eos_token_id"]
-    return fields
+        values[name] = getattr(tokenizer, name, None)
+    if values["pad_token_id"] is None:
+        values["pad_token_id"] = values["eos_token_id"]
+    return values
 
 
 def parse_overrides(pairs: list[str]) -> dict:

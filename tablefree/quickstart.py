@@ -44,7 +44,7 @@ def quickstart(out: str | Path, steps: int = 80, seed: int = 0, progress: bool =
         seq_len=64, batch_size=8, max_steps=steps, lr=1e-2, warmup_steps=10, min_lr_ratio=0.1,
         eval_tokens=8192, checkpoint_every=40, log_every=5, progress=progress,
     )
-    untrained = untrained_score(base)
+    untrained = untrained_score(base, tokenizer)
     results = {}
     for number, variant in enumerate(VARIANTS, start=2):
         print(f"[{number}/4] training {variant} ({steps} steps x {base.batch_size * base.seq_len} tokens, identical batches)")
@@ -66,19 +66,17 @@ def quickstart(out: str | Path, steps: int = 80, seed: int = 0, progress: bool =
     return {"results": results, "untrained": untrained, "answer": answer}
 
 
-def untrained_score(cfg) -> dict:
+def untrained_score(cfg, tokenizer) -> dict:
     """Validation score of the freshly initialised affine model: the baseline that shows learning."""
     import torch
 
     from .data import TokenShards
     from .evaluate import evaluate_shards, token_byte_lengths
     from .presets import build_model
-    from .tokenizer import load_tokenizer
     from .train import model_config
 
     config = model_config(replace(cfg, variant="affine"))
     model = build_model(config, seed=cfg.seed)
-    tokenizer = load_tokenizer(Path(cfg.data) / "tokenizer")
     shards = TokenShards(cfg.data, "val")
     return evaluate_shards(model, shards, cfg.seq_len, cfg.eval_tokens, token_byte_lengths(tokenizer, config.vocab_size), torch.device("cpu"))
 

@@ -38,7 +38,7 @@ NGRAM_SLOTS = list(range(0xD800, 0xE000)) + list(range(0xE100, 0xF900))
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0xE000, 0xE001, 0xE002, 0xE003
 SPLIT_PATTERN = r" ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _NO_SLOT = re.compile("[\ue000-\uf8ff\U00010000-\U0010ffff]")
-# Ids and the string each one stands for, as a chat template would name them.
+# Chat turns in the layout's own role tokens; the reply ends at [EOT].
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
@@ -64,17 +64,19 @@ def learn_ngrams(texts: Iterable[str], slots: int = len(NGRAM_SLOTS)) -> list[tu
     """The first `slots` BPE merges learned on `texts` (characters without a slot are left out)."""
     trainer_tokenizer = Tokenizer(models.BPE())
     trainer_tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
-    seen = set()
+    documents = 0
 
     def cleaned():
+        nonlocal documents
         for text in texts:
-            text = _NO_SLOT.sub(" ", text)
-            seen.update(text)
-            yield text
+            documents += 1
+            yield _NO_SLOT.sub(" ", text)
 
     # The trainer counts its alphabet in the vocabulary size, so ask for alphabet + slots merges.
     trainer = trainers.BpeTrainer(vocab_size=slots + 70_000, show_progress=False, max_token_length=24)
     trainer_tokenizer.train_from_iterator(cleaned(), trainer=trainer)
+    if documents == 0:
+        raise TableFreeError("the corpus is empty: no documents to learn n-grams from")
     merges = json.loads(trainer_tokenizer.to_str())["model"]["merges"]
     return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges[:slots]]
 
@@ -155,12 +157,7 @@ def build_command(corpus: list[str], out: str, limit_chars: int | None = None) -
             counts["unknown"] += len(_NO_SLOT.findall(text))
             yield text
 
-    try:
-        fast = as_transformers(build_tokenizer(counted()))
-    except TableFreeError:
-        if counts["documents"] == 0:
-            raise TableFreeError(f"the corpus {' '.join(corpus)} is empty: no documents to learn n-grams from") from None
-        raise
+    fast = as_transformers(build_tokenizer(counted()))
     out_path = Path(out)
     out_path.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(str(out_path))
