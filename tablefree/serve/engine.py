@@ -12,17 +12,17 @@ live sequence. Own scheduler, not transformers' continuous batching: with transf
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import logging
 import threading
-import traceback
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .sampling import SamplingParams, TokenSampler, top_logprobs
+from .sampling import NonFiniteLogits, SamplingParams, TokenSampler, top_logprobs
 from .text import IncrementalText
 
 log = logging.getLogger("tablefree.serve")
@@ -73,7 +73,11 @@ class Sequence:
 
 
 class Engine:
-    """Owns the model; `submit` queues sequences from any thread, the worker thread streams their events back."""
+    """Owns the model; `submit` queues sequences from any thread, the worker thread streams their events back.
+
+    A fault while serving one sequence ends that sequence alone with an error event: a batched forward pass
+    that fails is retried row by row to find whose it is, and every other row goes on as if alone.
+    """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_model_len: int, max_queue: int = 512,
                  max_prefill_tokens: int = 4096, eos_ids: set[int], seed: int | None = None, threads: int | None = None):
@@ -85,6 +89,7 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_ids = eos_ids
         self.threads = threads
+        self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
         self.sampler = TokenSampler(seed if seed is not None else int(torch.seed() % 2**63))
         # transformers 5 names the cache argument `cache`; remote-code models may still say `past_key_values`.
@@ -129,7 +134,6 @@ class Engine:
 
     # ---- worker thread ----
     def _run(self) -> None:
-        torch.set_grad_enabled(False)
         if self.threads:
             torch.set_num_threads(self.threads)  # set here: OpenMP thread counts are per calling thread
         while True:
@@ -138,23 +142,28 @@ class Engine:
                     self._wake.wait()
                 if self._stopping:
                     break
-                admitted = self._admit()
-            try:
-                self._drop_done()
-                if admitted:
-                    self._prefill(admitted)
-                if self._rows:
-                    self._decode()
-                    self.steps += 1
-            except Exception as exc:  # a bug or out-of-memory: fail these requests, keep serving the next ones
-                log.error("engine step failed:\n%s", traceback.format_exc())
-                for seq in self._rows + admitted:
-                    if not seq.finished:
-                        seq.finished = True
-                        seq.sink(SequenceEvent("", [], finish_reason="error", error=f"{type(exc).__name__}: {exc}"))
-                self._rows, self._cache = [], None
+            self.step()
         for seq in list(self._pending) + self._rows:
-            seq.sink(SequenceEvent("", [], finish_reason="abort", error="the server stopped"))
+            self._emit(seq, SequenceEvent("", [], finish_reason="abort", error="the server stopped"))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One round: admit waiting sequences and prefill them, then one decode step for every live row."""
+        with self._wake:
+            admitted = self._admit()
+        try:
+            for group in self._prefill_groups(admitted):
+                self._prefill(group)
+            self._drop_done()
+            if self._rows:
+                self._decode()
+                self._drop_done()
+            self.steps += 1
+        except Exception as exc:  # a fault no single sequence explains (an engine bug): fail this batch, keep serving
+            log.exception("engine step failed")
+            for seq in self._rows + admitted:
+                self._fail(seq, f"the engine step failed: {type(exc).__name__}: {exc}")
+            self._rows, self._cache = [], None
 
     def _admit(self) -> list[Sequence]:
         admitted, budget = [], self.max_prefill_tokens
@@ -162,9 +171,39 @@ class Engine:
             seq = self._pending[0]
             if admitted and len(seq.prompt_ids) > budget:
                 break
-            budget -= len(seq.prompt_ids)
-            admitted.append(self._pending.popleft())
+            self._pending.popleft()
+            problem = self._problem(seq)
+            if problem:
+                self._fail(seq, problem)
+            elif seq.cancelled:
+                self._emit(seq, SequenceEvent("", [], finish_reason="abort"))
+            else:
+                budget -= len(seq.prompt_ids)
+                admitted.append(seq)
         return admitted
+
+    def _problem(self, seq: Sequence) -> str | None:
+        """Why this sequence cannot be served, if it cannot (the HTTP layer checks first; other callers may not)."""
+        prompt = seq.prompt_ids
+        if not prompt:
+            return "the prompt is empty; give at least one token"
+        bad = [t for t in prompt if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
+        if bad:
+            return f"prompt token {bad[0]!r} is not an id in [0, {self.vocab_size})"
+        room = self.max_model_len - (1 if seq.params.max_tokens > 0 else 0)
+        if len(prompt) > room:
+            return f"the prompt has {len(prompt)} tokens; the context of {self.max_model_len} leaves no room for it"
+        try:
+            seq.params.check()
+        except ValueError as exc:
+            return str(exc)
+        return None
+
+    def _prefill_groups(self, admitted: list[Sequence]) -> list[list[Sequence]]:
+        # A prompt to score (echo + logprobs) needs every position's logits: prefill it alone.
+        scored = [[s] for s in admitted if s.params.prompt_logprobs]
+        batched = [s for s in admitted if not s.params.prompt_logprobs]
+        return scored + ([batched] if batched else [])
 
     def _forward(self, ids, mask, positions, cache, keep):
         kwargs = {self._cache_arg: cache}
@@ -172,47 +211,55 @@ class Engine:
                          logits_to_keep=keep, **kwargs)
         return out.logits, getattr(out, "cache", None) or out.past_key_values
 
-    def _prefill(self, admitted: list[Sequence]) -> None:
-        self._abort_cancelled(admitted)
-        admitted = [s for s in admitted if not s.finished]
-        # A prompt to score (echo + logprobs) needs every position's logits: prefill it alone.
-        scored = [s for s in admitted if s.params.prompt_logprobs]
-        batched = [s for s in admitted if not s.params.prompt_logprobs]
-        for group in [[s] for s in scored] + ([batched] if batched else []):
-            width = max(len(s.prompt_ids) for s in group)
-            ids = torch.full((len(group), width), self._pad_id(), dtype=torch.long)
-            mask = torch.zeros((len(group), width), dtype=torch.long)
-            for row, seq in enumerate(group):
-                ids[row, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
-                mask[row, width - len(seq.prompt_ids):] = 1
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache(config=self.model.config)
-            logits, cache = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache,
-                                          0 if group[0].params.prompt_logprobs else 1)
+    def _prefill(self, group: list[Sequence]) -> None:
+        """Runs the prompts of `group` together; if that fails, each alone, so only a prompt that fails by itself ends."""
+        try:
+            logits, layers = self._prefill_forward(group)
+        except Exception as exc:
+            if len(group) == 1:
+                log.exception("prefill failed for one sequence")
+                self._fail(group[0], f"the forward pass over the prompt failed: {type(exc).__name__}: {exc}")
+                return
+            log.warning("a prefill of %d prompts failed (%s: %s); retrying them one by one", len(group), type(exc).__name__, exc)
             for seq in group:
-                seq.cache_len = len(seq.prompt_ids)
-            layers = [(layer.keys, layer.values) for layer in cache.layers]
-            # Padded positions hold junk (even NaN) that a zero attention weight would still spread: clear it.
-            keep = mask.to(self.device).bool()[:, None, :, None]
-            layers = [(torch.where(keep, k, 0), torch.where(keep, v, 0)) for k, v in layers]
-            prompt_scores = self._score_prompt(group[0], logits[0]) if group[0].params.prompt_logprobs else None
-            self._join(group, layers)
-            last = logits[:, -1]
-            logprobs = self._logprobs(last, group)  # before sampling, which scales the logits in place
-            tokens = self.sampler.sample(last, group)
-            for row, seq in enumerate(group):
-                if seq.params.max_tokens == 0:
-                    seq.finished = True
-                    seq.sink(SequenceEvent("", [], finish_reason="length", prompt_logprobs=prompt_scores))
-                    continue
-                self._append(seq, int(tokens[row]), logprobs[row], prompt_scores)
+                self._prefill([seq])
+            return
+        for seq in group:
+            seq.cache_len = len(seq.prompt_ids)
+        self._join(group, layers)
+        prompt_scores = [None] * len(group)
+        for row, seq in enumerate(group):
+            if seq.params.prompt_logprobs:
+                with self._alone(seq, "scoring the prompt"):
+                    prompt_scores[row] = self._score_prompt(seq, logits[row])
+        self._next_tokens(group, logits[:, -1], prompt_scores)
+
+    def _prefill_forward(self, group: list[Sequence]):
+        """(logits, per-layer (keys, values)) of the left-padded prompts of `group`."""
+        width = max(len(s.prompt_ids) for s in group)
+        ids = torch.full((len(group), width), self._pad_id(), dtype=torch.long)
+        mask = torch.zeros((len(group), width), dtype=torch.long)
+        for row, seq in enumerate(group):
+            ids[row, width - len(seq.prompt_ids):] = torch.tensor(seq.prompt_ids)
+            mask[row, width - len(seq.prompt_ids):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        keep = 0 if group[0].params.prompt_logprobs else 1
+        logits, cache = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, keep)
+        # Padded positions hold junk (even NaN) that a zero attention weight would still spread: clear it.
+        real = mask.to(self.device).bool()[:, None, :, None]
+        layers = [(torch.where(real, layer.keys, 0), torch.where(real, layer.values, 0)) for layer in cache.layers]
+        return logits, layers
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
         """Logprob of each prompt token given the ones before it (in chunks: V-wide rows are large)."""
         scores = [TokenLogprob(seq.prompt_ids[0], None)]
-        targets = torch.tensor(seq.prompt_ids[1:], device=logits.device)
+        targets = torch.tensor(seq.prompt_ids[1:], dtype=torch.long, device=logits.device)
         for start in range(0, len(targets), 256):
-            lp = torch.log_softmax(logits[start : start + 256][: len(targets) - start].float(), dim=-1)
+            chunk_logits = logits[start : start + len(targets[start : start + 256])].float()
+            if not torch.isfinite(chunk_logits).all():
+                raise NonFiniteLogits("the model produced non-finite logits (NaN or infinity) over this prompt")
+            lp = torch.log_softmax(chunk_logits, dim=-1)
             chunk = targets[start : start + 256]
             picked = lp.gather(-1, chunk[:, None])[:, 0].tolist()
             for i, (token, value) in enumerate(zip(chunk.tolist(), picked)):
@@ -228,15 +275,11 @@ class Engine:
         self._rows = self._rows + group
         self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
-    def _abort_cancelled(self, sequences: list[Sequence]) -> None:
-        """A cancelled sequence still ends with an event, so whoever awaits it is released."""
-        for seq in sequences:
-            if seq.cancelled and not seq.finished:
-                seq.finished = True
-                seq.sink(SequenceEvent("", [], finish_reason="abort"))
-
     def _drop_done(self) -> None:
-        self._abort_cancelled(self._rows)
+        """Drops finished and cancelled rows (a cancelled one still gets an event, to release whoever awaits it)."""
+        for seq in self._rows:
+            if seq.cancelled and not seq.finished:
+                self._emit(seq, SequenceEvent("", [], finish_reason="abort"))
         keep = [i for i, s in enumerate(self._rows) if not s.finished]
         if len(keep) == len(self._rows):
             return
@@ -250,21 +293,66 @@ class Engine:
         self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
     def _decode(self) -> None:
-        rows = self._rows
-        width = self._cache.get_seq_length() + 1
+        # The forward appends new tensors to the cache and never edits these, so a failed step can restart from them.
+        before = [(layer.keys, layer.values) for layer in self._cache.layers]
+        try:
+            logits, self._cache = self._decode_forward(self._rows, self._cache)
+        except Exception as exc:
+            log.warning("a decode step of %d rows failed (%s: %s); retrying them one by one", len(self._rows),
+                        type(exc).__name__, exc)
+            logits = self._decode_one_by_one(before)
+        for seq in self._rows:
+            seq.cache_len += 1
+        self._next_tokens(self._rows, logits[:, -1])
+
+    def _decode_forward(self, rows: list[Sequence], cache: DynamicCache):
+        width = cache.get_seq_length() + 1
         lengths = torch.tensor([s.cache_len + 1 for s in rows])
         mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
         ids = torch.tensor([[s.output_ids[-1]] for s in rows])
         positions = torch.tensor([[s.cache_len] for s in rows])
-        logits, self._cache = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), self._cache, 1)
-        for seq in rows:
-            seq.cache_len += 1
-        last = logits[:, -1]
-        logprobs = self._logprobs(last, rows)  # before sampling, which scales the logits in place
-        tokens = self.sampler.sample(last, rows).tolist()
+        return self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, 1)
+
+    def _decode_one_by_one(self, before: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Steps each row alone from the cache as it was; rows that fail alone end, the rest form the new batch."""
+        survivors, logits, layers = [], [], []
+        for i, seq in enumerate(self._rows):
+            cache = DynamicCache(ddp_cache_data=[(k[i : i + 1], v[i : i + 1]) for k, v in before], config=self.model.config)
+            try:
+                row_logits, cache = self._decode_forward([seq], cache)
+            except Exception as exc:
+                log.exception("decode failed for one sequence")
+                self._fail(seq, f"the forward pass failed: {type(exc).__name__}: {exc}")
+                continue
+            survivors.append(seq)
+            logits.append(row_logits)
+            layers.append([(layer.keys, layer.values) for layer in cache.layers])
+        self._rows = survivors
+        if not survivors:
+            self._cache = None
+            return torch.empty(0, 1, self.vocab_size, device=self.device)
+        joined = [(torch.cat([row[n][0] for row in layers]), torch.cat([row[n][1] for row in layers])) for n in range(len(before))]
+        self._cache = DynamicCache(ddp_cache_data=joined, config=self.model.config)
+        return torch.cat(logits)
+
+    def _next_tokens(self, rows: list[Sequence], last: torch.Tensor, prompt_scores: list | None = None) -> None:
+        """Samples each row's next token from `last` and hands it out; a row that fails anywhere here ends alone."""
+        prompt_scores = prompt_scores or [None] * len(rows)
         for row, seq in enumerate(rows):
-            if not seq.cancelled:
-                self._append(seq, tokens[row], logprobs[row])
+            if seq.params.max_tokens == 0 and not seq.finished:  # scoring only: the prompt was all it asked for
+                self._emit(seq, SequenceEvent("", [], finish_reason="length", prompt_logprobs=prompt_scores[row]))
+        live = [i for i, seq in enumerate(rows) if not seq.finished]
+        if not live:
+            return
+        last = last if len(live) == len(rows) else last[live]
+        live_rows = [rows[i] for i in live]
+        logprobs = self._logprobs(last, live_rows)  # before sampling, which scales the logits in place
+        for j, (seq, choice) in enumerate(zip(live_rows, self.sampler.sample(last, live_rows))):
+            if isinstance(choice, Exception):
+                self._fail(seq, f"sampling failed: {choice}")
+                continue
+            with self._alone(seq, "handing out the token"):
+                self._append(seq, choice, logprobs[j], prompt_scores[live[j]])
 
     def _logprobs(self, logits: torch.Tensor, rows: list[Sequence]) -> list[torch.Tensor | None]:
         wanted = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
@@ -291,11 +379,33 @@ class Engine:
         scores = None
         if logprobs is not None:
             scores = [TokenLogprob(token, float(logprobs[token]), top_logprobs(logprobs, seq.params.logprobs))]
-        if finish:
+        self._emit(seq, SequenceEvent(text, [token], scores, finish, prompt_scores))
+
+    @contextlib.contextmanager
+    def _alone(self, seq: Sequence, what: str):
+        """A fault inside this block is `seq`'s alone: it ends `seq` with an error event and the batch goes on."""
+        try:
+            yield
+        except Exception as exc:
+            log.exception("%s failed for one sequence", what)
+            self._fail(seq, f"{what} failed: {type(exc).__name__}: {exc}")
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        if not seq.finished:
+            self._emit(seq, SequenceEvent("", [], finish_reason="error", error=message))
+
+    def _emit(self, seq: Sequence, event: SequenceEvent) -> None:
+        """Hands `event` to the sequence's consumer; the one with a finish_reason is the last it ever gets."""
+        if seq.finished:
+            return
+        if event.finish_reason:
             seq.finished = True
-        seq.sink(SequenceEvent(text, [token], scores, finish, prompt_scores))
+        try:
+            seq.sink(event)
+        except Exception:  # the consumer is gone (say, its event loop closed): nobody is left to serve
+            log.exception("a sequence's consumer refused an event; ending the sequence")
+            seq.finished = True
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
         return pad if pad is not None else 0
-

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 
@@ -12,6 +13,8 @@ from fastapi import Request
 from .engine import Sequence
 from .gate import error_body
 from .protocol import APIError
+
+log = logging.getLogger("tablefree.serve")
 
 
 class RequestRun:
@@ -42,8 +45,8 @@ class RequestRun:
                     if self.first_token_at is None:
                         self.first_token_at = time.perf_counter()
                         self.metrics.time_to_first_token.observe(self.first_token_at - self.started)
-                if event.error:
-                    raise APIError(500, f"generation failed: {event.error}", None, "server_error")
+                if event.error:  # one failed choice fails the request; `finally` cancels its siblings
+                    raise _choice_error(index, event)
                 if event.finish_reason:
                     remaining -= 1
                 yield index, event
@@ -54,6 +57,15 @@ class RequestRun:
                 self.metrics.time_per_output_token.observe((time.perf_counter() - self.first_token_at) / (self.generated - 1))
 
     async def collect(self, request: Request):
+        try:
+            return await self._collect(request)
+        except APIError:
+            raise
+        except Exception as exc:  # a server bug while building the body: a clear 500, never a bare traceback
+            log.exception("building a response failed")
+            raise APIError(500, f"building the response failed: {type(exc).__name__}: {exc}", None, "server_error") from None
+
+    async def _collect(self, request: Request):
         watcher = asyncio.create_task(self._watch_disconnect(request))
         texts = [""] * len(self.sequences)
         tokens: list[list] = [[] for _ in self.sequences]
@@ -118,6 +130,9 @@ class RequestRun:
                 yield _sse({**head, "choices": [], "usage": self._usage()})
         except APIError as exc:
             yield _sse(error_body(exc.message, exc.type, exc.status))
+        except Exception as exc:  # a server bug while building a chunk: the stream still ends with an error and [DONE]
+            log.exception("building a stream chunk failed")
+            yield _sse(error_body(f"building the stream failed: {type(exc).__name__}: {exc}", "server_error", 500))
         yield "data: [DONE]\n\n"
 
     async def _watch_disconnect(self, request: Request):
@@ -153,6 +168,12 @@ class RequestRun:
             return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8", "replace"))}
 
         return {**entry(item.token, item.logprob), "top_logprobs": [entry(t, v) for t, v in item.top]}
+
+
+def _choice_error(index: int, event) -> APIError:
+    if event.finish_reason == "abort":
+        return APIError(503, f"choice {index} was not finished: {event.error}; retry shortly", None, "server_busy")
+    return APIError(500, f"generation failed for choice {index}: {event.error}", None, "server_error")
 
 
 def _sse(payload: dict) -> str:

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import math
+
 import torch
+
+# Below this temperature sampling is greedy, as in vLLM: dividing logits by it would overflow float32.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -28,7 +33,26 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    def check(self) -> None:
+        """Raises ValueError naming the first field outside what the sampler's math accepts."""
+        ranges = [
+            ("max_tokens", self.max_tokens >= 0, "an integer >= 0"),
+            ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
+            ("top_p", 0 <= self.top_p <= 1, "a number in [0, 1]"),
+            ("top_k", self.top_k >= -1, "-1 or 0 (off) or a positive integer"),
+            ("min_p", 0 <= self.min_p <= 1, "a number in [0, 1]"),
+            ("presence_penalty", math.isfinite(self.presence_penalty), "a finite number"),
+            ("frequency_penalty", math.isfinite(self.frequency_penalty), "a finite number"),
+            ("repetition_penalty", math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0,
+             "a finite number > 0"),
+            ("logit_bias", all(math.isfinite(b) for b in self.logit_bias.values()), "finite biases"),
+            ("logprobs", self.logprobs is None or self.logprobs >= 0, "None or an integer >= 0"),
+        ]
+        for name, ok, accepted in ranges:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give {accepted}")
 
     @property
     def penalized(self) -> bool:
@@ -53,20 +77,26 @@ def apply_penalties(logits: torch.Tensor, params: SamplingParams, prompt_ids: li
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """One row: temperature, then top-k, top-p and min-p cut the tail to -inf."""
-    logits = logits / params.temperature
+    # Shifted so the top logit is 0 before scaling: a small temperature then underflows to -inf, never overflows.
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         ordered, order = torch.sort(logits, descending=True)
         cumulative = torch.softmax(ordered, dim=-1).cumsum(-1)
-        # Keep every token whose preceding mass is below top_p, so the top token always survives.
+        # Keep every token whose preceding mass is below top_p, and the top token always (top_p=0 is greedy).
         drop = (cumulative - torch.softmax(ordered, dim=-1)) >= params.top_p
+        drop[0] = False
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     if params.min_p > 0:
         probs = torch.softmax(logits, dim=-1)
         logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
     return logits
+
+
+class NonFiniteLogits(ValueError):
+    """A row of logits holds NaN or infinity: any token drawn from it would be arbitrary."""
 
 
 class TokenSampler:
@@ -75,33 +105,47 @@ class TokenSampler:
     def __init__(self, seed: int):
         self.shared = torch.Generator().manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, rows: list) -> torch.Tensor:
-        """`rows[i]` has `.params`, `.prompt_ids`, `.output_ids`, `.generator` (None unless seeded). Overwrites `logits`."""
+    def sample(self, logits: torch.Tensor, rows: list) -> list[int | Exception]:
+        """Each row's next token, or the exception that stopped that row alone. Overwrites `logits`.
+
+        `rows[i]` has `.params`, `.prompt_ids`, `.output_ids`, `.generator` (None unless seeded).
+        """
         logits = logits.float()
-        chosen = torch.empty(len(rows), dtype=torch.long)
-        greedy = [i for i, r in enumerate(rows) if r.params.greedy and not r.params.penalized]
+        finite = torch.isfinite(logits).all(-1).tolist()
+        chosen: list[int | Exception] = [
+            0 if ok else NonFiniteLogits("the model produced non-finite logits (NaN or infinity) for this sequence")
+            for ok in finite
+        ]
+        usable = [i for i, ok in enumerate(finite) if ok]
+        greedy = [i for i in usable if rows[i].params.greedy and not rows[i].params.penalized]
         if greedy:
-            chosen[greedy] = logits[greedy].argmax(-1).cpu()
-        plain = [i for i, r in enumerate(rows) if _is_plain(r.params)]
+            for i, token in zip(greedy, logits[greedy].argmax(-1).tolist()):
+                chosen[i] = token
+        plain = [i for i in usable if _is_plain(rows[i].params)]
         if plain:
             # The common case (temperature only, no seed) takes one batched draw, in place when it is every row.
             temps = torch.tensor([rows[i].params.temperature for i in plain], device=logits.device)[:, None]
-            scaled = logits.div_(temps) if len(plain) == len(rows) else logits[plain].div_(temps)
-            weights = scaled.sub_(scaled.max(-1, keepdim=True).values).exp_().cpu()
-            chosen[plain] = draw(weights, torch.rand(len(plain), generator=self.shared))
-        done = set(greedy) | set(plain)
-        for i, row in enumerate(rows):
-            if i in done:
-                continue
-            line = logits[i].clone()
-            if row.params.penalized:
-                line = apply_penalties(line, row.params, row.prompt_ids, row.output_ids)
-            if row.params.greedy:
-                chosen[i] = int(line.argmax())
-                continue
-            probs = torch.softmax(filter_logits(line, row.params), dim=-1).cpu()
-            chosen[i] = int(draw(probs[None], torch.rand(1, generator=row.generator or self.shared))[0])
+            scaled = logits if len(plain) == len(rows) else logits[plain]
+            # Shifted to a top logit of 0 before scaling, so no temperature can overflow the division.
+            weights = scaled.sub_(scaled.max(-1, keepdim=True).values).div_(temps).exp_().cpu()
+            for i, token in zip(plain, draw(weights, torch.rand(len(plain), generator=self.shared)).tolist()):
+                chosen[i] = token
+        for i in sorted(set(usable) - set(greedy) - set(plain)):
+            try:
+                chosen[i] = self._sample_row(logits[i].clone(), rows[i])
+            except Exception as exc:  # this row's penalties or filters failed: it ends alone, the others are sampled
+                chosen[i] = exc
         return chosen
+
+    def _sample_row(self, line: torch.Tensor, row) -> int:
+        if row.params.penalized:
+            line = apply_penalties(line, row.params, row.prompt_ids, row.output_ids)
+            if torch.isnan(line).any() or not torch.isfinite(line.max()):
+                raise NonFiniteLogits("the penalties and logit_bias left no finite logits to sample from")
+        if row.params.greedy:
+            return int(line.argmax())
+        probs = torch.softmax(filter_logits(line, row.params), dim=-1).cpu()
+        return int(draw(probs[None], torch.rand(1, generator=row.generator or self.shared))[0])
 
 
 def draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:

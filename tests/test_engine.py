@@ -1,0 +1,351 @@
+"""The serving engine in process, without HTTP: one sequence's fault never changes what the others produce."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+from starlette.requests import Request
+
+from tablefree.hub import load_model
+from tablefree.serve.engine import Engine, Sequence
+from tablefree.serve.metrics import ServerMetrics
+from tablefree.serve.protocol import APIError, CompletionRequest
+from tablefree.serve.responses import RequestRun
+from tablefree.serve.sampling import NonFiniteLogits, SamplingParams, TokenSampler
+
+GREEDY = dict(temperature=0.0, max_tokens=8)
+SEEDED = dict(temperature=0.9, top_k=40, seed=11, max_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def served(saved_tiny_model):
+    model, tokenizer = load_model(saved_tiny_model[0])
+    return model.eval(), tokenizer
+
+
+@pytest.fixture
+def engine(served):
+    model, tokenizer = served
+    return Engine(model, tokenizer, max_model_len=64, eos_ids=set(), seed=0)
+
+
+class Recorder(list):
+    """A sequence's sink: keeps every event it is handed; `done` is set by the last."""
+
+    def __init__(self):
+        super().__init__()
+        self.done = threading.Event()
+
+    def __call__(self, event):
+        self.append(event)
+        if event.finish_reason:
+            self.done.set()
+
+    @property
+    def ids(self) -> list[int]:
+        return [t for event in self for t in event.token_ids]
+
+    @property
+    def final(self):
+        """The one event with a finish_reason, which must also be the last."""
+        finals = [e for e in self if e.finish_reason]
+        assert len(finals) == 1 and finals[0] is self[-1], [e.finish_reason for e in self]
+        return finals[0]
+
+
+def sequence(engine: Engine, prompt: list[int], tokenizer=None, **params) -> Sequence:
+    return Sequence(prompt, SamplingParams(**params), tokenizer or engine.tokenizer, Recorder(), set())
+
+
+def run(engine: Engine, schedule: dict[int, list[Sequence]]) -> None:
+    """Steps the engine until every sequence has ended, submitting schedule[k] before step k."""
+    everyone = [s for group in schedule.values() for s in group]
+    for step in range(200):
+        if step in schedule:
+            engine.submit(schedule[step])
+        if all(s.finished for s in everyone) and step >= max(schedule):
+            return
+        engine.step()
+    raise AssertionError("the engine did not finish these sequences in 200 steps")
+
+
+def alone(engine: Engine, prompt: list[int], **params) -> list[int]:
+    seq = sequence(engine, prompt, **params)
+    run(engine, {0: [seq]})
+    assert seq.sink.final.error is None
+    return seq.sink.ids
+
+
+def prompt(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+class NanIntoRow:
+    """Output-head hook: on its `call`-th forward pass, NaN replaces the logits of batch row `row`."""
+
+    def __init__(self, row: int, call: int):
+        self.row, self.call, self.calls = row, call, 0
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls == self.call:
+            output = output.clone()
+            output[self.row] = float("nan")
+        return output
+
+
+@pytest.fixture
+def hooks(served):
+    handles = []
+    yield handles
+    for handle in handles:
+        handle.remove()
+
+
+def test_scoring_request_batched_with_others_does_not_fail_them(engine, served):
+    tokenizer = served[1]
+    text = prompt(tokenizer, "The quick brown fox jumps over the lazy dog.")
+    score = sequence(engine, text, max_tokens=0)
+    score_logprobs = sequence(engine, text, max_tokens=0, logprobs=2, prompt_logprobs=True)
+    greedy = sequence(engine, text[:5], **GREEDY)
+    seeded = sequence(engine, text[:7], **SEEDED)
+    run(engine, {0: [score, score_logprobs, greedy, seeded]})
+    assert score.sink.final.finish_reason == "length" and score.sink.ids == []
+    scores = score_logprobs.sink.final.prompt_logprobs
+    assert [s.token for s in scores] == text and scores[0].logprob is None
+    assert all(s.logprob <= 0 and len(s.top) == 2 for s in scores[1:])
+    assert greedy.sink.final.error is None and greedy.sink.ids == alone(engine, text[:5], **GREEDY)
+    assert seeded.sink.final.error is None and seeded.sink.ids == alone(engine, text[:7], **SEEDED)
+
+
+def test_first_token_finish_gets_one_final_event(engine, served):
+    """A sequence done at prefill (max_tokens=1) is never decoded again nor told twice that it ended."""
+    text = prompt(served[1], "one token only, please")
+    short, longer = sequence(engine, text, max_tokens=1, temperature=0), sequence(engine, text[:4], **GREEDY)
+    run(engine, {0: [short, longer]})
+    assert len(short.sink.ids) == 1 and short.sink.final.finish_reason == "length"
+    assert longer.sink.ids == alone(engine, text[:4], **GREEDY)
+
+
+@pytest.mark.parametrize("call", [1, 3], ids=["prefill", "decode"])
+def test_nan_logits_end_only_their_row(engine, served, hooks, call):
+    tokenizer = served[1]
+    prompts = [prompt(tokenizer, t) for t in ("Hello there", "A row that breaks", "Some other text, longer")]
+    expected = [alone(engine, prompts[0], **GREEDY), alone(engine, prompts[2], **SEEDED)]
+    first, victim, third = (sequence(engine, prompts[0], **GREEDY), sequence(engine, prompts[1], **GREEDY),
+                            sequence(engine, prompts[2], **SEEDED))
+    hooks.append(engine.model.get_output_embeddings().register_forward_hook(NanIntoRow(row=1, call=call)))
+    run(engine, {0: [first, victim, third]})
+    assert victim.sink.final.finish_reason == "error"
+    assert "non-finite logits" in victim.sink.final.error
+    assert len(victim.sink.ids) == call - 1  # the tokens it got before the fault, none after
+    assert [first.sink.ids, third.sink.ids] == expected
+    assert first.sink.final.error is None and third.sink.final.error is None
+
+
+class DecodeFailsAfter:
+    """A tokenizer whose decode works `calls` times, then raises."""
+
+    def __init__(self, tokenizer, calls: int):
+        self.tokenizer, self.calls = tokenizer, calls
+
+    def decode(self, ids, **kwargs):
+        self.calls -= 1
+        if self.calls < 0:
+            raise RuntimeError("injected detokeniser fault")
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def test_detokeniser_fault_ends_only_its_sequence(engine, served):
+    tokenizer = served[1]
+    prompts = [prompt(tokenizer, t) for t in ("Stop strings are checked", "on decoded text", "every step")]
+    expected = [alone(engine, p, stop=["zz"], **SEEDED) for p in prompts]
+    seqs = [sequence(engine, p, stop=["zz"], **SEEDED) for p in prompts]
+    seqs[1] = sequence(engine, prompts[1], DecodeFailsAfter(tokenizer, 5), stop=["zz"], **SEEDED)
+    run(engine, {0: seqs})
+    assert "injected detokeniser fault" in seqs[1].sink.final.error
+    assert [seqs[0].sink.ids, seqs[2].sink.ids] == [expected[0], expected[2]]
+
+
+def test_failed_prefill_group_is_retried_one_by_one(engine, served, hooks):
+    tokenizer = served[1]
+    poison = ord("\u2603")  # a snowman, in the victim's prompt only
+    good = [prompt(tokenizer, t) for t in ("First good prompt", "the second")]
+    expected = [alone(engine, good[0], **GREEDY), alone(engine, good[1], **SEEDED)]
+    assert poison not in expected[0] + expected[1]
+
+    def refuse_poison(module, args, kwargs):
+        if (kwargs["input_ids"] == poison).any():
+            raise RuntimeError("injected forward fault")
+
+    hooks.append(engine.model.register_forward_pre_hook(refuse_poison, with_kwargs=True))
+    victim = sequence(engine, prompt(tokenizer, "snow \u2603 man"), **GREEDY)
+    assert poison in victim.prompt_ids
+    seqs = [sequence(engine, good[0], **GREEDY), victim, sequence(engine, good[1], **SEEDED)]
+    run(engine, {0: seqs})
+    assert "forward pass over the prompt failed" in victim.sink.final.error
+    assert [seqs[0].sink.ids, seqs[2].sink.ids] == expected
+
+
+def test_failed_decode_step_is_retried_one_by_one(engine, served, hooks):
+    """The fault strikes the shortest row mid-generation; the batch's KV cache stays right for the rest."""
+    tokenizer = served[1]
+    short = prompt(tokenizer, "a, b; c")[:3]
+    assert len(short) == 3
+    longer = [prompt(tokenizer, t) for t in ("a much longer prompt, with more words in it", "and another long one, which goes on and on")]
+    assert all(len(p) > len(short) + 3 for p in longer)
+    expected = [alone(engine, longer[0], **GREEDY), alone(engine, longer[1], **SEEDED)]
+    doomed_length = len(short) + 3  # the short row's 3rd decode step; longer rows never hold so few tokens
+
+    def refuse_length(module, args, kwargs):
+        if kwargs["input_ids"].shape[1] == 1 and (kwargs["attention_mask"].sum(-1) == doomed_length).any():
+            raise RuntimeError("injected decode fault")
+
+    hooks.append(engine.model.register_forward_pre_hook(refuse_length, with_kwargs=True))
+    victim = sequence(engine, short, **GREEDY)
+    seqs = [sequence(engine, longer[0], **GREEDY), victim, sequence(engine, longer[1], **SEEDED)]
+    run(engine, {0: seqs})
+    assert "injected decode fault" in victim.sink.final.error and len(victim.sink.ids) == 3
+    assert [seqs[0].sink.ids, seqs[2].sink.ids] == expected
+
+
+def test_sequences_the_engine_cannot_serve_are_refused_alone(engine, served):
+    tokenizer = served[1]
+    text = prompt(tokenizer, "a fine prompt")
+    refused = [sequence(engine, [], **GREEDY), sequence(engine, [70000], **GREEDY),
+               sequence(engine, list(range(100, 170)), **GREEDY),
+               sequence(engine, text, temperature=float("nan")), sequence(engine, text, top_p=1.5)]
+    fine = sequence(engine, text, **GREEDY)
+    run(engine, {0: refused + [fine]})
+    messages = [s.sink.final.error for s in refused]
+    assert "empty" in messages[0] and "70000" in messages[1] and "context of 64" in messages[2]
+    assert "temperature=nan" in messages[3] and "top_p=1.5" in messages[4]
+    assert fine.sink.ids == alone(engine, text, **GREEDY)
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_joining_a_running_batch_matches_running_alone(engine, served, params):
+    """Rows join at different steps with different prompt lengths and leave at different steps (cache trimmed)."""
+    tokenizer = served[1]
+    texts = ["Short", "A much longer prompt that starts later", "x", "Middle length text"]
+    lengths = [12, 5, 9, 7]
+    expected = [alone(engine, prompt(tokenizer, t), **{**params, "max_tokens": n}) for t, n in zip(texts, lengths)]
+    seqs = [sequence(engine, prompt(tokenizer, t), **{**params, "max_tokens": n}) for t, n in zip(texts, lengths)]
+    run(engine, {0: [seqs[0]], 2: [seqs[1]], 3: [seqs[2]], 8: [seqs[3]]})
+    assert [s.sink.ids for s in seqs] == expected
+
+
+def test_tiny_temperature_is_greedy(engine, served):
+    text = prompt(served[1], "temperature near zero")
+    assert alone(engine, text, temperature=1e-50, max_tokens=8) == alone(engine, text, **GREEDY)
+    assert alone(engine, text, temperature=1e-50, top_k=5, seed=3, max_tokens=8) == alone(engine, text, **GREEDY)
+
+
+def row(**params):
+    class Row:
+        prompt_ids, output_ids, generator = [5, 6], [7], None
+
+    Row.params = SamplingParams(**params)
+    return Row
+
+
+def test_sampler_reports_non_finite_rows_and_never_overflows():
+    sampler = TokenSampler(0)
+    logits = torch.zeros(5, 50)
+    logits[:, 17] = 3e38  # scaling by any temperature below 1 overflows float32
+    logits[1, 3] = float("nan")
+    logits[2, 4] = float("inf")
+    rows = [row(temperature=1e-4), row(), row(), row(temperature=1e-3, top_p=0.5), row(temperature=0.5, top_k=3)]
+    chosen = sampler.sample(logits, rows)
+    assert isinstance(chosen[1], NonFiniteLogits) and isinstance(chosen[2], NonFiniteLogits)
+    assert [chosen[0], chosen[3], chosen[4]] == [17, 17, 17]
+
+
+def test_sampler_penalty_overflow_fails_only_that_row():
+    sampler = TokenSampler(0)
+    logits = torch.randn(2, 50)
+    logits[:, 5] = 10.0
+    chosen = sampler.sample(logits, [row(repetition_penalty=1e-45), row(temperature=0)])
+    assert isinstance(chosen[0], NonFiniteLogits) and chosen[1] == int(logits[1].argmax())
+
+
+def test_top_p_zero_is_greedy():
+    logits = torch.randn(1, 50)
+    assert TokenSampler(0).sample(logits.clone(), [row(top_p=0.0)]) == [int(logits.argmax())]
+
+
+def test_engine_thread_keeps_serving_after_faults(engine, served, hooks):
+    tokenizer = served[1]
+    text = prompt(tokenizer, "serve me after a fault")
+    expected = alone(engine, text, **GREEDY)
+
+    def refuse(event):  # a consumer that is gone: its sequence ends, the worker does not
+        raise RuntimeError("consumer gone")
+
+    hooks.append(engine.model.get_output_embeddings().register_forward_hook(NanIntoRow(row=0, call=1)))
+    nan_victim = sequence(engine, text, **GREEDY)
+    refused = Sequence(text, SamplingParams(**GREEDY), tokenizer, refuse, set())
+    later = sequence(engine, text, **GREEDY)
+    engine.start()
+    try:
+        engine.submit([nan_victim, refused])
+        assert nan_victim.sink.done.wait(60)
+        engine.submit([later])
+        assert later.sink.done.wait(60), "the engine stopped serving after a fault"
+    finally:
+        engine.stop()
+    assert "non-finite" in nan_victim.sink.final.error and refused.finished
+    assert later.sink.ids == expected and later.sink.final.error is None
+
+
+def _completion_run(engine, tokenizer, events, loop, **body):
+    request = CompletionRequest(prompt="Hello there", max_tokens=8, temperature=0, **body)
+    ids = prompt(tokenizer, "Hello there")
+    params = SamplingParams(max_tokens=8, temperature=0)
+    sequences = []
+    for index in range(request.n):
+        sink = lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event))  # noqa: E731
+        sequences.append(Sequence(ids, params, tokenizer, sink, set(), choice=index))
+    run_ = RequestRun(tokenizer, "m", ServerMetrics(engine), request, [(ids, params)], sequences, events, False, 0.0)
+    return run_, sequences
+
+
+def _never_disconnects() -> Request:
+    async def receive():
+        await asyncio.Event().wait()
+
+    return Request({"type": "http", "method": "POST", "headers": []}, receive)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+def test_a_failed_choice_ends_its_request_and_cancels_the_siblings(engine, served, hooks, stream):
+    tokenizer = served[1]
+    hooks.append(engine.model.get_output_embeddings().register_forward_hook(NanIntoRow(row=1, call=3)))
+
+    async def serve():
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        request_run, sequences = _completion_run(engine, tokenizer, events, loop, n=3, stream=stream)
+        engine.submit(sequences)
+        if stream:
+            return [chunk async for chunk in request_run.stream()], sequences
+        with pytest.raises(APIError) as failure:
+            await request_run.collect(_never_disconnects())
+        return failure.value, sequences
+
+    engine.start()
+    try:
+        outcome, sequences = asyncio.run(serve())
+    finally:
+        engine.stop()
+    if stream:
+        assert outcome[-1] == "data: [DONE]\n\n"
+        assert '"code": 500' in outcome[-2] and "generation failed for choice 1" in outcome[-2]
+        assert "non-finite logits" in outcome[-2]
+    else:
+        assert outcome.status == 500 and outcome.type == "server_error"
+        assert "generation failed for choice 1: " in outcome.message and "non-finite logits" in outcome.message
+    assert all(seq.cancelled for seq in sequences)
+    assert all(seq.finished for seq in sequences)  # the engine stopped them too, not only the request
