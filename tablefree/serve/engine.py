@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .sampling import NonFiniteLogits, SamplingParams, TokenSampler, top_logprobs
+from .sampling import NonFiniteLogits, SamplingParams, TokenSampler, finite_rows, top_logprobs
 from .text import IncrementalText
 
 log = logging.getLogger("tablefree.serve")
@@ -257,7 +257,7 @@ class Engine:
         targets = torch.tensor(seq.prompt_ids[1:], dtype=torch.long, device=logits.device)
         for start in range(0, len(targets), 256):
             chunk_logits = logits[start : start + len(targets[start : start + 256])].float()
-            if not torch.isfinite(chunk_logits).all():
+            if not all(finite_rows(chunk_logits)):
                 raise NonFiniteLogits("the model produced non-finite logits (NaN or infinity) over this prompt")
             lp = torch.log_softmax(chunk_logits, dim=-1)
             chunk = targets[start : start + 256]
