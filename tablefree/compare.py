@@ -8,13 +8,13 @@ interrupted comparison continues where it stopped; finished runs are not retrain
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from dataclasses import replace
 from pathlib import Path
 
 from .errors import TableFreeError
+from .files import atomic_path, write_atomic, write_json
 
 
 def parse_list(text: str, kind=str) -> list:
@@ -31,8 +31,9 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}-seed{seed}"
 
 
-def compare(base, variants: list[str], seeds: list[int], out: str | Path) -> dict:
+def compare(base, variants: list[str], seeds: list[int], out: str | Path, force: bool = False) -> dict:
     """Train (or resume) every run, then summarise; returns the content of results.json."""
+    from .files import claim_output_dir
     from .presets import VARIANTS
     from .train import model_config, train
 
@@ -40,6 +41,10 @@ def compare(base, variants: list[str], seeds: list[int], out: str | Path) -> dic
     if unknown:
         raise TableFreeError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     out = Path(out)
+    if os.environ.get("RANK", "0") == "0":
+        claim_output_dir(out, "compare", resumable=True, force=force, inputs=[base.data, base.tokenizer],
+                         writes=("results.json", "results.md", "loss_curves.png",
+                                 *(run_name(v, s) for v in variants for s in seeds)))
     configs = {(v, s): replace(base, variant=v, seed=s, out=str(out / run_name(v, s))) for v in variants for s in seeds}
     for cfg in configs.values():
         model_config(cfg)  # every config is checked before hours of training start
@@ -52,9 +57,8 @@ def compare(base, variants: list[str], seeds: list[int], out: str | Path) -> dic
         return {"runs": runs, "summary": summary}  # under torchrun, rank 0 alone writes the outputs
     results = {"config": {k: v for k, v in vars(base).items() if k not in ("out", "variant", "seed")},
                "variants": variants, "seeds": seeds, "runs": runs, "summary": summary}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(summary, base, seeds))
+    write_json(out / "results.json", results)
+    write_atomic(out / "results.md", markdown_table(summary, base, seeds).encode("utf-8"))
     plot_losses(out, variants, seeds)
     return results
 
@@ -133,7 +137,8 @@ def plot_losses(out: Path, variants: list[str], seeds: list[int]) -> Path:
     ax.legend()
     fig.tight_layout()
     path = out / "loss_curves.png"
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
     return path
 
@@ -146,7 +151,7 @@ def compare_command(args) -> int:
     variants = parse_list(args.variants)
     seeds = parse_list(args.seeds, int)
     out = Path(args.out or base.out)
-    compare(base, variants, seeds, out)
+    compare(base, variants, seeds, out, force=args.force)
     if os.environ.get("RANK", "0") != "0":
         return 0
     print((out / "results.md").read_text())
@@ -160,5 +165,7 @@ def add_cli(subparsers) -> None:
     cmp.add_argument("--variants", default="learned,minimal,affine")
     cmp.add_argument("--seeds", default="0,1,2", help="model seeds (the data seed is the config's, shared)")
     cmp.add_argument("--out", help="output directory (default: the config's out)")
+    cmp.add_argument("--force", action="store_true",
+                     help="write into a non-empty OUT that is not a comparison's; files tablefree did not write are never touched")
     cmp.add_argument("overrides", nargs="*", help="training settings as key=value")
     cmp.set_defaults(run=compare_command)

@@ -4,8 +4,6 @@ Ships inside every saved model directory (loaded with trust_remote_code), so it 
 torch, transformers and its sibling `codes.py`.
 """
 
-from __future__ import annotations
-
 from huggingface_hub.dataclasses import strict
 from transformers import GPTNeoXConfig
 
@@ -42,10 +40,10 @@ class TableFreeConfig(GPTNeoXConfig):
     code_scale: float | int = 1.0
 
     def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
         if self.code_family == "affine" and self.affine_rows is None:
             code = self.build_code()
             self.affine_rows, self.affine_offset = code.rows, code.offset
-        super().__post_init__(**kwargs)
 
     def build_code(self):
         """The fixed code this config describes; raises CodeError for settings that cannot work."""

@@ -41,18 +41,23 @@ def to_gpt_neox(model) -> GPTNeoXForCausalLM:
     return neox.eval()
 
 
-def export_command(model_path: str, out: str, format: str = "gpt-neox") -> Path:
+def export_command(model_path: str, out: str, format: str = "gpt-neox", force: bool = False) -> Path:
+    from .files import claim_output_dir
+    from .hub import MODEL_KIND, resolve_model_path
+
     if format not in EXPORT_FORMATS:
         raise TableFreeError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
-    model, tokenizer = load_model(model_path)
-    if Path(out).resolve() == Path(model_path).resolve():
-        raise TableFreeError("the export directory must differ from the model directory")
+    source = resolve_model_path(model_path)
+    claim_output_dir(out, MODEL_KIND, resumable=False, force=force, inputs=[source])
+    model, tokenizer = load_model(source)
     return save_model(to_gpt_neox(model), out, tokenizer)
 
 
 def add_cli(subparsers) -> None:
     export = subparsers.add_parser("export", help="write a stock GPT-NeoX checkpoint (code table as embed_in)")
     export.add_argument("model", help="model directory or cached hub id")
-    export.add_argument("out", help="output directory")
+    export.add_argument("out", help="output directory (new or empty; see --force)")
     export.add_argument("--format", default="gpt-neox", help=f"one of: {', '.join(EXPORT_FORMATS)}")
-    export.set_defaults(run=lambda a: print(f"exported -> {export_command(a.model, a.out, a.format)}"))
+    export.add_argument("--force", action="store_true",
+                        help="write into a non-empty OUT; files tablefree did not write there are never removed or overwritten")
+    export.set_defaults(run=lambda a: print(f"exported -> {export_command(a.model, a.out, a.format, a.force)}"))

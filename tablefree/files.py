@@ -129,11 +129,11 @@ def read_marker(directory: Path) -> dict | None:
     return marker if isinstance(marker, dict) and isinstance(marker.get("kind"), str) else None
 
 
-def write_marker(directory: Path, kind: str, files: Iterable[str] | None = None) -> None:
+def write_marker(directory: Path, kind: str, files: Iterable[str] | None = None, extra: dict | None = None) -> None:
     marker = {"kind": kind, "format": 1}
     if files is not None:
         marker["files"] = sorted(files)
-    write_json(directory / MARKER, marker)
+    write_json(directory / MARKER, {**marker, **(extra or {})})
 
 
 def check_inputs(out: Path, inputs: Iterable[str | Path | None]) -> None:
@@ -200,20 +200,21 @@ def claim_output_dir(out: str | Path, kind: str, *, resumable: bool, force: bool
     return out
 
 
-def install_directory(source: Path, out: Path, kind: str) -> Path:
+def install_directory(source: Path, out: Path, kind: str, extra: dict | None = None) -> Path:
     """Move the finished directory `source` into place as `out`, replacing only what tablefree wrote there.
 
     A missing or empty `out` is replaced in one rename. Otherwise each file moves over its namesake
     if tablefree wrote that namesake (the marker lists it); files of an earlier write that the new
     one lacks are removed; any other file is left alone, and a clash with one is refused before
-    anything moves.
+    anything moves. `extra` is recorded in the marker (a model's weight checksums).
     """
     out = Path(out)
     names = sorted(p.name for p in source.iterdir() if p.name != MARKER)
+    normal_permissions(source)
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if not out.exists():
-        write_marker(source, kind, names)
+        write_marker(source, kind, names, extra)
         os.replace(source, out)
         return out
     if not out.is_dir():
@@ -223,6 +224,7 @@ def install_directory(source: Path, out: Path, kind: str) -> Path:
     clash = [n for n in names if (out / n).exists() and n not in ours]
     if clash:
         raise TableFreeError(f"{out / clash[0]} already exists and was not written by tablefree; move it away first")
+    write_marker(out, kind, ours | set(names))  # first, so a kill mid-move leaves every moved file known as ours
     for name in names:
         os.replace(source / name, out / name)
     for name in sorted(ours - set(names)):
@@ -231,9 +233,18 @@ def install_directory(source: Path, out: Path, kind: str) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
         elif stale.exists() or stale.is_symlink():
             stale.unlink()
-    write_marker(out, kind, names)
+    write_marker(out, kind, names, extra)
     shutil.rmtree(source, ignore_errors=True)
     return out
+
+
+def normal_permissions(directory: Path) -> None:
+    """Give every file in `directory` the permissions the umask allows (some writers create files 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in directory.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~mask)
 
 
 def new_temporary_dir(out: Path) -> Path:

@@ -8,10 +8,9 @@ trust_remote_code=True)` works where this package is not installed.
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from .configuration_tablefree import TableFreeConfig
 from .errors import TableFreeError
+from .files import install_directory, new_temporary_dir, read_marker
 
 SOURCE_FILES = ("codes.py", "configuration_tablefree.py", "modeling_tablefree.py")
 AUTO_MAP = {
@@ -27,24 +27,18 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_tablefree.TableFreeForCausalLM",
 }
 WEIGHTS_NAME = "model.safetensors"
-
-
-def replace_directory(tmp: Path, out: Path) -> None:
-    """Move a finished directory into place; an existing `out` is only removed once `tmp` is complete."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+MODEL_KIND = "model"  # the kind of output directory files.claim_output_dir and install_directory see
 
 
 def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
-    """Write the self-contained model directory atomically (a half-written directory never replaces a good one)."""
+    """Write the self-contained model directory, then move it into place (files.install_directory).
+
+    The weights' SHA-256 go into the directory's marker and are verified by `load_model`. Callers
+    decide whether `out_dir` may be written (files.claim_output_dir); files tablefree did not write
+    there are never removed or overwritten.
+    """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = new_temporary_dir(out)
     try:
         config = model.config
         if isinstance(config, TableFreeConfig):
@@ -62,11 +56,23 @@ def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
                 shutil.copyfile(here / name, tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        replace_directory(tmp, out)
+        checksums = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
+        install_directory(tmp, out, MODEL_KIND, extra={"sha256": checksums})
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TableFreeError(f"could not write the model to {out}: {exc.strerror or exc}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def resolve_model_path(name: str | Path) -> Path:
@@ -113,20 +119,32 @@ def check_tokenizer(tokenizer, config: PretrainedConfig, where: str) -> None:
 
 
 def load_model(name: str | Path, dtype: torch.dtype | None = None, device: str | None = None, with_tokenizer: bool = True):
-    """(model, tokenizer or None) from a directory or a cached hub id, with clear errors for broken ones."""
+    """(model, tokenizer or None) from a directory or a cached hub id, checked before and after loading.
+
+    Only safetensors are read (pickle weights can run code). Checksums recorded by `save_model` are
+    verified; a missing, unexpected or wrongly shaped tensor and any non-finite weight are errors.
+    """
     from transformers import AutoModelForCausalLM
 
     from .tokenizer import load_tokenizer
 
     path = resolve_model_path(name)
     config = load_config(path)
-    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+    if not any(path.glob("*.safetensors")):
+        if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
+            raise TableFreeError(
+                f"{path} holds only pickle weights (pytorch_model.bin), which can run code when loaded, so tablefree "
+                f"does not read them; convert them once, where you trust the file, with transformers: "
+                f"AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR) writes {WEIGHTS_NAME}"
+            )
         raise TableFreeError(f"{path} has no weights file (expected {WEIGHTS_NAME})")
     _check_safetensors(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype or torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype or torch.float32,
+                                                           use_safetensors=True, output_loading_info=True)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise TableFreeError(f"could not load the weights in {path}: {str(exc).splitlines()[0]}") from None
+    _check_loaded(model, info, path)
     if device:
         model.to(device)
     model.eval()
@@ -138,9 +156,11 @@ def load_model(name: str | Path, dtype: torch.dtype | None = None, device: str |
 
 
 def _check_safetensors(path: Path) -> None:
-    """Open each safetensors file's header so truncation or corruption is named before loading."""
+    """Open each file's header (truncation, damage), then verify the checksum recorded at save time, before loading."""
     from safetensors import safe_open
 
+    marker = read_marker(path) or {}
+    recorded = marker.get("sha256") if isinstance(marker.get("sha256"), dict) else {}
     for file in sorted(path.glob("*.safetensors")):
         try:
             with safe_open(str(file), framework="pt") as handle:
@@ -148,3 +168,22 @@ def _check_safetensors(path: Path) -> None:
                     handle.get_slice(key)
         except Exception as exc:  # safetensors raises its own error types for every kind of damage
             raise TableFreeError(f"the weights file {file} is corrupted or truncated ({exc}); save or export it again") from None
+        expected = recorded.get(file.name)
+        if expected is not None and file_sha256(file) != expected:
+            raise TableFreeError(f"the weights file {file} does not match the checksum recorded when it was saved: "
+                                 f"it was changed or damaged; save or export the model again")
+
+
+def _check_loaded(model, info: dict, path: Path) -> None:
+    """Every tensor present, expected and of the right shape; every weight finite."""
+    for kind, what in (("missing_keys", "is missing"), ("unexpected_keys", "is not part of this model"),
+                       ("mismatched_keys", "has the wrong shape")):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(kind) or [])
+        if keys:
+            more = f" (and {len(keys) - 1} more)" if len(keys) > 1 else ""
+            raise TableFreeError(f"the weights in {path}: tensor {keys[0]} {what}{more}; the directory is incomplete or "
+                                 f"belongs to another model: save or export it again")
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TableFreeError(f"the weights in {path}: tensor {name} holds non-finite values (NaN or infinity); "
+                                 f"the model is damaged or diverged in training")

@@ -8,6 +8,8 @@ paper's 32 x 1024 backbone. Every field can be overridden.
 from __future__ import annotations
 
 import difflib
+import math
+import os
 from dataclasses import dataclass, fields
 
 import torch
@@ -76,7 +78,7 @@ def build_config(preset: str, **overrides) -> PretrainedConfig:
     variant = overrides.pop("variant", variant)
     if variant not in VARIANTS:
         raise TableFreeError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-    if "code_family" in overrides and overrides["code_family"] not in CODE_FAMILIES:
+    if "code_family" in overrides and not (isinstance(overrides["code_family"], str) and overrides["code_family"] in CODE_FAMILIES):
         raise TableFreeError(
             f"unknown code family {overrides['code_family']!r}; choose one of {', '.join(CODE_FAMILIES)}"
         )
@@ -91,8 +93,25 @@ def build_config(preset: str, **overrides) -> PretrainedConfig:
     return make_config(cls, values)
 
 
+# Sizes that must be positive integers; the config classes check types but accept 0 and negatives.
+POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                   "max_position_embeddings")
+
+
 def make_config(cls, values: dict) -> PretrainedConfig:
     """Instantiate a config class, turning every validation failure into a TableFreeError."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    for name in POSITIVE_FIELDS:
+        value = values.get(name)
+        if name in values and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise TableFreeError(f"invalid model config: {name} must be a positive integer, got {value!r}")
+    width, heads = values.get("hidden_size"), values.get("num_attention_heads")
+    if isinstance(width, int) and isinstance(heads, int) and width % heads:
+        raise TableFreeError(f"invalid model config: hidden_size {width} is not divisible by num_attention_heads {heads}")
+    scale = values.get("code_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
+        raise TableFreeError(f"invalid model config: code_scale must be a finite non-zero number, got {scale!r}")
     try:
         config = cls(**values)
         if isinstance(config, TableFreeConfig):
@@ -102,17 +121,32 @@ def make_config(cls, values: dict) -> PretrainedConfig:
         return config
     except CodeError as exc:
         raise TableFreeError(str(exc)) from None
-    except (ValueError, TypeError) as exc:
-        cause = exc.__cause__ if isinstance(exc.__cause__, CodeError) else exc
-        raise TableFreeError(f"invalid model config: {cause}") from None
+    except (ValueError, TypeError, OverflowError, StrictDataclassError) as exc:
+        cause = exc
+        while cause.__cause__ is not None:  # the strict-dataclass errors wrap the validator's own message
+            cause = cause.__cause__
+        raise TableFreeError(f"invalid model config: {_one_line(cause)}") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def build_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
     """A freshly initialised model; its weights depend on `seed` alone (the global RNG is left untouched)."""
     cls = TableFreeForCausalLM if isinstance(config, TableFreeConfig) else GPTNeoXForCausalLM
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return cls(config)
+    try:
+        with torch.device("meta"):
+            count = sum(p.numel() for p in cls(config).parameters())
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if count * 4 > memory:  # refuse before the allocator overcommits and the OOM killer ends the process
+            raise MemoryError(f"{count:,} parameters need {count * 4 / 2**30:,.1f} GiB in fp32, "
+                              f"this machine has {memory / 2**30:,.1f} GiB")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config)
+    except (RuntimeError, MemoryError) as exc:  # the allocator's "can't allocate memory", or shapes past its limits
+        raise TableFreeError(f"cannot build the model: {_one_line(exc)[:200]}; choose smaller sizes") from None
 
 
 def variant_of(config: PretrainedConfig) -> str:
@@ -142,15 +176,20 @@ def parse_overrides(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise TableFreeError(f"override {pair!r} is not of the form key=value (for example hidden_size=128)")
-        overrides[key.strip()] = yaml.safe_load(value)
+        try:
+            overrides[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise TableFreeError(f"override {pair!r}: the value is not a YAML scalar or list ({_one_line(exc)[:120]})") from None
     return overrides
 
 
 def new_command(args) -> int:
     """`tablefree new PRESET OUT`: a freshly initialised model, saved in the Hugging Face form."""
-    from .hub import check_tokenizer, save_model
+    from .files import claim_output_dir
+    from .hub import MODEL_KIND, check_tokenizer, save_model
     from .tokenizer import as_transformers, build_tokenizer, load_tokenizer
 
+    claim_output_dir(args.out, MODEL_KIND, resumable=False, force=args.force, inputs=[args.tokenizer])
     overrides = parse_overrides(args.overrides)
     if args.tokenizer:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -199,10 +238,12 @@ def verify_command(args) -> int:
 def add_cli(subparsers) -> None:
     new = subparsers.add_parser("new", help="initialise a model from a preset and save it")
     new.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
-    new.add_argument("out", help="output directory")
+    new.add_argument("out", help="output directory (new or empty; see --force)")
     new.add_argument("overrides", nargs="*", help="model fields as key=value, e.g. hidden_size=128")
     new.add_argument("--seed", type=int, default=0, help="model seed (initialisation depends on it alone)")
     new.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: code-point tokenizer)")
+    new.add_argument("--force", action="store_true",
+                     help="write into a non-empty OUT; files tablefree did not write there are never removed or overwritten")
     new.set_defaults(run=new_command)
     verify = subparsers.add_parser("verify", help="check a code is injective and invertible over all V ids")
     verify.add_argument("target", help="a preset name or a model directory")

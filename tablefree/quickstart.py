@@ -21,14 +21,14 @@ MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "i
          "max_position_embeddings": 1024}  # the paper's context: rotary positions cost no parameters
 
 
-def quickstart(out: str | Path, steps: int = 80, seed: int = 0, progress: bool = True) -> dict:
+def quickstart(out: str | Path, steps: int = 80, seed: int = 0, progress: bool = True, force: bool = False) -> dict:
     from .data import PrepareSettings, Source, mixture_text, prepare
-    from .hub import replace_directory
+    from .files import claim_output_dir
     from .tokenizer import as_transformers, build_tokenizer, load_tokenizer
     from .train import TrainConfig, train
 
     began = time.perf_counter()
-    out = Path(out)
+    out = claim_output_dir(out, "quickstart", resumable=True, force=force, writes=("data", "runs", *VARIANTS))
     data_dir = out / "data"
     sources = [Source("embedded")]
     print(f"[1/4] code-point tokenizer and data from the embedded corpus -> {data_dir}")
@@ -50,9 +50,7 @@ def quickstart(out: str | Path, steps: int = 80, seed: int = 0, progress: bool =
         print(f"[{number}/4] training {variant} ({steps} steps x {base.batch_size * base.seq_len} tokens, identical batches)")
         cfg = replace(base, variant=variant, out=str(out / "runs" / variant))
         results[variant] = train(cfg)
-        model_dir = Path(cfg.out) / "model"
-        if model_dir.is_dir():
-            replace_directory(model_dir, out / variant)
+        publish_model(Path(cfg.out) / "model", out / variant)
         if not (out / variant / "config.json").is_file():
             raise TableFreeError(f"training {variant} left no model at {out / variant}")
     print(table(results, untrained))
@@ -64,6 +62,24 @@ def quickstart(out: str | Path, steps: int = 80, seed: int = 0, progress: bool =
     print(f"eval:   tablefree eval {out / 'affine'} --data {data_dir}")
     print(f"done in {time.perf_counter() - began:.0f} s")
     return {"results": results, "untrained": untrained, "answer": answer}
+
+
+def publish_model(trained: Path, out: Path) -> None:
+    """A copy of the trained model directory at `out` (the run keeps its own, so a rerun finds it finished)."""
+    import shutil
+
+    from .files import install_directory, new_temporary_dir, read_marker
+    from .hub import MODEL_KIND
+
+    if not trained.is_dir():
+        return
+    tmp = new_temporary_dir(out)
+    try:
+        shutil.copytree(trained, tmp, dirs_exist_ok=True)
+        install_directory(tmp, out, MODEL_KIND, extra={"sha256": (read_marker(trained) or {}).get("sha256", {})})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def untrained_score(cfg, tokenizer) -> dict:
@@ -109,7 +125,7 @@ def answer_prompt(model_dir: Path, max_new_tokens: int = 12) -> str:
 def quickstart_command(args) -> int:
     if args.steps < 1:
         raise TableFreeError(f"--steps must be at least 1, got {args.steps}")
-    quickstart(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet)
+    quickstart(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet, force=args.force)
     return 0
 
 
@@ -119,4 +135,6 @@ def add_cli(subparsers) -> None:
     qs.add_argument("--steps", type=int, default=80, help="optimizer steps per model")
     qs.add_argument("--seed", type=int, default=0)
     qs.add_argument("--quiet", action="store_true", help="no progress bars")
+    qs.add_argument("--force", action="store_true",
+                    help="write into a non-empty OUT that is not a quickstart's; files tablefree did not write are never touched")
     qs.set_defaults(run=quickstart_command)

@@ -1,4 +1,5 @@
 import json
+import shutil
 import subprocess
 import sys
 
@@ -51,7 +52,16 @@ def test_learned_model_exports_as_itself():
     assert to_gpt_neox(model) is model
 
 
-def test_export_refuses_to_overwrite_its_source(saved_tiny_model):
+@pytest.mark.parametrize("relation", ["same", "parent", "child", "symlink", "dot"])
+def test_export_never_writes_into_over_or_above_its_input(saved_tiny_model, tmp_path, monkeypatch, relation):
     path, _ = saved_tiny_model
-    with pytest.raises(TableFreeError, match="must differ"):
-        export_command(str(path), str(path))
+    source = tmp_path / "parent" / "model"
+    shutil.copytree(path, source)
+    before = sorted((p.name, p.stat().st_size) for p in source.iterdir())
+    link = tmp_path / "link"
+    link.symlink_to(source)
+    monkeypatch.chdir(source.parent)
+    out = {"same": source, "parent": source.parent, "child": source / "neox", "symlink": link, "dot": "."}[relation]
+    with pytest.raises(TableFreeError, match=r"(over or around|inside) the input"):
+        export_command(str(source), str(out), force=True)
+    assert sorted((p.name, p.stat().st_size) for p in source.iterdir()) == before

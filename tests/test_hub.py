@@ -158,10 +158,84 @@ def test_tokenizer_larger_than_the_model_is_a_clear_error(saved_tiny_model, tmp_
         load_model(target)
 
 
-def test_saving_over_an_existing_model_replaces_it_atomically(saved_tiny_model, tmp_path, code_point_tokenizer):
+def test_saving_over_an_existing_model_keeps_foreign_files_and_drops_only_its_own(saved_tiny_model, tmp_path, code_point_tokenizer):
     path, model = saved_tiny_model
     target = _copy(path, tmp_path)
-    (target / "stale.txt").write_text("left over")
-    save_model(model, target, code_point_tokenizer)
-    assert not (target / "stale.txt").exists() and (target / "model.safetensors").is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    (target / "notes.txt").write_text("mine, not tablefree's")
+    save_model(model, target)  # no tokenizer this time: the tokenizer files of the earlier save are tablefree's own
+    assert (target / "notes.txt").read_text() == "mine, not tablefree's"
+    assert not (target / "tokenizer.json").exists() and (target / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if ".tablefree-tmp-" in p.name]
+    assert load_model(target, with_tokenizer=False)[0] is not None
+
+
+def test_saving_never_overwrites_a_file_tablefree_did_not_write(saved_tiny_model, tmp_path):
+    path, model = saved_tiny_model
+    target = tmp_path / "theirs"
+    target.mkdir()
+    (target / "config.json").write_text('{"theirs": true}')
+    with pytest.raises(TableFreeError, match=r"config.json already exists and was not written by tablefree"):
+        save_model(model, target)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+    assert json.loads((target / "config.json").read_text()) == {"theirs": True}
+    assert not [p for p in tmp_path.iterdir() if ".tablefree-tmp-" in p.name]
+
+
+def test_saved_files_are_readable_by_others(saved_tiny_model):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for file in saved_tiny_model[0].iterdir():
+        assert file.stat().st_mode & 0o777 == 0o666 & ~mask, file
+
+
+def test_temporaries_of_a_killed_save_are_cleaned_at_the_next_run(saved_tiny_model, tmp_path):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = tmp_path / f".m.tablefree-tmp-{int(dead.stdout)}-0badc0de"
+    left.mkdir()
+    (left / "model.safetensors").write_bytes(b"half")
+    unrelated = tmp_path / ".m.tmp-keep"  # not one of ours: never touched
+    unrelated.mkdir()
+    save_model(saved_tiny_model[1], tmp_path / "m")
+    assert not left.exists() and unrelated.is_dir()
+
+
+def _rewrite_weights(target, change):
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(target / "model.safetensors"))
+    change(state)
+    save_file(state, str(target / "model.safetensors"), metadata={"format": "pt"})
+    (target / ".tablefree-output.json").unlink()  # as if the directory came from elsewhere: no checksum to compare
+
+
+def test_random_bytes_inside_tensor_data_fail_the_recorded_checksum(saved_tiny_model, tmp_path):
+    target = _copy(saved_tiny_model[0], tmp_path)
+    weights = target / "model.safetensors"
+    with open(weights, "r+b") as handle:
+        handle.seek(weights.stat().st_size // 2)
+        handle.write(os.urandom(4096))
+    with pytest.raises(TableFreeError, match="does not match the checksum recorded when it was saved"):
+        load_model(target)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda s: s.pop("gpt_neox.final_layer_norm.weight"), r"tensor gpt_neox.final_layer_norm.weight is missing"),
+    (lambda s: s.update({"gpt_neox.extra.weight": torch.zeros(3)}), r"tensor gpt_neox.extra.weight is not part of this model"),
+    (lambda s: s["gpt_neox.final_layer_norm.weight"].__setitem__(0, float("nan")), r"final_layer_norm.weight holds non-finite"),
+    (lambda s: s["lm_head.weight"].__setitem__((0, 0), float("inf")), r"lm_head.weight holds non-finite"),
+])
+def test_missing_unexpected_and_non_finite_tensors_are_errors(saved_tiny_model, tmp_path, change, message):
+    target = _copy(saved_tiny_model[0], tmp_path)
+    _rewrite_weights(target, change)
+    with pytest.raises(TableFreeError, match=message):
+        load_model(target)
+
+
+def test_pickle_weights_are_refused_with_what_to_do(saved_tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    target = _copy(saved_tiny_model[0], tmp_path)
+    torch.save(load_file(str(target / "model.safetensors")), target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    with pytest.raises(TableFreeError, match=r"pickle weights .*can run code.*save_pretrained"):
+        load_model(target)
