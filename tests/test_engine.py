@@ -15,6 +15,7 @@ from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
 from tablefree.serve.sampling import NonFiniteLogits, SamplingParams, TokenSampler
+from tablefree.serve.text import IncrementalText
 
 GREEDY = dict(temperature=0.0, max_tokens=8)
 SEEDED = dict(temperature=0.9, top_k=40, seed=11, max_tokens=8)
@@ -217,12 +218,13 @@ def test_sequences_the_engine_cannot_serve_are_refused_alone(engine, served):
     text = prompt(tokenizer, "a fine prompt")
     refused = [sequence(engine, [], **GREEDY), sequence(engine, [70000], **GREEDY),
                sequence(engine, list(range(100, 170)), **GREEDY),
-               sequence(engine, text, temperature=float("nan")), sequence(engine, text, top_p=1.5)]
+               sequence(engine, text, temperature=float("nan")), sequence(engine, text, top_p=1.5),
+               sequence(engine, text, max_tokens=None)]
     fine = sequence(engine, text, **GREEDY)
     run(engine, {0: refused + [fine]})
     messages = [s.sink.final.error for s in refused]
     assert "empty" in messages[0] and "70000" in messages[1] and "context of 64" in messages[2]
-    assert "temperature=nan" in messages[3] and "top_p=1.5" in messages[4]
+    assert "temperature=nan" in messages[3] and "top_p=1.5" in messages[4] and "TypeError" in messages[5]
     assert fine.sink.ids == alone(engine, text, **GREEDY)
 
 
@@ -349,3 +351,21 @@ def test_a_failed_choice_ends_its_request_and_cancels_the_siblings(engine, serve
         assert "generation failed for choice 1: " in outcome.message and "non-finite logits" in outcome.message
     assert all(seq.cancelled for seq in sequences)
     assert all(seq.finished for seq in sequences)  # the engine stopped them too, not only the request
+
+
+class OneCharacterPerId:
+    def decode(self, ids, **kwargs):
+        return "".join(map(chr, ids))
+
+
+@pytest.mark.parametrize("stop", [["abcd"], ["abcd", "bcx"], ["x" * 5000 + "abcd", "abcd"]])
+def test_stop_strings_never_leak_into_the_stream(stop):
+    """Text is released in pieces, each before the next arrives; a stop string's start is never among them."""
+    text = IncrementalText(OneCharacterPerId(), stop)
+    released, hit = [], False
+    for char in "zzabxabcabcdzz":
+        piece, hit = text.add(ord(char))
+        released.append(piece)
+        if hit:
+            break
+    assert hit and "".join(released) == "zzabxabc"

@@ -172,15 +172,22 @@ class Engine:
             if admitted and len(seq.prompt_ids) > budget:
                 break
             self._pending.popleft()
-            problem = self._problem(seq)
-            if problem:
-                self._fail(seq, problem)
-            elif seq.cancelled:
-                self._emit(seq, SequenceEvent("", [], finish_reason="abort"))
-            else:
+            if self._admissible(seq):
                 budget -= len(seq.prompt_ids)
                 admitted.append(seq)
         return admitted
+
+    def _admissible(self, seq: Sequence) -> bool:
+        """Whether `seq` can be served; one that cannot is ended here, with the reason."""
+        if seq.cancelled:
+            self._emit(seq, SequenceEvent("", [], finish_reason="abort"))
+            return False
+        with self._alone(seq, "checking the sequence"):
+            problem = self._problem(seq)
+            if problem is None:
+                return True
+            self._fail(seq, problem)
+        return False
 
     def _problem(self, seq: Sequence) -> str | None:
         """Why this sequence cannot be served, if it cannot (the HTTP layer checks first; other callers may not)."""

@@ -39,10 +39,13 @@ class IncrementalText:
         return self._release(len(self.text))
 
     def _held(self) -> int:
-        """Length of the longest suffix of the text that is a proper prefix of some stop string."""
+        """Length of the longest suffix of the unreleased text that is a proper prefix of some stop string."""
+        # No stop-string prefix straddles what was released (it would have been held), so only the unreleased tail
+        # is searched: a long stop string then costs one sequence little, and the batch it shares nothing.
+        unreleased = len(self.text) - self.emitted
         longest = 0
         for stop in self.stop:
-            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
+            for size in range(min(len(stop) - 1, unreleased), longest, -1):
                 if self.text.endswith(stop[:size]):
                     longest = size
                     break
