@@ -263,11 +263,11 @@ class Engine:
         scores = [TokenLogprob(seq.prompt_ids[0], None)]
         targets = torch.tensor(seq.prompt_ids[1:], dtype=torch.long, device=logits.device)
         for start in range(0, len(targets), 256):
-            chunk_logits = logits[start : start + len(targets[start : start + 256])].float()
+            chunk = targets[start : start + 256]
+            chunk_logits = logits[start : start + len(chunk)].float()
             if not all(finite_rows(chunk_logits)):
                 raise NonFiniteLogits("the model produced non-finite logits (NaN or infinity) over this prompt")
             lp = torch.log_softmax(chunk_logits, dim=-1)
-            chunk = targets[start : start + 256]
             picked = lp.gather(-1, chunk[:, None])[:, 0].tolist()
             for i, (token, value) in enumerate(zip(chunk.tolist(), picked)):
                 scores.append(TokenLogprob(token, value, top_logprobs(lp[i], seq.params.logprobs or 0)))
