@@ -6,7 +6,9 @@ One process without torchrun is world size 1 and wraps nothing. gloo on CPU, ncc
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -14,6 +16,7 @@ import torch.distributed as dist
 from .errors import TableFreeError
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,9 @@ def wrap_model(model: torch.nn.Module, world: World, strategy: str) -> torch.nn.
         if world.size > 1:
             raise TableFreeError("distributed=none under torchrun with several processes; use ddp or fsdp")
         return model
+    if world.size == 1:
+        raise TableFreeError(f"distributed={strategy} needs several processes under torchrun, and this is one; "
+                             f"use distributed=auto or none")
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -87,6 +93,24 @@ def all_reduce_sum(value: torch.Tensor, world: World) -> torch.Tensor:
     return value
 
 
-def barrier(world: World) -> None:
-    if world.size > 1:
-        dist.barrier()
+def on_main(world: World, action: Callable[[], T]) -> T | None:
+    """`action()` on rank 0 alone (its result there, None elsewhere); every rank waits for it.
+
+    A TableFreeError on rank 0 is raised on every rank (the others name rank 0), so no rank is left
+    waiting for one that stopped.
+    """
+    if world.size == 1:
+        return action()
+    result, failure = None, None
+    if world.is_main:
+        try:
+            result = action()
+        except TableFreeError as exc:
+            failure = exc
+    failed = torch.tensor([failure is not None], dtype=torch.int32, device=world.device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if failed.item():
+        raise TableFreeError("rank 0 stopped with the error it printed")
+    return result

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import TableFreeError
+from .files import json_text, write_atomic
+
 # Dense bf16 peak of common accelerators (FLOP/s), for MFU; anything else: pass peak_flops explicitly.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
@@ -46,7 +49,11 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
 
 
 class MetricsLog:
-    """Appends to metrics.jsonl (and TensorBoard); on resume, drops lines past the resumed step."""
+    """Appends to metrics.jsonl (and TensorBoard); on resume, drops lines past the resumed step.
+
+    Each line is one strict-JSON object, appended whole; a kill mid-append can only tear the last line,
+    which the next run drops (it belongs to a step past the checkpoint anyway).
+    """
 
     def __init__(self, out_dir: Path, enabled: bool, resume_step: int = 0):
         self.path = out_dir / "metrics.jsonl"
@@ -56,8 +63,8 @@ class MetricsLog:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
+            write_atomic(self.path, "".join(_line(row) for row in kept).encode("utf-8"))
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # TensorBoard is optional; the JSONL file is the record
@@ -67,8 +74,8 @@ class MetricsLog:
     def log(self, step: int, **values) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": step, **values}) + "\n")
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(_line({"step": step, **values}))
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):
@@ -79,5 +86,35 @@ class MetricsLog:
             self.writer.close()
 
 
+def _line(row: dict) -> str:
+    return json_text(row, indent=None) + "\n"
+
+
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    """The rows of a metrics.jsonl; a torn last line (a kill mid-append) is dropped.
+
+    A damaged line before the last is an error rather than skipped: appends cannot cause it, and
+    rewriting the file on resume would lose that line for good.
+    """
+    if not path.exists():
+        return []
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as exc:
+        raise TableFreeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or isinstance(row.get("step"), bool) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer step")
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            if not any(rest.strip() for rest in lines[number:]):
+                break  # the torn tail of an interrupted append
+            raise TableFreeError(
+                f"line {number} of {path} is damaged ({exc}); fix or delete that line, then run again"
+            ) from None
+        rows.append(row)
+    return rows

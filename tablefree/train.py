@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import hashlib
 import json
 import math
 import os
@@ -23,9 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from .errors import TableFreeError
+from .files import write_json
 
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "float32", "bfloat16")
+WHERE_SETTINGS_GO = "(as key=value on the command line, or in a YAML file given with --config; examples in configs/)"
+# Settings that fix the trajectory, refused when a resume changes them (beside model, tokenizer, data,
+# compute dtype and length); the others only change how the same computation runs, or what is reported.
+TRAJECTORY = ("seed", "data_seed", "seq_len", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "schedule",
+              "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip")
 
 
 @dataclass
@@ -63,13 +70,14 @@ class TrainConfig:
     progress: bool = True
     peak_flops: float | None = None  # MFU denominator; default: GPU datasheet or measured CPU matmul rate
     save_model: bool = True
+    force: bool = False  # also write into a non-empty out that is not a train output (others' files stay untouched)
 
     def steps(self) -> int:
         if self.max_steps is not None:
             return self.max_steps
         if self.tokens is not None:
             return max(1, self.tokens // (self.batch_size * self.seq_len))
-        raise TableFreeError("set max_steps or tokens in the training config")
+        raise TableFreeError(f"the training length is not set: set max_steps=N or tokens=N {WHERE_SETTINGS_GO}")
 
 
 def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
@@ -82,17 +90,26 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
         if not path.is_file():
             raise TableFreeError(f"no config file at {path}")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
+            values = yaml.safe_load(path.read_bytes()) or {}
+        except OSError as exc:
+            raise TableFreeError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:  # also text that is not UTF-8
             raise TableFreeError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(values, dict):
             raise TableFreeError(f"{path} must hold a mapping of training settings")
-    values = {**values, "model": dict(values.get("model") or {})}
+    values = dict(values)
+    model = values.pop("model", None)
+    model = {} if model is None else model
     for key, value in overrides.items():
-        if key.startswith("model."):
-            values["model"][key[len("model."):]] = value
+        if key == "model" or key.startswith("model."):
+            update = value if key == "model" else {key[len("model."):]: value}
+            if not isinstance(model, dict) or not isinstance(update, dict):
+                bad = update if isinstance(model, dict) else model
+                raise TableFreeError(f"model settings must be a mapping of model fields (model.KEY=value), got {bad!r}")
+            model = {**model, **update}
         else:
             values[key] = value
+    values["model"] = model
     return make_config(values, where=str(path) if path else "the command line")
 
 
@@ -100,32 +117,83 @@ def make_config(values: dict, where: str = "the config") -> TrainConfig:
     known = {f.name: f for f in fields(TrainConfig)}
     for key in values:
         if key not in known:
-            close = difflib.get_close_matches(key, list(known), n=3)
+            close = difflib.get_close_matches(str(key), list(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
             raise TableFreeError(f"unknown training setting {key!r} in {where}{hint}")
     config = TrainConfig(**{k: _coerce(known[k], v, where) for k, v in values.items()})
     for name, choices in (("schedule", SCHEDULES), ("dtype", DTYPES)):
         if getattr(config, name) not in choices:
             raise TableFreeError(f"{name} {getattr(config, name)!r} is not one of {', '.join(choices)}")
-    for name in ("seq_len", "batch_size"):
-        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
-            raise TableFreeError(f"{name} must be a positive integer, got {getattr(config, name)!r}")
+    for name, (accepts, what) in LIMITS.items():
+        value = getattr(config, name)
+        if value is not None and not accepts(value):
+            raise TableFreeError(f"{name} must be {what}, got {value!r}")
     return config
 
 
+def _integer(low: int, high: int = 2**63 - 1) -> tuple:
+    return (lambda v: low <= v <= high, f"an integer from {low} to {high:,}")
+
+
+# What each number setting accepts (an optional one may also be left unset).
+LIMITS = {
+    "seed": _integer(0, 2**64 - 1), "data_seed": _integer(0, 2**64 - 1), "seq_len": _integer(1), "batch_size": _integer(1),
+    "micro_batch_size": _integer(1), "max_steps": _integer(1), "tokens": _integer(1), "warmup_steps": _integer(0),
+    "eval_every": _integer(0), "eval_tokens": _integer(1), "checkpoint_every": _integer(0), "log_every": _integer(1),
+    "lr": (lambda v: 0 < v <= 1, "a positive number up to 1 (AdamW moves each weight by about lr a step)"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "from 0 to 1"),
+    "decay_fraction": (lambda v: 0 <= v <= 1, "from 0 to 1"),
+    "weight_decay": (lambda v: v >= 0, "a non-negative number"),
+    "beta1": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "beta2": (lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    "grad_clip": (lambda v: v >= 0, "a non-negative number (0 disables clipping)"),
+    "peak_flops": (lambda v: v > 0, "a positive number"),
+}
+
+
 def _coerce(spec, value, where: str):
-    """YAML reads `1e-3` as a string and `3` as an int; give each setting its declared type."""
+    """Give a setting its declared type: YAML reads `1e-3` as text, `3.0` as a float, `2024` as an int."""
     kinds = str(spec.type)
-    if value is None or isinstance(value, bool) or "dict" in kinds:
+    expected = next(kind for kind in ("bool", "int", "float", "str", "dict") if kind in kinds)
+    if value is None and "None" in kinds:
+        return None
+    converted = _as_type(expected, value)
+    if converted is None:
+        names = {"bool": "true or false", "int": "an integer", "float": "a finite number", "str": "non-empty text usable as a file name",
+                 "dict": "a mapping of model fields (model.KEY=value)"}
+        raise TableFreeError(f"setting {spec.name!r} in {where} expects {names[expected]}, got {value!r}")
+    return converted
+
+
+def _as_type(expected: str, value):
+    """`value` as the type named `expected`, or None when it is not one."""
+    if isinstance(value, bool) or expected == "bool":
+        return value if isinstance(value, bool) and expected == "bool" else None
+    if expected == "dict":
+        return value if isinstance(value, dict) and all(isinstance(k, str) for k in value) else None
+    if expected == "str":
+        text = str(value) if isinstance(value, (str, int, float)) else ""
+        return text if text and "\0" not in text and _encodable(text) else None
+    if expected == "int" and isinstance(value, int):
         return value
     try:
-        if "float" in kinds and isinstance(value, (int, float, str)):
-            return float(value)
-        if "int" in kinds and isinstance(value, (int, float, str)) and float(value) == int(float(value)):
-            return int(float(value))
-    except ValueError:
-        raise TableFreeError(f"setting {spec.name!r} in {where} expects {kinds}, got {value!r}") from None
-    return value
+        number = float(value) if isinstance(value, (int, float, str)) else math.nan
+    except (ValueError, OverflowError):
+        return None
+    if not math.isfinite(number):
+        return None
+    if expected == "float":
+        return number
+    return int(number) if number == int(number) else None
+
+
+def _encodable(text: str) -> bool:
+    """Whether `text` can be a file name here (a lone surrogate from a YAML escape cannot)."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def model_config(cfg: TrainConfig):
@@ -183,30 +251,93 @@ def train(cfg: TrainConfig) -> dict:
     """Train (or resume) into cfg.out; returns the summary also written to OUT/result.json."""
     from .distributed import close_world, init_world
 
+    config = model_config(cfg)  # every setting is checked before a process group or a file is touched
+    check_given(cfg)
     world = init_world(cfg.device)
     try:
-        return _train(cfg, world)
+        return _train(cfg, config, world)
     finally:
         close_world(world)
 
 
-def _train(cfg: TrainConfig, world) -> dict:
+def check_given(cfg: TrainConfig) -> None:
+    """The two things a run cannot default: data to train on and a length."""
+    missing = []
+    try:
+        data_exists = Path(cfg.data).exists()
+    except OSError as exc:  # a name too long for the file system, for one
+        raise TableFreeError(f"data={cfg.data!r} cannot be used: {exc.strerror or exc}") from None
+    if not data_exists:
+        missing.append(f"there is no prepared data at {cfg.data} (set data=DIR to a directory made by `tablefree data prepare`)")
+    if cfg.max_steps is None and cfg.tokens is None:
+        missing.append("the training length is not set (set max_steps=N or tokens=N)")
+    if missing:
+        raise TableFreeError(f"{'; '.join(missing)} {WHERE_SETTINGS_GO}")
+
+
+def data_fingerprint(shards) -> str:
+    """What fixes the batches of a prepared directory, cheaply: its train shards (names, sizes) and tokenizer."""
+    listing = [[s["file"], s["tokens"]] for s in shards.manifest["shards"] if s["split"] == "train"]
+    digest = hashlib.sha256(json.dumps([shards.manifest["tokenizer_hash"], listing]).encode()).hexdigest()[:16]
+    return f"{shards.tokens:,} train tokens, shards {digest}"
+
+
+def check_resumable(saved: dict, current: dict, cfg: TrainConfig, path: Path) -> None:
+    """Refuse a resume that would not continue the saved run's trajectory, naming what changed."""
+    from .checkpoint import check_same_model
+
+    check_same_model(saved["model_config"], current["model_config"], path)
+    before = saved["train_config"]
+    changed = {k: (before.get(k), getattr(cfg, k)) for k in TRAJECTORY if before.get(k) != getattr(cfg, k)}
+    for key, name in (("tokenizer_hash", "tokenizer"), ("data", "data"), ("compute_dtype", "dtype")):
+        if saved[key] != current[key]:
+            changed[name] = (saved[key], current[key])
+    if changed:
+        details = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise TableFreeError(
+            f"cannot resume from {path}: settings that fix the training trajectory changed ({details}); "
+            f"restore them, or train into a new out directory"
+        )
+    step, was, now = saved["step"], saved["total_steps"], current["total_steps"]
+    if step > now:
+        raise TableFreeError(f"cannot resume from {path}: it is at step {step}, past the {now} steps now set; "
+                             f"set max_steps (or tokens) to at least {step}, or train into a new out directory")
+    # A new length is accepted when the steps already taken had the same learning rates under it: the
+    # resumed run is then a straight run of the new length (wsd before its decay, anything in warmup).
+    if was != now and any(learning_rate(cfg, s, was) != learning_rate(cfg, s, now) for s in range(step)):
+        raise TableFreeError(
+            f"cannot resume from {path}: the length changed from {was} to {now} steps, which changes the {cfg.schedule} "
+            f"learning rate of the {step} steps already taken; restore max_steps (or tokens), or train into a new "
+            f"out directory (schedule=wsd runs can be lengthened until their decay begins)"
+        )
+
+
+def diverged(step: int, what: str, out: Path, saved_step: int | None) -> TableFreeError:
+    kept = (f"the checkpoint of step {saved_step} in {out} is kept, but resuming replays the same steps"
+            if saved_step else "no checkpoint was written")
+    return TableFreeError(f"training diverged: {what} at step {step}; {kept}; train into a new out directory "
+                          f"with a lower lr, a longer warmup_steps or a grad_clip")
+
+
+def _train(cfg: TrainConfig, config, world) -> dict:
     from tqdm.auto import tqdm
 
-    from .checkpoint import CHECKPOINT, check_same_model, gather_state, load_checkpoint, restore_state, rng_states, save_checkpoint, set_rng_states
+    from .checkpoint import (CHECKPOINT, gather_state, load_checkpoint, refuse_legacy_checkpoint, restore_state,
+                             rng_states, save_checkpoint, set_rng_states)
     from .data import TokenShards
-    from .distributed import all_reduce_sum, barrier, unwrap, wrap_model
+    from .distributed import all_reduce_sum, on_main, unwrap, wrap_model
     from .evaluate import evaluate_shards, token_byte_lengths
+    from .files import claim_output_dir, read_json
     from .metrics import MetricsLog, peak_flops, training_flops_per_token
     from .presets import build_model, variant_of
     from .tokenizer import load_tokenizer, tokenizer_hash
 
     out = Path(cfg.out)
-    config = model_config(cfg)
+    total_steps = cfg.steps()
+    train_shards = TokenShards(cfg.data, "train")  # before the tokenizer, so missing data is reported as such
     tokenizer = load_tokenizer(cfg.tokenizer or Path(cfg.data) / "tokenizer")
     tok_hash = tokenizer_hash(tokenizer)
-    train_shards = TokenShards(cfg.data, "train", expected_tokenizer_hash=tok_hash)
-    val_shards = TokenShards(cfg.data, "val", expected_tokenizer_hash=tok_hash)
+    val_shards = TokenShards(cfg.data, "val", expected_tokenizer_hash=tok_hash)  # one manifest: checks both splits
     if len(tokenizer) > config.vocab_size:
         raise TableFreeError(f"the data's tokenizer has {len(tokenizer):,} ids but the model's vocab_size is {config.vocab_size:,}")
     if cfg.batch_size % world.size:
@@ -215,53 +346,67 @@ def _train(cfg: TrainConfig, world) -> dict:
     micro = cfg.micro_batch_size or per_rank
     if per_rank % micro:
         raise TableFreeError(f"micro_batch_size {micro} does not divide the {per_rank} sequences per process")
-    total_steps = cfg.steps()
     dtype = {"auto": torch.bfloat16 if world.device.type == "cuda" else torch.float32,
              "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
     autocast = (torch.autocast(world.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
 
-    fingerprint = config_fingerprint(config)
+    def claim() -> None:
+        refuse_legacy_checkpoint(out)
+        claim_output_dir(out, "train", resumable=True, force=cfg.force, inputs=[cfg.data, cfg.tokenizer],
+                         writes=[CHECKPOINT, "metrics.jsonl", "result.json", "model", "tensorboard"])
+
+    on_main(world, claim)
+    run = {"model_config": config_fingerprint(config), "tokenizer_hash": tok_hash, "data": data_fingerprint(train_shards),
+           "compute_dtype": str(dtype).removeprefix("torch."), "total_steps": total_steps}
     state = load_checkpoint(out / CHECKPOINT)
     if state is not None:
-        check_same_model(state["model_config"], fingerprint, out / CHECKPOINT)
-        if state["tokenizer_hash"] != tok_hash:
-            raise TableFreeError(f"cannot resume from {out / CHECKPOINT}: it was trained on data of tokenizer {state['tokenizer_hash']}, not {tok_hash}")
+        check_resumable(state, run, cfg, out / CHECKPOINT)
         finished = out / "result.json"
         if state["step"] >= total_steps and finished.is_file() and (out / "model" / "config.json").is_file():
-            return json.loads(finished.read_text())  # already trained to the end: nothing to redo
+            return read_json(finished, "result of the finished run")  # nothing to redo
     model = build_model(config, seed=cfg.seed).to(world.device)
     input_params = trainable_input_params(model)
     flops_per_token = training_flops_per_token(config, cfg.seq_len)
     model = wrap_model(model, world, cfg.distributed)
     optimizer = build_optimizer(model, cfg, world.device)
-    start = 0
+    start, saved_step, loss_value = 0, None, float("nan")
     if state is not None:
         restore_state(model, optimizer, state)
         set_rng_states(state["rng"])
-        start = state["step"]
+        start = saved_step = state["step"]
+        loss_value = state["loss"]
+        if world.is_main:
+            print(f"resuming {out} from its checkpoint at step {start}")
     forward = torch.compile(model) if cfg.compile else model
     peak, peak_source = (cfg.peak_flops, "given") if cfg.peak_flops else peak_flops(world.device, dtype)
     byte_lengths = token_byte_lengths(tokenizer, config.vocab_size)
-    log = MetricsLog(out, enabled=world.is_main, resume_step=start)
+    log = on_main(world, lambda: MetricsLog(out, enabled=True, resume_step=start)) or MetricsLog(out, enabled=False)
 
     def checkpoint(step: int) -> None:
+        nonlocal saved_step
         model_state, optim_state = gather_state(model, optimizer)
-        if world.is_main:
-            save_checkpoint(out / CHECKPOINT, {
-                "step": step, "model": model_state, "optimizer": optim_state, "rng": rng_states(),
-                "model_config": fingerprint, "tokenizer_hash": tok_hash, "train_config": asdict(cfg),
-            })
-        barrier(world)
+
+        def write() -> None:
+            nonfinite = next((name for name, t in model_state.items() if not torch.isfinite(t).all()), None)
+            if nonfinite is not None:
+                raise diverged(step, f"the weights of {nonfinite} are not finite", out, saved_step)
+            save_checkpoint(out / CHECKPOINT, {"step": step, "loss": loss_value, "model": model_state,
+                                               "optimizer": optim_state, "rng": rng_states(),
+                                               "train_config": asdict(cfg), **run})
+
+        on_main(world, write)
+        saved_step = step
 
     def validate() -> dict:
         return evaluate_shards(forward, val_shards, cfg.seq_len, cfg.eval_tokens, byte_lengths, world.device, autocast)
 
     bar = tqdm(total=total_steps, initial=start, desc=f"train {variant_of(config)}", disable=not (cfg.progress and world.is_main))
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    train_seconds, loss_value = 0.0, float("nan")
+    train_seconds = 0.0
     model.train()
     for step in range(start, total_steps):
         began = time.perf_counter()
+        done = step + 1
         lr = learning_rate(cfg, step, total_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -278,14 +423,15 @@ def _train(cfg: TrainConfig, world) -> dict:
                 # DDP and FSDP average gradients over processes; scale so the result is the global-batch mean.
                 (token_loss * world.size / tokens_per_step).backward()
             loss_sum += token_loss.detach()
+        loss_value = all_reduce_sum(loss_sum, world).item() / tokens_per_step
+        if not math.isfinite(loss_value):  # every rank sees the same reduced loss, so all stop here
+            raise diverged(done, f"the loss is {loss_value}", out, saved_step)
         grad_norm = (
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.zeros(())
         )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = all_reduce_sum(loss_sum, world).item() / tokens_per_step
         train_seconds += time.perf_counter() - began
-        done = step + 1
         tokens_per_s = (done - start) * tokens_per_step / train_seconds
         mfu = tokens_per_s * flops_per_token / (peak * world.size)
         bar.update(1)
@@ -314,38 +460,44 @@ def _train(cfg: TrainConfig, world) -> dict:
     }
     log.log(total_steps, **{f"val_{k}": v for k, v in val.items()})
     log.close()
-    if cfg.save_model:
-        _save_final(model, optimizer, config, cfg, tokenizer, out, world)
-    if world.is_main:
-        (out / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    barrier(world)
+    model_state = gather_state(model, optimizer)[0] if cfg.save_model else None
+
+    def finish() -> None:
+        if model_state is not None:
+            _save_final(model_state, config, cfg, tokenizer, out)
+        write_json(out / "result.json", result)
+
+    on_main(world, finish)
     return result
 
 
-def _save_final(model, optimizer, config, cfg: TrainConfig, tokenizer, out: Path, world) -> None:
+def _save_final(model_state: dict, config, cfg: TrainConfig, tokenizer, out: Path) -> None:
     """The trained model in the Hugging Face form (gathered from the shards under FSDP)."""
-    from .checkpoint import gather_state
     from .hub import save_model
     from .presets import build_model
 
-    model_state, _ = gather_state(model, optimizer)
-    if not world.is_main:
-        return
     final = build_model(config, seed=cfg.seed)
     final.load_state_dict(model_state)
     tokenizer.model_max_length = config.max_position_embeddings
     save_model(final.eval(), out / "model", tokenizer)
 
 
+def _shown(value, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 def train_command(args) -> int:
     from .presets import parse_overrides
 
-    cfg = load_config(args.config, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    if args.force:
+        overrides["force"] = True
+    cfg = load_config(args.config, overrides)
     result = train(cfg)
     if os.environ.get("RANK", "0") == "0":
         print(
-            f"{result['variant']}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}, "
-            f"{result['val_bits_per_byte']:.3f} bits/byte -> {Path(cfg.out) / 'model'}"
+            f"{result['variant']}: val loss {_shown(result['val_loss'], '.4f')}, ppl {_shown(result['val_ppl'], '.2f')}, "
+            f"{_shown(result['val_bits_per_byte'], '.3f')} bits/byte -> {Path(cfg.out) / 'model'}"
         )
     return 0
 
@@ -353,5 +505,6 @@ def train_command(args) -> int:
 def add_cli(subparsers) -> None:
     train_parser = subparsers.add_parser("train", help="train a model on prepared data (CPU, or GPUs via torchrun)")
     train_parser.add_argument("--config", help="YAML training config (see configs/)")
+    train_parser.add_argument("--force", action="store_true", help="the setting force=true: write into a non-empty out directory that is not a train output")
     train_parser.add_argument("overrides", nargs="*", help="settings as key=value; model fields as model.KEY=value")
     train_parser.set_defaults(run=train_command)

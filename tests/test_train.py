@@ -12,8 +12,9 @@ import torch
 from safetensors.torch import load_file
 from training_data import prepared_data, train_overrides  # noqa: F401  (fixture)
 
+from tablefree.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from tablefree.errors import TableFreeError
-from tablefree.train import TrainConfig, batch_rows, learning_rate, load_config, make_config, train
+from tablefree.train import TrainConfig, batch_rows, check_resumable, learning_rate, load_config, make_config, train
 
 REPO = Path(__file__).resolve().parent.parent
 # One thread in every process, so a run and its resumed twin do identical arithmetic.
@@ -100,32 +101,33 @@ def test_refuses_other_tokenizer_and_changed_model(prepared_data, tmp_path, code
 
     run = tmp_path / "run"
     train(make_config(train_overrides(prepared_data, run, max_steps=2)))
-    before = (run / "checkpoint.pt").read_bytes()
+    before = (run / CHECKPOINT).read_bytes()
     with pytest.raises(TableFreeError, match=r"model config changed \(hidden_size: 32 -> 48"):
-        train(make_config(train_overrides(prepared_data, run, max_steps=4, model={"hidden_size": 48, "num_hidden_layers": 1,
+        train(make_config(train_overrides(prepared_data, run, max_steps=2, model={"hidden_size": 48, "num_hidden_layers": 1,
                                                                                     "num_attention_heads": 1, "intermediate_size": 64})))
-    assert (run / "checkpoint.pt").read_bytes() == before
+    assert (run / CHECKPOINT).read_bytes() == before
 
 
 def test_full_disk_keeps_previous_checkpoint(prepared_data, tmp_path, monkeypatch):
     import tablefree.checkpoint as checkpoint
 
     run = tmp_path / "run"
-    train(make_config(train_overrides(prepared_data, run, max_steps=2)))
-    before = (run / "checkpoint.pt").read_bytes()
-    real_save = torch.save
+    values = train_overrides(prepared_data, run, max_steps=4, schedule="wsd", decay_fraction=0.0, checkpoint_every=2)
+    train(make_config({**values, "max_steps": 2}))
+    before = (run / CHECKPOINT).read_bytes()
+    real_save = checkpoint.save_file
 
-    def save_until_disk_full(obj, handle):
-        real_save(obj, handle)  # part of the file reaches the disk ...
+    def save_until_disk_full(tensors, filename, metadata):
+        real_save(tensors, filename, metadata=metadata)  # the file reaches the disk ...
         raise OSError(errno.ENOSPC, "No space left on device")  # ... then the disk is full
 
-    monkeypatch.setattr(checkpoint.torch, "save", save_until_disk_full)
+    monkeypatch.setattr(checkpoint, "save_file", save_until_disk_full)
     with pytest.raises(TableFreeError, match="disk is full; the previous checkpoint .* is intact"):
-        train(make_config(train_overrides(prepared_data, run, max_steps=4)))
+        train(make_config(values))
     monkeypatch.undo()
-    assert (run / "checkpoint.pt").read_bytes() == before
-    assert [p.name for p in run.iterdir() if p.name.startswith(".checkpoint")] == []
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["step"] == 2
+    assert (run / CHECKPOINT).read_bytes() == before
+    assert [p.name for p in run.iterdir() if "tmp" in p.name] == []
+    assert load_checkpoint(run / CHECKPOINT)["step"] == 2
 
 
 def test_sigkill_then_resume_is_bitwise_identical(prepared_data, tmp_path):
@@ -133,7 +135,7 @@ def test_sigkill_then_resume_is_bitwise_identical(prepared_data, tmp_path):
     straight = _cli(values)
     killed_values = {**values, "out": str(tmp_path / "killed")}
     killed = _cli(killed_values)
-    checkpoint = tmp_path / "killed" / "checkpoint.pt"
+    checkpoint = tmp_path / "killed" / CHECKPOINT
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -142,10 +144,11 @@ def test_sigkill_then_resume_is_bitwise_identical(prepared_data, tmp_path):
     killed.wait()
     assert killed.returncode == -signal.SIGKILL, killed.stdout.read()
     assert not (tmp_path / "killed" / "result.json").exists(), "the kill must interrupt the run"
-    step = torch.load(checkpoint, weights_only=False)["step"]
+    step = load_checkpoint(checkpoint)["step"]
     assert 0 < step < 60
     resumed = _cli(killed_values)
     assert resumed.wait() == 0, resumed.stdout.read()
+    assert [p.name for p in (tmp_path / "killed").iterdir() if "tmp" in p.name] == []  # a write cut short is cleaned
     assert straight.wait() == 0, straight.stdout.read()
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "killed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -164,3 +167,295 @@ def test_two_process_torchrun_matches_one_process(prepared_data, tmp_path, strat
     assert _losses(tmp_path / "two") == pytest.approx(_losses(tmp_path / "one"), abs=1e-5, rel=0)
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+
+@pytest.mark.slow
+def test_fsdp_checkpoints_resume_across_strategies(prepared_data, tmp_path):
+    # wsd without decay keeps the learning rate of steps taken when the length grows, so each leg may lengthen the run.
+    values = train_overrides(prepared_data, tmp_path / "straight", max_steps=4, batch_size=4, micro_batch_size=1,
+                             grad_clip=0.5, schedule="wsd", decay_fraction=0.0)
+    straight = _cli(values)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tablefree.cli")
+    legs = [(2, "fsdp", torchrun), (3, "none", (sys.executable, "-m", "tablefree.cli")), (4, "fsdp", torchrun)]
+    for resumed, (steps, strategy, launcher) in zip([None, 2, 3], legs):
+        leg = _cli({**values, "out": str(tmp_path / "legs"), "max_steps": steps, "distributed": strategy}, launcher=launcher)
+        output = leg.communicate()[0]
+        assert leg.returncode == 0, output
+        assert ("from its checkpoint at step" not in output) if resumed is None else (f"at step {resumed}\n" in output)
+    assert straight.wait() == 0, straight.stdout.read()
+    assert _losses(tmp_path / "legs") == pytest.approx(_losses(tmp_path / "straight"), abs=1e-5, rel=0)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "legs")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_checkpoint_round_trips_without_pickle(tmp_path):
+    shared = torch.arange(6, dtype=torch.float32)
+    payload = {
+        "step": 3, "loss": float("nan"), "betas": (0.9, 0.95), "none": None, "text": "\u00e9",
+        "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2, 3, dtype=torch.bfloat16)}},
+                      "param_groups": [{"params": [0], "lr": 1e-3}]},
+        "model": {"embed_in.weight": shared, "embed_out.weight": shared},  # tied weights share storage
+        "rng": {"torch": torch.get_rng_state(), "cuda": [torch.get_rng_state()]},
+    }
+    save_checkpoint(tmp_path / CHECKPOINT, payload)
+    loaded = load_checkpoint(tmp_path / CHECKPOINT)
+    assert loaded["step"] == 3 and loaded["betas"] == (0.9, 0.95) and loaded["none"] is None and loaded["text"] == "\u00e9"
+    assert loaded["loss"] != loaded["loss"]  # NaN survives (in the checkpoint only; result files are strict JSON)
+    state = loaded["optimizer"]["state"]
+    assert list(state) == [0] and state[0]["exp_avg"].dtype == torch.bfloat16 and torch.equal(state[0]["step"], torch.tensor(3.0))
+    assert torch.equal(loaded["model"]["embed_out.weight"], shared) and torch.equal(loaded["rng"]["cuda"][0], torch.get_rng_state())
+    assert (tmp_path / CHECKPOINT).read_bytes()[:8] != b"PK\x03\x04"  # not torch.save's zip of pickles
+
+
+def test_pickle_checkpoint_is_refused_never_unpickled(prepared_data, tmp_path):
+    ran = tmp_path / "code-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (ran,))
+
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"step": 1, "trap": Payload()}, run / "checkpoint.pt")
+    with pytest.raises(TableFreeError, match=r"checkpoint.pt is a checkpoint in the pickle format .* no longer loads"):
+        train(make_config(train_overrides(prepared_data, run, max_steps=2)))
+    assert not ran.exists()
+
+
+def _tensor_offset(path: Path, name: str) -> int:
+    """Where the bytes of tensor `name` start in a safetensors file."""
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    return 8 + size + json.loads(raw[8 : 8 + size])[name]["data_offsets"][0]
+
+
+def _damage(path: Path, how: str) -> None:
+    raw = bytearray(path.read_bytes())
+    if how == "tensor bytes":
+        at = _tensor_offset(path, "model/lm_head.weight") + 4096
+        raw[at : at + 4096] = os.urandom(4096)
+    elif how == "header number":
+        at = raw.index(b"0.003")  # the learning rate recorded in the JSON header
+        raw[at : at + 5] = b"0.004"
+    elif how == "truncated":
+        raw = raw[: len(raw) // 2]
+    else:
+        raw = bytearray(os.urandom(len(raw)))
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how, message", [
+    ("tensor bytes", r"damaged: the bytes of tensor 'model/lm_head.weight' differ from the checksum"),
+    ("header number", r"damaged: its header differs from the checksum"),
+    ("truncated", r"cannot be read"),
+    ("random", r"cannot be read"),
+])
+def test_damaged_checkpoint_is_refused_naming_what(prepared_data, tmp_path, how, message):
+    run = tmp_path / "run"
+    values = train_overrides(prepared_data, run, max_steps=2, save_model=False)
+    train(make_config(values))
+    _damage(run / CHECKPOINT, how)
+    with pytest.raises(TableFreeError, match=rf"the checkpoint .*{CHECKPOINT} .*{message}.*delete .* or train into a new out"):
+        train(make_config(values))
+
+
+def test_resume_refuses_settings_that_change_the_trajectory(prepared_data, tmp_path):
+    run = tmp_path / "run"
+    values = train_overrides(prepared_data, run, max_steps=4, save_model=False)
+    train(make_config(values))
+    before = (run / CHECKPOINT).read_bytes()
+    for key, value in [("seq_len", 16), ("batch_size", 2), ("lr", 1e-2), ("data_seed", 1), ("seed", 1),
+                       ("warmup_steps", 1), ("grad_clip", 0.5), ("weight_decay", 0.0), ("dtype", "bfloat16")]:
+        with pytest.raises(TableFreeError, match=rf"settings that fix the training trajectory changed \({key}: "):
+            train(make_config({**values, key: value}))
+    with pytest.raises(TableFreeError, match=r"length changed from 4 to 6 steps, which changes the cosine learning rate"):
+        train(make_config({**values, "max_steps": 6}))
+    assert (run / CHECKPOINT).read_bytes() == before
+    # Settings that only change how the same computation runs, or what is reported, are accepted.
+    same = {"log_every": 3, "eval_tokens": 256, "checkpoint_every": 1, "micro_batch_size": 2, "progress": False,
+            "tokens": 4 * 4 * 32, "max_steps": None}
+    assert train(make_config({**values, **same}))["steps"] == 4
+
+
+def test_a_new_length_is_accepted_only_when_the_steps_taken_keep_their_learning_rates():
+    def saved(cfg: TrainConfig, step: int, total: int) -> dict:
+        return {"model_config": {}, "train_config": dict(vars(cfg)), "tokenizer_hash": "t", "data": "d",
+                "compute_dtype": "float32", "step": step, "total_steps": total}
+
+    def current(total: int) -> dict:
+        return {"model_config": {}, "tokenizer_hash": "t", "data": "d", "compute_dtype": "float32", "total_steps": total}
+
+    cosine = TrainConfig(warmup_steps=10)
+    check_resumable(saved(cosine, 11, 100), current(200), cosine, Path("c"))  # warmup, and the cosine's first step
+    with pytest.raises(TableFreeError, match="length changed from 100 to 200 steps"):
+        check_resumable(saved(cosine, 12, 100), current(200), cosine, Path("c"))
+    wsd = TrainConfig(warmup_steps=10, schedule="wsd", decay_fraction=0.2)
+    check_resumable(saved(wsd, 81, 100), current(1000), wsd, Path("c"))  # the decay had not begun: lengthened
+    with pytest.raises(TableFreeError, match="length changed from 100 to 1000 steps"):
+        check_resumable(saved(wsd, 82, 100), current(1000), wsd, Path("c"))
+    with pytest.raises(TableFreeError, match="at step 80, past the 50 steps now set"):
+        check_resumable(saved(wsd, 80, 100), current(50), wsd, Path("c"))
+
+
+def test_metrics_resume_drops_a_torn_tail_and_writes_strict_json(tmp_path):
+    from tablefree.metrics import MetricsLog, read_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1, "loss": 2.0}\n{"step": 2, "loss": NaN}\n{"step": 3, "loss": 1.5}\n{"step": 4, "lo')
+    log = MetricsLog(tmp_path, enabled=True, resume_step=2)
+    log.log(3, loss=float("inf"), note="\u00e9")
+    log.close()
+    rows = [_strict_json(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert rows == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": None}, {"step": 3, "loss": None, "note": "\u00e9"}]
+    path.write_bytes(b'{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(TableFreeError, match=r"line 2 of .*metrics.jsonl is damaged .* fix or delete that line"):
+        MetricsLog(tmp_path, enabled=True, resume_step=3)
+    assert path.read_bytes() == b'{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n'  # nothing lost
+    path.write_bytes(b'{"step": 1}\n\xff\xfe')  # a kill mid-character tears the tail too
+    assert read_metrics(path) == [{"step": 1}]
+
+
+def test_a_run_resumed_at_its_end_writes_strict_json_results(prepared_data, tmp_path):
+    run = tmp_path / "run"
+    values = train_overrides(prepared_data, run, max_steps=2)
+    first = train(make_config(values))
+    (run / "result.json").unlink()  # killed during the final validation
+    again = train(make_config(values))
+    written = _strict_json((run / "result.json").read_text())
+    assert written["train_loss"] == first["train_loss"] and again["val_loss"] == pytest.approx(first["val_loss"])
+    assert written["tokens_per_s"] is None  # nothing was trained in the resumed process
+
+
+@pytest.mark.parametrize("kind", ["loss", "weights"])
+def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepared_data, tmp_path, kind):
+    # Real divergences: an enormous decoupled weight decay, or Adam without a second-moment average.
+    extra = {"weight_decay": 1e30} if kind == "loss" else {"beta2": 0.0}
+    run = tmp_path / "run"
+    values = train_overrides(prepared_data, run, max_steps=8, lr=1.0, warmup_steps=0, checkpoint_every=1, **extra)
+    with pytest.raises(TableFreeError, match=r"training diverged: .* at step (\d+); the checkpoint of step (\d+) in .* is kept") as caught:
+        train(make_config(values))
+    message = str(caught.value)
+    assert ("the loss is nan" in message) == (kind == "loss")
+    failed, kept = (int(n) for n in __import__("re").search(r"at step (\d+).* step (\d+)", message).groups())
+    state = load_checkpoint(run / CHECKPOINT)
+    assert kept == failed - 1 == state["step"]
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    assert not (run / "result.json").exists()
+
+
+def test_out_directory_is_claimed_never_taken(prepared_data, tmp_path):
+    precious = tmp_path / "mine"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    values = train_overrides(prepared_data, precious, max_steps=1, save_model=False)
+    with pytest.raises(TableFreeError, match=r"output directory .*mine exists and is not empty .*--force"):
+        train(make_config(values))
+    assert sorted(p.name for p in precious.iterdir()) == ["notes.txt"]
+    train(make_config({**values, "force": True}))
+    assert (precious / "notes.txt").read_text() == "keep me" and (precious / CHECKPOINT).is_file()
+    train(make_config(values))  # now it is a train output: resumable without force
+    for out in (prepared_data, prepared_data / "inside", prepared_data.parent):
+        with pytest.raises(TableFreeError, match=r"the output .* (would be written over or around|lies inside) the input"):
+            train(make_config({**values, "out": str(out), "force": True}))
+
+
+def test_temporaries_of_a_killed_checkpoint_write_are_removed(prepared_data, tmp_path):
+    run = tmp_path / "run"
+    values = train_overrides(prepared_data, run, max_steps=2, save_model=False)
+    train(make_config(values))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = run / f".{CHECKPOINT}.tablefree-tmp-{int(dead.stdout)}-0a1b2c3d"
+    stale.mkdir()
+    (stale / CHECKPOINT).write_bytes(b"half a checkpoint")
+    train(make_config(values))
+    assert not stale.exists() and load_checkpoint(run / CHECKPOINT)["step"] == 2
+
+
+def _main(capsys, *args) -> tuple[int, str]:
+    from tablefree.cli import main
+
+    code = main(["train", *args])
+    return code, capsys.readouterr().err
+
+
+def test_missing_inputs_are_named(prepared_data, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, err = _main(capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "no prepared data at runs/data" in err and "max_steps=N or tokens=N" in err and "configs/" in err
+    code, err = _main(capsys, f"data={tmp_path / 'nodata'}", "max_steps=2")
+    assert code == 2 and f"no prepared data at {tmp_path / 'nodata'}" in err and "tokenizer" not in err
+    code, err = _main(capsys, f"data={prepared_data}")
+    assert code == 2 and "the training length is not set" in err and "prepared data" not in err
+    code, err = _main(capsys, "--force", f"data={prepared_data}", "max_steps=1", "lr=2", "out=x")
+    assert code == 2 and "lr must be a positive number up to 1" in err
+
+
+SETTINGS = [f.name for f in __import__("dataclasses").fields(TrainConfig)]
+MODEL_KEYS = ["hidden_size", "num_attention_heads", "num_hidden_layers", "intermediate_size", "code_scale",
+              "code_layout", "code_values", "max_position_embeddings", "vocab_size", "affine_seed"]
+JUNK = [
+    "abc", "", "\ud800", "a\x00b", "null", "true", "[1, 2]", "{a: 1}", "-1", "0", "3", "65", "1e400", "-1e-400", ".nan",
+    ".inf", "-.inf", "1e-50", "1.5", str(2**64), str(-(2**63)), "0x10", "'\udcff'", "~", "2024-01-01",
+]
+
+
+def _fuzz_values():
+    from hypothesis import strategies as st
+
+    return st.one_of(st.sampled_from(JUNK), st.text(max_size=12), st.integers(-(2**70), 2**70).map(str),
+                     st.floats(allow_nan=True, allow_infinity=True).map(repr))
+
+
+def _assert_no_traceback(code: int, err: str) -> None:
+    assert code in (0, 2), err
+    if code == 2:
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+
+
+def test_fuzzed_settings_never_give_a_traceback(tmp_path_factory, capsys):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    nodata = tmp_path_factory.mktemp("fuzz") / "nodata"
+    keys = st.one_of(st.sampled_from(SETTINGS), st.sampled_from([f"model.{k}" for k in MODEL_KEYS]),
+                     st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.", min_size=1, max_size=10))
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.dictionaries(keys, _fuzz_values(), max_size=4))
+    def run(overrides):
+        args = ["preset=tiny-affine", "max_steps=1", f"data={nodata}", *(f"{k}={v}" for k, v in overrides.items())]
+        _assert_no_traceback(*_main(capsys, *args))
+
+    run()
+
+
+@pytest.mark.slow
+def test_fuzzed_settings_of_real_runs_never_give_a_traceback(prepared_data, tmp_path_factory, capsys):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    # Settings that keep a run cheap whatever their value (sizes and lengths stay fixed).
+    light = ["lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay", "beta1", "beta2",
+             "grad_clip", "seed", "data_seed", "log_every", "eval_every", "checkpoint_every", "dtype", "device",
+             "distributed", "micro_batch_size", "peak_flops", "variant", "force", "model.code_scale",
+             "model.code_layout", "model.code_values", "model.affine_seed"]
+    base = {k: v for k, v in train_overrides(prepared_data, Path("unused"), max_steps=2, batch_size=2, seq_len=16,
+                                              eval_tokens=64, save_model=False).items() if k != "out"}
+
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.dictionaries(st.sampled_from(light), _fuzz_values(), max_size=3))
+    def run(overrides):
+        out = tmp_path_factory.mktemp("run")
+        args = [*_args(base), f"out={out}", *(f"{k}={v}" for k, v in overrides.items())]
+        _assert_no_traceback(*_main(capsys, *args))
+
+    run()
