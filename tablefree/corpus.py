@@ -1,17 +1,59 @@
-"""The embedded default corpus: documentation text that ships with every Python interpreter.
+"""The corpora documents come from: the embedded default, and local .txt/.jsonl/.parquet files.
 
+The embedded corpus is documentation text that ships with every Python interpreter:
 `pydoc_data.topics` (the text behind `help()`) plus the docstrings of the standard library's
 modules, read from source with `ast` (nothing is imported). Deterministic: sorted, same order on
 every machine with the same Python version, so everything runs offline on a fresh install.
+
+Local files are read as a stream (docs/safety.md): memory grows with the longest document, never
+with the file. Bad input is an error naming the file and the line, byte or row, unless an option
+says to replace undecodable text (`bad_text="replace"`) or to skip malformed records
+(`bad_records="skip"`); what was replaced or skipped is counted in `ReadCounts`.
 """
 
 from __future__ import annotations
 
 import ast
+import json
 import os
+import re
 import sysconfig
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import TableFreeError
+
+TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+BAD_TEXT = ("error", "replace")
+BAD_RECORDS = ("error", "skip")
+# A document longer than this reaches the tokenizer in pieces, so its encoding never holds it whole.
+PIECE_CHARS = 1 << 18
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NON_SPACE = re.compile(r"\S")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """What to do with input that is not clean text: stop with an error (the default), or replace/skip it."""
+
+    bad_text: str = "error"  # undecodable bytes and lone surrogates: "error", or "replace" each with U+FFFD
+    bad_records: str = "error"  # malformed JSON lines and records without a string text field: "error" or "skip"
+
+    def __post_init__(self):
+        if self.bad_text not in BAD_TEXT:
+            raise TableFreeError(f"bad_text {self.bad_text!r} is not one of {', '.join(BAD_TEXT)}")
+        if self.bad_records not in BAD_RECORDS:
+            raise TableFreeError(f"bad_records {self.bad_records!r} is not one of {', '.join(BAD_RECORDS)}")
+
+
+@dataclass
+class ReadCounts:
+    """What reading replaced or left out (prepared data records it in its manifest)."""
+
+    replaced_characters: int = 0  # undecodable bytes and lone surrogates written as U+FFFD
+    skipped_records: int = 0  # malformed records left out
+    empty_documents: int = 0  # empty or whitespace-only documents left out
 
 
 def embedded_documents(max_docstring_files: int | None = None) -> Iterator[str]:
@@ -56,38 +98,218 @@ def file_docstrings(path: Path) -> list[str]:
     return docs
 
 
-TEXT_SUFFIXES = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-
-
-def read_local_file(path: Path, text_field: str = "text") -> Iterator[str]:
-    """Documents of a local .txt (one per blank-line-separated paragraph), .jsonl or .parquet file, via `datasets`."""
-    from datasets import load_dataset
-
-    from .errors import TableFreeError
-
-    builder = TEXT_SUFFIXES.get(path.suffix.lower())
-    if builder is None:
+def read_local_file(path: Path, text_field: str = "text", options: ReadOptions = ReadOptions(),
+                    counts: ReadCounts | None = None) -> Iterator[str]:
+    """Documents of a local file: a .txt (one per paragraph: blank lines separate them), .jsonl/.json (one
+    JSON object per line, its `text_field` the document) or .parquet (the `text_field` column)."""
+    path = Path(path)
+    counts = ReadCounts() if counts is None else counts
+    kind = TEXT_SUFFIXES.get(path.suffix.lower())
+    if kind is None:
         raise TableFreeError(f"cannot read {path}: expected one of {', '.join(sorted(TEXT_SUFFIXES))}")
-    if not path.is_file():
+    if not path.exists():
         raise TableFreeError(f"no such file: {path}")
-    if path.stat().st_size == 0:  # datasets fails on a 0-byte file with an unrelated StopIteration
+    if not path.is_file():
+        raise TableFreeError(f"cannot read {path}: it is not a regular file")
+    if path.stat().st_size == 0:
         raise TableFreeError(f"the corpus is empty: {path} has no bytes")
-    kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
-    dataset = load_dataset(builder, data_files=str(path), split="train", streaming=True, **kwargs)
-    for row in dataset:
-        if text_field not in row:
-            raise TableFreeError(f"{path} has no {text_field!r} field; its fields are {', '.join(row)}")
-        if row[text_field]:
-            yield row[text_field]
+    if kind == "text":
+        documents = _paragraphs(path, options, counts)
+    elif kind == "json":
+        documents = _json_lines(path, text_field, options, counts)
+    else:
+        documents = _parquet_column(path, text_field, options, counts)
+    for text in documents:
+        if has_text(text):
+            yield text
+        else:
+            counts.empty_documents += 1
 
 
-def read_corpus(sources: list[str], limit_chars: int | None = None) -> Iterator[str]:
-    """Documents from each source in turn: `embedded` or a local file path; stops after `limit_chars`."""
+def has_text(text: str) -> bool:
+    """Whether a document holds anything but whitespace (others are left out as empty)."""
+    return _NON_SPACE.search(text) is not None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
+    """(line number, byte offset, bytes without the line ending) of each line of a file."""
+    offset = 0
+    try:
+        with open(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                offset, start = offset + len(raw), offset
+                if raw.endswith(b"\n"):
+                    raw = raw[:-2] if raw.endswith(b"\r\n") else raw[:-1]
+                yield number, start, raw
+    except OSError as exc:
+        raise TableFreeError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def decode(raw: bytes, where: str, offset: int, options: ReadOptions, counts: ReadCounts) -> str:
+    """UTF-8 bytes as text; an undecodable byte is an error naming its offset, or (replace) U+FFFD."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if options.bad_text == "error":
+            raise TableFreeError(
+                f"{where}: invalid UTF-8 at byte {offset + exc.start:,} (this is not UTF-8 text); convert it "
+                f"(for example `iconv -f latin1 -t utf-8`), or pass --bad-text replace to write U+FFFD for each "
+                f"undecodable byte (they are counted)"
+            ) from None
+    return clean_text(raw.decode("utf-8", "surrogateescape"), where, options, counts)
+
+
+def clean_text(text: str, where: str, options: ReadOptions, counts: ReadCounts) -> str:
+    """`text` without lone surrogates (which no tokenizer or UTF-8 file can hold): an error, or U+FFFD each."""
+    found = _SURROGATE.search(text)
+    if found is None:
+        return text
+    if options.bad_text == "error":
+        raise TableFreeError(
+            f"{where}: the text holds a lone surrogate (U+{ord(found.group()):04X} at character {found.start():,}), "
+            f"which is not valid Unicode; fix it, or pass --bad-text replace to write U+FFFD instead (they are counted)"
+        )
+    text, replaced = _SURROGATE.subn("\ufffd", text)
+    counts.replaced_characters += replaced
+    return text
+
+
+def bad_record(problem: str, options: ReadOptions, counts: ReadCounts) -> None:
+    """A record that holds no document: an error, or (skip) counted and left out."""
+    if options.bad_records == "error":
+        raise TableFreeError(f"{problem}; fix it, or pass --bad-records skip to leave such records out (they are counted)")
+    counts.skipped_records += 1
+
+
+def record_text(record, text_field: str, where: str, options: ReadOptions, counts: ReadCounts) -> str | None:
+    """The document of one JSON/dataset record, None when the record is skipped; null counts as empty."""
+    if not isinstance(record, dict):
+        bad_record(f"{where}: a {type(record).__name__}, not an object with a {text_field!r} field", options, counts)
+        return None
+    if text_field not in record:
+        fields = ", ".join(map(str, record)) or "none"
+        bad_record(f"{where}: no {text_field!r} field (its fields: {fields}); choose one with --text-field", options, counts)
+        return None
+    value = record[text_field]
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        bad_record(f"{where}: the {text_field!r} field is a {type(value).__name__}, not a string", options, counts)
+        return None
+    return clean_text(value, where, options, counts)
+
+
+def _paragraphs(path: Path, options: ReadOptions, counts: ReadCounts) -> Iterator[str]:
+    """Paragraphs of a UTF-8 text file, read line by line; lines end with \\n or \\r\\n, kept as \\n."""
+    lines: list[str] = []
+    for number, offset, raw in _lines(path):
+        if raw.strip(b" \t\r\f\v"):
+            lines.append(decode(raw, f"{path} line {number:,}", offset, options, counts))
+        elif lines:
+            yield "\n".join(lines)
+            lines = []
+    if lines:
+        yield "\n".join(lines)
+
+
+def _json_lines(path: Path, text_field: str, options: ReadOptions, counts: ReadCounts) -> Iterator[str]:
+    """The `text_field` of each JSON object, one per line; blank lines are ignored."""
+    for number, offset, raw in _lines(path):
+        if not raw.strip():
+            continue
+        where = f"{path} line {number:,}"
+        line = decode(raw, where, offset, options, counts)
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser allows
+            bad_record(f"{where}: not valid JSON ({exc}); each line must be one JSON object", options, counts)
+            continue
+        text = record_text(record, text_field, where, options, counts)
+        if text is not None:
+            yield text
+
+
+def _parquet_column(path: Path, text_field: str, options: ReadOptions, counts: ReadCounts) -> Iterator[str]:
+    """The `text_field` column of a Parquet file, a batch of rows at a time; nulls count as empty."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise TableFreeError(f"cannot read {path} as Parquet ({exc}); is it a complete .parquet file?") from None
+    schema = parquet.schema_arrow
+    if text_field not in schema.names:
+        raise TableFreeError(f"{path} has no {text_field!r} column (its columns: {', '.join(schema.names)}); choose one with --text-field")
+    column_type = schema.field(text_field).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise TableFreeError(f"the {text_field!r} column of {path} holds {column_type}, not strings")
+    row = 0
+    try:
+        for batch in parquet.iter_batches(batch_size=256, columns=[text_field]):
+            # As bytes, so text that is not UTF-8 is found (and named by row) here rather than deep in Arrow.
+            for value in batch.column(0).cast(pa.large_binary()).to_pylist():
+                row += 1
+                yield "" if value is None else decode(value, f"{path} row {row:,}", 0, options, counts)
+    except (pa.ArrowException, OSError) as exc:
+        raise TableFreeError(f"{path} is damaged after row {row:,} ({exc}); restore or re-export it") from None
+
+
+def pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `size` characters, each cut just before a whitespace
+    character that stands between two others, where tokenizers that split words at whitespace (GPT-2's,
+    the code-point tokenizer's) cut as well, so the pieces encode to the same ids as the whole."""
+    start = 0
+    while len(text) - start > size:
+        end = start + size
+        cut = max(_last_cut(text, start + size // 2, end, space) for space in " \n\t")
+        cut = cut if cut > start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
+def _last_cut(text: str, low: int, high: int, space: str) -> int:
+    """The last position in [low, high) holding `space` between two non-whitespace characters, or -1."""
+    at = text.rfind(space, low, high)
+    while at > low and (text[at - 1].isspace() or text[at + 1].isspace()):
+        at = text.rfind(space, low, at)
+    return at if at > low else -1
+
+
+def leading_text(documents: Iterable[str], limit_chars: int | None) -> Iterator[str]:
+    """The first `limit_chars` characters of `documents` (all of them for None), in pieces."""
     total = 0
-    for source in sources:
-        documents = embedded_documents() if source == "embedded" else read_local_file(Path(source))
-        for doc in documents:
-            yield doc
-            total += len(doc)
+    for doc in documents:
+        for piece in pieces(doc):
+            if limit_chars is not None:
+                piece = piece[: limit_chars - total]
+            yield piece
+            total += len(piece)
             if limit_chars is not None and total >= limit_chars:
                 return
+
+
+def read_corpus(sources: list[str], limit_chars: int | None = None, text_field: str = "text",
+                options: ReadOptions = ReadOptions(), counts: ReadCounts | None = None) -> Iterator[str]:
+    """Text from each source in turn (`embedded` or a local file), in pieces, stopping after `limit_chars`."""
+
+    def documents():
+        for source in sources:
+            if source == "embedded":
+                yield from embedded_documents()
+            else:
+                yield from read_local_file(Path(source), text_field=text_field, options=options, counts=counts)
+
+    return leading_text(documents(), limit_chars)
+
+
+def add_reading_options(parser) -> None:
+    """The options of every command that reads local text files, defined once."""
+    parser.add_argument("--text-field", default="text", help="the field (.jsonl) or column (.parquet) that holds the text")
+    parser.add_argument("--bad-text", choices=BAD_TEXT, default="error",
+                        help="undecodable bytes and lone surrogates: stop with an error that names them (default), "
+                             "or replace each with U+FFFD and count them")
+    parser.add_argument("--bad-records", choices=BAD_RECORDS, default="error",
+                        help="malformed JSON lines and records without a string text field: stop with an error that "
+                             "names them (default), or skip and count them")

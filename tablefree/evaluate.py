@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .corpus import ReadOptions
 from .errors import TableFreeError
 
 
@@ -67,32 +68,46 @@ def evaluate_shards(model, shards, seq_len: int, max_tokens: int | None, byte_le
     return evaluate_windows(model, shards.sequential(seq_len, max_tokens), byte_lengths, device, autocast)
 
 
-def text_windows(path: Path, tokenizer, seq_len: int, max_tokens: int | None):
-    """Windows over a local text file's documents, tokenised with the model's tokenizer, </s> between them."""
-    from .corpus import read_local_file
-    from .tokenizer import EOS_ID
+def text_windows(path: Path, tokenizer, seq_len: int, max_tokens: int | None, text_field: str = "text",
+                 options: ReadOptions = ReadOptions()):
+    """Windows over a local text file's documents, tokenised with the model's tokenizer, its end-of-text id between them."""
+    from .corpus import pieces, read_local_file
+    from .tokenizer import end_of_text_id
 
+    separator = end_of_text_id(tokenizer, "of the model")
     ids: list[int] = []
-    for doc in read_local_file(path):
-        ids.extend(tokenizer.encode(doc, add_special_tokens=False))
-        ids.append(EOS_ID)
+    documents = 0
+    for doc in read_local_file(path, text_field=text_field, options=options):
+        documents += 1
+        for piece in pieces(doc):
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
+        ids.append(separator)
         if max_tokens is not None and len(ids) > max_tokens:
             break
-    ids = ids[: (max_tokens + 1) if max_tokens else None]
-    array = np.asarray(ids, dtype=np.int64)
+    if documents == 0:
+        raise TableFreeError(f"{path} holds no text to evaluate: it is empty or only whitespace")
+    if len(ids) == documents:
+        raise TableFreeError(f"the model's tokenizer turns the text of {path} into no tokens at all")
+    array = np.asarray(ids[: None if max_tokens is None else max_tokens + 1], dtype=np.int64)
     for start in range(0, max(0, array.size - 1), seq_len):
         yield array[start : start + seq_len + 1]
 
 
-def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_tokens: int | None = 262144) -> dict:
+def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_tokens: int | None = 262144,
+                   text_field: str = "text", options: ReadOptions = ReadOptions(), eos_token: str | None = None) -> dict:
     """Evaluate a saved model on the val split of a prepared directory, or on a local text file."""
     from .data import TokenShards
     from .hub import load_model
-    from .tokenizer import tokenizer_hash
+    from .tokenizer import set_end_of_text, tokenizer_hash
 
+    for name, value in (("seq_len", seq_len), ("max_tokens", max_tokens)):
+        if value is not None and value < 1:
+            raise TableFreeError(f"{name} must be a positive number, got {value}")
     model, tokenizer = load_model(model_path)
     if tokenizer is None:
         raise TableFreeError(f"{model_path} has no tokenizer; bits per byte need the tokenizer the model was trained with")
+    if eos_token is not None:
+        set_end_of_text(tokenizer, eos_token)
     seq_len = seq_len or model.config.max_position_embeddings
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     path = Path(data)
@@ -100,23 +115,29 @@ def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_t
         shards = TokenShards(path, "val", expected_tokenizer_hash=tokenizer_hash(tokenizer))
         windows = shards.sequential(seq_len, max_tokens)
     elif path.is_file():
-        windows = text_windows(path, tokenizer, seq_len, max_tokens)
+        windows = text_windows(path, tokenizer, seq_len, max_tokens, text_field, options)
     else:
         raise TableFreeError(f"no data at {data}: give a prepared directory or a .txt/.jsonl/.parquet file")
     return evaluate_windows(model, windows, byte_lengths, torch.device("cpu"))
 
 
 def eval_command(args) -> int:
-    result = evaluate_model(args.model, args.data, args.seq_len, args.max_tokens)
+    options = ReadOptions(bad_text=args.bad_text, bad_records=args.bad_records)
+    result = evaluate_model(args.model, args.data, args.seq_len, args.max_tokens, args.text_field, options, args.eos_token)
     print(f"{args.model}: val loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
     return 0
 
 
 def add_cli(subparsers) -> None:
+    from .corpus import add_reading_options
+
     ev = subparsers.add_parser("eval", help="validation loss, perplexity and bits per byte of a saved model")
     ev.add_argument("model", help="model directory or cached hub id")
     ev.add_argument("--data", required=True, help="a prepared data directory (its val split) or a .txt/.jsonl/.parquet file")
     ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
     ev.add_argument("--max-tokens", type=int, default=262144)
+    ev.add_argument("--eos-token", default=None,
+                    help="the token between a file's documents (default: the tokenizer's own eos_token)")
+    add_reading_options(ev)
     ev.set_defaults(run=eval_command)

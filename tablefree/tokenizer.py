@@ -18,11 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from .corpus import ReadOptions
 from .errors import TableFreeError
 
 VOCAB_SIZE = 1 << 16
@@ -36,14 +38,19 @@ SPECIAL_TOKENS = [
 SPECIAL_END = 0xE100
 NGRAM_SLOTS = list(range(0xD800, 0xE000)) + list(range(0xE100, 0xF900))
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0xE000, 0xE001, 0xE002, 0xE003
+# What save_pretrained writes into a tokenizer directory.
+TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 SPLIT_PATTERN = r" ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _NO_SLOT = re.compile("[\ue000-\uf8ff\U00010000-\U0010ffff]")
 # Chat turns in the layout's own role tokens; the reply ends at [EOT].
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% if message['role'] in ('system', 'developer') %}{{ message['content'] }}\n"
     "{% elif message['role'] == 'user' %}[USER]{{ message['content'] }}[EOT]"
-    "{% else %}[ASSISTANT]{{ message['content'] }}[EOT]{% endif %}"
+    "{% elif message['role'] == 'assistant' %}[ASSISTANT]{{ message['content'] }}[EOT]"
+    "{% elif message['role'] in ('tool', 'function') %}<tool_response>{{ message['content'] }}</tool_response>"
+    "{% else %}{{ raise_exception('unknown chat role ' ~ message['role'] ~ '; use system, developer, user, assistant or tool') }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}[ASSISTANT]{% endif %}"
 )
@@ -120,14 +127,31 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
-    if path.is_file() and path.suffix == ".json":
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
-    if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
+    if not path.is_file() and not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise TableFreeError(f"no tokenizer at {path}: expected a directory with tokenizer.json, or a tokenizer.json file")
     try:
+        if path.is_file():
+            return PreTrainedTokenizerFast(tokenizer_file=str(path))
         return AutoTokenizer.from_pretrained(str(path))
-    except (OSError, ValueError, json.JSONDecodeError, Exception) as exc:  # tokenizers raises its own types
-        raise TableFreeError(f"could not load the tokenizer at {path}: {exc}") from None
+    except Exception as exc:  # tokenizers and transformers raise many types for a damaged file; all mean "cannot load"
+        raise TableFreeError(f"could not load the tokenizer at {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def end_of_text_id(tokenizer, where: str) -> int:
+    """The id that separates documents in prepared data and evaluation: the tokenizer's own end-of-text token."""
+    if tokenizer.eos_token_id is None:
+        raise TableFreeError(
+            f"the tokenizer {where} has no end-of-text token (eos_token) to separate documents with; name one of its "
+            f"tokens with --eos-token (for example </s> or <|endoftext|>), or set eos_token in its tokenizer_config.json"
+        )
+    return tokenizer.eos_token_id
+
+
+def set_end_of_text(tokenizer, token: str) -> None:
+    """Make `token`, which must already be in the vocabulary, the tokenizer's end-of-text token."""
+    if token not in tokenizer.get_vocab():
+        raise TableFreeError(f"--eos-token {token!r} is not a token of the tokenizer; give one of its special tokens")
+    tokenizer.eos_token = token
 
 
 def tokenizer_hash(tokenizer) -> str:
@@ -144,41 +168,64 @@ def unknown_characters(text: str) -> dict[str, int]:
     return counts
 
 
-def build_command(corpus: list[str], out: str, limit_chars: int | None = None) -> Path:
-    """`tablefree tokenizer build`: learn the n-gram slots from a corpus and save the tokenizer."""
-    from .corpus import read_corpus
+def build_command(corpus: list[str], out: str | Path, limit_chars: int | None = None, force: bool = False,
+                  text_field: str = "text", options: ReadOptions = ReadOptions()) -> Path:
+    """`tablefree tokenizer build`: learn the n-gram slots from a corpus and save the tokenizer directory."""
+    from . import files
+    from .corpus import ReadCounts, read_corpus
 
-    counts = {"documents": 0, "characters": 0, "unknown": 0}
+    out = Path(out)
+    if limit_chars is not None and limit_chars <= 0:
+        raise TableFreeError(f"--limit-chars must be positive, got {limit_chars}")
+    files.claim_output_dir(out, "tokenizer", resumable=False, force=force, writes=TOKENIZER_FILES,
+                           inputs=[Path(c) for c in corpus if c != "embedded"])
+    counts = {"characters": 0, "unknown": 0}
+    read = ReadCounts()
 
     def counted():
-        for text in read_corpus(corpus, limit_chars=limit_chars):
-            counts["documents"] += 1
+        for text in read_corpus(corpus, limit_chars=limit_chars, text_field=text_field, options=options, counts=read):
             counts["characters"] += len(text)
             counts["unknown"] += len(_NO_SLOT.findall(text))
             yield text
 
     fast = as_transformers(build_tokenizer(counted()))
-    out_path = Path(out)
-    out_path.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_path))
+    staging = files.new_temporary_dir(out)
+    try:
+        fast.save_pretrained(str(staging))
+        files.install_directory(staging, out, "tokenizer")
+    except OSError as exc:
+        raise TableFreeError(f"could not write the tokenizer to {out}: {exc.strerror or exc}") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    left_out = [f"{n:,} {what}" for n, what in ((read.replaced_characters, "characters replaced by U+FFFD"),
+                                               (read.skipped_records, "records skipped")) if n]
     print(
-        f"read {counts['documents']:,} documents, {counts['characters']:,} characters; "
-        f"{counts['unknown']:,} without a slot (they encode as <unk>)"
+        f"read {counts['characters']:,} characters; {counts['unknown']:,} without a slot (they encode as <unk>)"
+        + (f"; {', '.join(left_out)}" if left_out else "")
     )
-    return out_path
+    return out
 
 
 def build_cli(args) -> int:
-    out = build_command(args.corpus, args.out, limit_chars=args.limit_chars)
+    options = ReadOptions(bad_text=args.bad_text, bad_records=args.bad_records)
+    out = build_command(args.corpus, args.out, limit_chars=args.limit_chars, force=args.force,
+                        text_field=args.text_field, options=options)
     print(f"code-point tokenizer (V = {VOCAB_SIZE:,}) -> {out}")
     return 0
 
 
 def add_cli(subparsers) -> None:
+    from .corpus import add_reading_options
+
     tokenizer = subparsers.add_parser("tokenizer", help="build the code-point tokenizer")
     verbs = tokenizer.add_subparsers(dest="tokenizer_command", metavar="VERB", required=True)
     build = verbs.add_parser("build", help="fill the n-gram slots from a corpus and save tokenizer.json")
     build.add_argument("--corpus", nargs="+", default=["embedded"], help="'embedded' (default) or .txt/.jsonl/.parquet files")
     build.add_argument("--out", required=True, help="output directory")
     build.add_argument("--limit-chars", type=int, default=None, help="read at most this many characters")
+    build.add_argument("--force", action="store_true",
+                       help="write into an existing non-empty --out (files tablefree did not write are never touched)")
+    add_reading_options(build)
     build.set_defaults(run=build_cli)
+

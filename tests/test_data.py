@@ -1,20 +1,45 @@
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
-from training_data import prepared_data, topic_documents, write_jsonl  # noqa: F401  (fixture)
+from training_data import (  # noqa: F401  (fixture)
+    TINY_MODEL,
+    prepared_data,
+    topic_documents,
+    train_overrides,
+    word_documents,
+    word_tokenizer,
+    write_jsonl,
+)
 
-from tablefree.data import PrepareSettings, Source, TokenShards, is_validation, parse_source, prepare
+from tablefree import files
+from tablefree.corpus import PIECE_CHARS, pieces
+from tablefree.data import (
+    BATCH_CHARS,
+    PrepareSettings,
+    Source,
+    TokenShards,
+    encode_documents,
+    piece_groups,
+    is_validation,
+    parse_source,
+    prepare,
+)
 from tablefree.errors import TableFreeError
 from tablefree.tokenizer import EOS_ID
 
 
 def _parquet(path, texts):
-    from datasets import Dataset
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    Dataset.from_dict({"text": texts}).to_parquet(str(path))
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=16)
     return path
 
 
@@ -27,6 +52,23 @@ def _decode_split(out, tokenizer, split):
         start = end + 1
     assert start == ids.size, "every split ends with </s>"
     return docs
+
+
+def _split_ids(out, split):
+    return np.concatenate([np.asarray(a) for a in TokenShards(out, split).arrays])
+
+
+def _prepare_cli(capsys, *args):
+    """`tablefree data prepare ARGS --quiet`: (exit code, stderr); a user error is one line, never a traceback."""
+    from tablefree.cli import main
+
+    capsys.readouterr()
+    code = main(["data", "prepare", *map(str, args), "--quiet"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    if code:
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    return code, err
 
 
 def test_jsonl_and_parquet_mixture_roundtrip(tmp_path, code_point_tokenizer):
@@ -46,6 +88,7 @@ def test_jsonl_and_parquet_mixture_roundtrip(tmp_path, code_point_tokenizer):
     assert len(manifest["sources"]) == 2 and manifest["sources"][1]["documents"] == len(texts) - 60
     assert manifest["train_tokens"] + manifest["val_tokens"] == sum(s["tokens"] for s in manifest["shards"])
     assert len([s for s in manifest["shards"] if s["split"] == "train"]) > 1
+    assert (manifest["dtype"], manifest["separator_id"], manifest["separator_token"]) == ("uint16", EOS_ID, "</s>")
     for shard in manifest["shards"]:
         assert (tmp_path / "out" / shard["file"]).stat().st_size == 2 * shard["tokens"]
 
@@ -67,9 +110,7 @@ def test_deterministic_and_resumable(tmp_path, code_point_tokenizer, monkeypatch
     settings = PrepareSettings(sources=[Source(str(corpus))], val_fraction=0.1, shard_tokens=3000)
     reference = prepare(settings, tmp_path / "ref", code_point_tokenizer, progress=False)
 
-    import tablefree.data as data
-
-    real_write, writes = data._write_atomic, []
+    real_write, writes = files.write_atomic, []
 
     def write_then_crash(path, payload):
         if path.suffix == ".bin" and len(writes) == 4:
@@ -77,15 +118,15 @@ def test_deterministic_and_resumable(tmp_path, code_point_tokenizer, monkeypatch
         writes.append(path.name)
         real_write(path, payload)
 
-    monkeypatch.setattr(data, "_write_atomic", write_then_crash)
+    monkeypatch.setattr(files, "write_atomic", write_then_crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(settings, tmp_path / "resumed", code_point_tokenizer, progress=False)
     assert (tmp_path / "resumed" / "progress.json").exists() and not (tmp_path / "resumed" / "manifest.json").exists()
     with pytest.raises(TableFreeError, match="interrupted"):
         TokenShards(tmp_path / "resumed", "train")
-    monkeypatch.setattr(data, "_write_atomic", real_write)
+    monkeypatch.setattr(files, "write_atomic", real_write)
     resumed = prepare(settings, tmp_path / "resumed", code_point_tokenizer, progress=False)
-    assert resumed["shards"] == reference["shards"]
+    assert resumed == reference  # counts, shards and everything the manifest records
     for shard in reference["shards"]:
         assert (tmp_path / "ref" / shard["file"]).read_bytes() == (tmp_path / "resumed" / shard["file"]).read_bytes()
 
@@ -93,28 +134,369 @@ def test_deterministic_and_resumable(tmp_path, code_point_tokenizer, monkeypatch
 def test_clear_errors(tmp_path, code_point_tokenizer):
     with pytest.raises(TableFreeError, match="no such file"):
         prepare(PrepareSettings(sources=[Source(str(tmp_path / "missing.jsonl"))]), tmp_path / "o1", code_point_tokenizer, progress=False)
-    empty = write_jsonl(tmp_path / "empty.jsonl", ["", ""])
-    with pytest.raises(TableFreeError, match="empty"):
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  \n "])
+    with pytest.raises(TableFreeError, match=r"the corpus is empty.*2 empty documents"):
         prepare(PrepareSettings(sources=[Source(str(empty))]), tmp_path / "o2", code_point_tokenizer, progress=False)
     with pytest.raises(TableFreeError, match="budget"):
         prepare(PrepareSettings(sources=[parse_source("a.jsonl@2"), parse_source("b.jsonl@1")]), tmp_path / "o3", code_point_tokenizer)
     with pytest.raises(TableFreeError, match="weight"):
         parse_source("a.jsonl@heavy")
-    assert os.environ["HF_DATASETS_OFFLINE"] == "1"
-    with pytest.raises(TableFreeError, match="cannot read dataset 'no-such-owner/no-such-dataset'"):
-        prepare(PrepareSettings(sources=[Source("hf:no-such-owner/no-such-dataset:default")]), tmp_path / "o4", code_point_tokenizer, progress=False)
 
 
-def test_cli_prepare_and_existing_output(tmp_path, prepared_data):
-    from tablefree.cli import main
+@pytest.mark.parametrize("weight", ["inf", "-inf", "nan", "1e309", "-1", "0"])
+def test_weights_must_be_positive_and_finite(weight):
+    with pytest.raises(TableFreeError, match=rf"source 'notes.jsonl@{weight}': the weight must be a positive finite number"):
+        parse_source(f"notes.jsonl@{weight}")
 
-    corpus = write_jsonl(tmp_path / "c.jsonl", topic_documents(40))
+
+def test_undecodable_text_names_the_byte_or_is_replaced_and_counted(tmp_path, prepared_data, capsys):
     tok = prepared_data / "tokenizer"
-    args = ["data", "prepare", "--source", str(corpus), "--tokenizer", str(tok), "--out", str(tmp_path / "d"), "--quiet", "--val-fraction", "0.2"]
-    assert main(args) == 0
+    good = "\n\n".join(topic_documents(30)) + "\n\n"
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes(good.encode() + "Café au lait, naïve.\n".encode("latin-1"))
+    line = good.count("\n") + 1
+    offset = len(good.encode()) + 3
+    code, err = _prepare_cli(capsys, "--source", latin1, "--tokenizer", tok, "--out", tmp_path / "d")
+    assert code == 2 and f"{latin1} line {line:,}: invalid UTF-8 at byte {offset:,}" in err and "--bad-text replace" in err
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(256)) * 64)
+    code, err = _prepare_cli(capsys, "--source", binary, "--tokenizer", tok, "--out", tmp_path / "b")
+    assert code == 2 and "invalid UTF-8 at byte 128" in err
+
+    # The corrected command, into the same --out as the failed one.
+    code, _ = _prepare_cli(capsys, "--source", latin1, "--tokenizer", tok, "--out", tmp_path / "d", "--bad-text", "replace",
+                           "--val-fraction", "0.2")
+    assert code == 0
     manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert main(args) == 0  # prepared already: a no-op with the same settings
+    assert manifest["replaced_characters"] == 2 and manifest["sources"][0]["replaced_characters"] == 2
+    assert manifest["settings"]["bad_text"] == "replace"
+
+
+def test_malformed_records_name_the_line_or_are_skipped_and_counted(tmp_path, prepared_data, capsys):
+    tok = prepared_data / "tokenizer"
+    texts = topic_documents(40)
+    lines = [json.dumps({"text": t}) for t in texts]
+    bad = {5: '{"text": "unterminated', 9: '{"text": 42}', 12: '{"body": "no text field"}', 15: "[1, 2]",
+           18: "[" * 100_000, 21: '{"text": "lone \\ud800 surrogate"}', 24: '{"text": null}'}
+    for number, line in bad.items():
+        lines.insert(number - 1, line)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("\n".join(lines) + "\n\n")
+    code, err = _prepare_cli(capsys, "--source", corpus, "--tokenizer", tok, "--out", tmp_path / "d")
+    assert code == 2 and f"{corpus} line 5: not valid JSON" in err and "--bad-records skip" in err
+    code, err = _prepare_cli(capsys, "--source", corpus, "--tokenizer", tok, "--out", tmp_path / "d", "--bad-records", "skip")
+    assert code == 2 and f"{corpus} line 21: the text holds a lone surrogate (U+D800" in err
+    code, err = _prepare_cli(capsys, "--source", corpus, "--tokenizer", tok, "--out", tmp_path / "d", "--bad-records", "skip",
+                             "--bad-text", "replace", "--val-fraction", "0.2")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    source = manifest["sources"][0]
+    assert (source["skipped_records"], source["replaced_characters"], source["empty_documents"]) == (5, 1, 1)
+    assert source["documents"] == len(texts) + 1  # the repaired line 21 is a document
+
+
+def test_parquet_problems_are_named(tmp_path, prepared_data, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tok = prepared_data / "tokenizer"
+    whole = _parquet(tmp_path / "whole.parquet", topic_documents(50))
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    code, err = _prepare_cli(capsys, "--source", truncated, "--tokenizer", tok, "--out", tmp_path / "d")
+    assert code == 2 and f"cannot read {truncated} as Parquet" in err
+    numbers = tmp_path / "numbers.parquet"
+    pq.write_table(pa.table({"text": [1, 2, 3]}), numbers)
+    code, err = _prepare_cli(capsys, "--source", numbers, "--tokenizer", tok, "--out", tmp_path / "d")
+    assert code == 2 and "the 'text' column of" in err and "holds int64, not strings" in err
+    code, err = _prepare_cli(capsys, "--source", whole, "--tokenizer", tok, "--out", tmp_path / "d", "--text-field", "body")
+    assert code == 2 and "has no 'body' column (its columns: text)" in err
+    code, err = _prepare_cli(capsys, "--source", whole, "--tokenizer", tok, "--out", tmp_path / "d", "--val-fraction", "0.2")
+    assert code == 0, err
+
+
+def test_output_directory_rules(tmp_path, prepared_data, capsys):
+    tok = prepared_data / "tokenizer"
+    corpus = write_jsonl(tmp_path / "c.jsonl", topic_documents(40))
+    base = ["--source", corpus, "--tokenizer", tok, "--val-fraction", "0.2"]
+    (tmp_path / "file").write_text("not a directory")
+    code, err = _prepare_cli(capsys, *base, "--out", tmp_path / "file")
+    assert code == 2 and "is a file, not a directory" in err
+    code, err = _prepare_cli(capsys, *base, "--out", tmp_path)
+    assert code == 2 and "would be written over or around the input" in err
+    code, err = _prepare_cli(capsys, *base, "--out", tok / "data")
+    assert code == 2 and "lies inside the input" in err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    code, err = _prepare_cli(capsys, *base, "--out", mine)
+    assert code == 2 and "--force" in err
+    assert _prepare_cli(capsys, *base, "--out", mine, "--force")[0] == 0
+    assert (mine / "notes.txt").read_text() == "keep me" and (mine / "manifest.json").is_file()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_output_directory(tmp_path, prepared_data, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", topic_documents(40))
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    code, err = _prepare_cli(capsys, "--source", corpus, "--tokenizer", prepared_data / "tokenizer", "--out", locked / "d")
+    assert code == 2 and "cannot create the output directory" in err
+
+
+def test_settings_changes_need_force_and_force_replaces_only_its_own_files(tmp_path, prepared_data, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", topic_documents(40))
+    args = ["--source", corpus, "--tokenizer", prepared_data / "tokenizer", "--out", tmp_path / "d", "--val-fraction"]
+    assert _prepare_cli(capsys, *args, "0.2")[0] == 0
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert _prepare_cli(capsys, *args, "0.2")[0] == 0  # prepared already: a no-op with the same settings
     assert json.loads((tmp_path / "d" / "manifest.json").read_text()) == manifest
-    assert main(args[:-1] + ["0.3"]) == 2  # other settings into the same directory: refused, nothing lost
+    code, err = _prepare_cli(capsys, *args, "0.3")
+    assert code == 2 and "other settings (val_fraction differ)" in err and "--force" in err
     assert json.loads((tmp_path / "d" / "manifest.json").read_text()) == manifest
-    shutil.rmtree(tmp_path / "d")
+    (tmp_path / "d" / "notes.txt").write_text("keep me")
+    assert _prepare_cli(capsys, *args, "0.3", "--force")[0] == 0
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text())["settings"]["val_fraction"] == 0.3
+    assert (tmp_path / "d" / "notes.txt").read_text() == "keep me"
+
+
+def test_damaged_manifest_or_progress_is_a_clear_error(tmp_path, prepared_data, capsys):
+    corpus = write_jsonl(tmp_path / "c.jsonl", topic_documents(40))
+    out = tmp_path / "d"
+    args = ["--source", corpus, "--tokenizer", prepared_data / "tokenizer", "--out", out, "--val-fraction", "0.2"]
+    assert _prepare_cli(capsys, *args)[0] == 0
+    good = (out / "manifest.json").read_text()
+    (out / "manifest.json").write_text(good[: len(good) // 2])
+    with pytest.raises(TableFreeError, match="data manifest .* cannot be read"):
+        TokenShards(out, "train")
+    code, err = _prepare_cli(capsys, *args)
+    assert code == 2 and "damaged" in err and "--force" in err
+    manifest = json.loads(good)
+    for damage in ({"shards": 5}, {"shards": [{"file": "../../etc/passwd", "split": "train", "tokens": 1}]},
+                   {"dtype": "uint8"}, {"format": 99}):
+        (out / "manifest.json").write_text(json.dumps({**manifest, **damage}))
+        with pytest.raises(TableFreeError, match="is damaged"):
+            TokenShards(out, "train")
+    assert _prepare_cli(capsys, *args, "--force")[0] == 0
+    assert TokenShards(out, "train").tokens > 0
+    (out / "manifest.json").unlink()
+    (out / "progress.json").write_text("[1, 2")
+    code, err = _prepare_cli(capsys, *args)
+    assert code == 2 and "preparation progress file" in err and "--force" in err
+
+
+def test_a_failed_run_never_blocks_the_next(tmp_path, prepared_data, capsys, code_point_tokenizer):
+    tok = prepared_data / "tokenizer"
+    good = write_jsonl(tmp_path / "good.jsonl", topic_documents(120))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "fine"}\n{"text": 7}\n')
+    out = tmp_path / "d"
+    args = ["--source", good, "--source", broken, "--tokenizer", tok, "--out", out, "--val-fraction", "0.2", "--shard-tokens", "2000"]
+    code, err = _prepare_cli(capsys, *args)
+    assert code == 2 and f"{broken} line 2" in err
+    state = json.loads((out / "progress.json").read_text())
+    assert state["shards"] and "failed" in state  # the first source's shards are written; the run failed on the second
+    assert _prepare_cli(capsys, *args[:2], *args[4:])[0] == 0  # the corrected command, same --out, no --force
+    assert json.loads((out / "manifest.json").read_text())["sources"][0]["spec"] == str(good)
+
+    # An interrupted run (not a failed one) holds work: other settings over it need --force.
+    settings = PrepareSettings(sources=[Source(str(good))], val_fraction=0.2, shard_tokens=2000)
+    shutil.rmtree(out)
+    real_write = files.write_atomic
+
+    def interrupt(path, payload):
+        if path.name == "train-00002.bin":
+            raise KeyboardInterrupt
+        real_write(path, payload)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(files, "write_atomic", interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(settings, out, code_point_tokenizer, progress=False)
+    with pytest.raises(TableFreeError, match="unfinished preparation with other settings.*--force"):
+        prepare(PrepareSettings(sources=[Source(str(good))], val_fraction=0.3), out, code_point_tokenizer, progress=False)
+    assert prepare(PrepareSettings(sources=[Source(str(good))], val_fraction=0.3), out, code_point_tokenizer,
+                   progress=False, force=True)["settings"]["val_fraction"] == 0.3
+
+
+def test_a_long_single_line_is_encoded_in_bounded_pieces_with_the_same_ids(tmp_path, code_point_tokenizer):
+    from pydoc_data.topics import topics
+
+    words = " ".join(" ".join(topics.values()).split())
+    size = 2 * BATCH_CHARS + PIECE_CHARS
+    line = (words * (size // len(words) + 1))[:size]
+    groups = list(piece_groups([line, "a second document"]))
+    calls = [sum(len(piece) for _, piece in group) for group in groups]
+    assert len(groups) >= 3 and max(calls) <= BATCH_CHARS  # what one tokenizer call holds, so its memory, is bounded
+    assert max(len(piece) for group in groups for _, piece in group) <= PIECE_CHARS
+    assert "".join(piece for group in groups for owner, piece in group if owner == 0) == line
+
+    short = line[: 3 * PIECE_CHARS]
+    (ids,) = encode_documents(code_point_tokenizer.backend_tokenizer, [short], np.dtype("<u2"))
+    assert ids.tolist() == code_point_tokenizer.backend_tokenizer.encode(short, add_special_tokens=False).ids
+    text = tmp_path / "one-line.txt"
+    text.write_text(short + "\n\n" + "a short second document\n")
+    prepare(PrepareSettings(sources=[Source(str(text))], val_fraction=0.5, seed=0), tmp_path / "d", code_point_tokenizer, progress=False)
+    docs = _decode_split(tmp_path / "d", code_point_tokenizer, "train") + _decode_split(tmp_path / "d", code_point_tokenizer, "val")
+    assert docs == [short, "a short second document"]
+
+
+@pytest.mark.slow
+def test_peak_memory_for_a_50_mb_single_line_stays_under_1_gb(tmp_path, prepared_data):
+    from pydoc_data.topics import topics
+
+    words = " ".join(" ".join(topics.values()).split()).encode()
+    corpus = tmp_path / "line.txt"
+    with open(corpus, "wb") as handle:
+        for _ in range(50 * 2**20 // len(words) + 1):
+            handle.write(words + b" ")
+        handle.write(b"\n\na second document\n")
+    measure = ("import resource, sys; from tablefree.cli import main; code = main(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)")
+    done = subprocess.run([sys.executable, "-c", measure, "data", "prepare", "--source", str(corpus), "--tokenizer",
+                           str(prepared_data / "tokenizer"), "--out", str(tmp_path / "d"), "--quiet", "--val-fraction", "0.5",
+                           "--seed", "0"], capture_output=True, text=True, timeout=1800)
+    assert done.returncode == 0, done.stderr
+    peak_kib = int(done.stdout.split()[-1])
+    assert peak_kib < 2**20, f"peak RSS {peak_kib / 2**10:.0f} MiB"
+
+
+@pytest.mark.parametrize("words", [999, 70_000])
+def test_any_tokenizer_width_and_separator_prepare_and_train(tmp_path, words):
+    from tablefree.evaluate import evaluate_model
+    from tablefree.train import make_config, train
+
+    tokenizer = word_tokenizer(words)
+    vocab_size = words + 2
+    docs = word_documents(200, words)
+    corpus = write_jsonl(tmp_path / "w.jsonl", docs)
+    manifest = prepare(PrepareSettings(sources=[Source(str(corpus))], val_fraction=0.1, shard_tokens=4000),
+                       tmp_path / "data", tokenizer, progress=False)
+    wide = vocab_size > 1 << 16
+    assert (manifest["dtype"], manifest["separator_id"], manifest["separator_token"]) == (
+        "uint32" if wide else "uint16", words + 1, "</s>")
+    for shard in manifest["shards"]:
+        assert (tmp_path / "data" / shard["file"]).stat().st_size == (4 if wide else 2) * shard["tokens"]
+    ids = _split_ids(tmp_path / "data", "train").tolist() + _split_ids(tmp_path / "data", "val").tolist()
+    expected = [i for doc in docs for i in tokenizer.encode(doc, add_special_tokens=False) + [words + 1]]
+    assert sorted(ids) == sorted(expected) and max(ids) == words + 1  # every id intact, none wrapped
+    assert _split_ids(tmp_path / "data", "train").tolist() == [
+        i for n, doc in enumerate(docs) if not is_validation(0, n, 0.1, 0)
+        for i in tokenizer.encode(doc, add_special_tokens=False) + [words + 1]]
+
+    model = dict(TINY_MODEL, vocab_size=vocab_size)
+    result = train(make_config(train_overrides(tmp_path / "data", tmp_path / "run", model=model, max_steps=3, eval_tokens=256)))
+    assert np.isfinite(result["val_loss"])
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(f"{docs[0]}\n\n{docs[1]}\n")
+    scores = evaluate_model(str(tmp_path / "run" / "model"), str(held_out), seq_len=16)
+    assert scores["tokens"] == len(tokenizer.encode(docs[0] + " " + docs[1], add_special_tokens=False)) + 1
+
+
+def test_ids_too_wide_for_the_shards_are_an_error_never_wrapped():
+    big = word_tokenizer(70_000)
+    with pytest.raises(TableFreeError, match="produced id 69,999, beyond the uint16 shards"):
+        encode_documents(big.backend_tokenizer, ["w1 w69999"], np.dtype("<u2"))
+
+
+def test_a_tokenizer_without_eos_needs_one_named(tmp_path, capsys):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(300)} | {"[UNK]": 300, "<|endoftext|>": 301}
+    bare = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    bare.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    bare.save(str(tmp_path / "tokenizer.json"))
+    corpus = write_jsonl(tmp_path / "w.jsonl", word_documents(40, 300))
+    args = ["--source", corpus, "--tokenizer", tmp_path / "tokenizer.json", "--out", tmp_path / "d", "--val-fraction", "0.2"]
+    code, err = _prepare_cli(capsys, *args)
+    assert code == 2 and "has no end-of-text token (eos_token)" in err and "--eos-token" in err
+    code, err = _prepare_cli(capsys, *args, "--eos-token", "</s>")
+    assert code == 2 and "--eos-token '</s>' is not a token of the tokenizer" in err
+    assert _prepare_cli(capsys, *args, "--eos-token", "<|endoftext|>")[0] == 0
+    manifest = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert (manifest["separator_id"], manifest["separator_token"]) == (301, "<|endoftext|>")
+    from tablefree.tokenizer import load_tokenizer
+
+    assert load_tokenizer(tmp_path / "d" / "tokenizer").eos_token_id == 301  # training and serving see it too
+
+
+def test_format_1_manifests_read_as_uint16(prepared_data, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(prepared_data, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for key in ("dtype", "separator_id", "separator_token"):
+        del manifest[key]
+    manifest["format"] = 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    assert np.array_equal(TokenShards(old, "val").arrays[0], TokenShards(prepared_data, "val").arrays[0])
+
+
+class _Listener:
+    """A local TCP port that counts the connections made to it (a stand-in address for the Hub)."""
+
+    def __init__(self):
+        self.socket = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.socket.getsockname()[1]}"
+        self.connections = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return
+            self.connections += 1
+            connection.close()
+
+
+@pytest.fixture
+def online(monkeypatch):
+    """Offline mode off (the tests run offline), with the Hub's address a local port that counts connections."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    listener = _Listener()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", listener.url)
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", listener.url)
+    yield listener
+    listener.socket.close()
+
+
+def test_hub_sources_offline_say_what_to_do(tmp_path, code_point_tokenizer):
+    assert os.environ["HF_DATASETS_OFFLINE"] == "1"
+    with pytest.raises(TableFreeError, match="offline mode is on .*--from-cache.*HF_HUB_OFFLINE"):
+        prepare(PrepareSettings(sources=[Source("hf:owner/name:default")]), tmp_path / "o", code_point_tokenizer, progress=False)
+    with pytest.raises(TableFreeError, match="not a dataset name"):
+        prepare(PrepareSettings(sources=[Source("hf:../../etc")]), tmp_path / "o", code_point_tokenizer, progress=False)
+
+
+def test_an_unreachable_hub_is_named_at_once(tmp_path, code_point_tokenizer, online):
+    online.socket.close()  # nothing listens there now: every connection is refused, as with no network
+    with pytest.raises(TableFreeError, match="cannot reach the Hugging Face Hub.*HF_HUB_OFFLINE=1.*--from-cache"):
+        prepare(PrepareSettings(sources=[Source("hf:owner/name")]), tmp_path / "o", code_point_tokenizer, progress=False)
+
+
+def test_from_cache_reads_the_local_datasets_cache_and_never_the_network(tmp_path, code_point_tokenizer, online, monkeypatch):
+    import datasets.config
+    from datasets.packaged_modules.json.json import Json
+
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
+    missing = PrepareSettings(sources=[Source("hf:owner/name:default", streaming=False)], val_fraction=0.2)
+    with pytest.raises(TableFreeError, match="not in the local datasets cache.*without --from-cache"):
+        prepare(missing, tmp_path / "o", code_point_tokenizer, progress=False)
+
+    # The layout load_dataset leaves for hub dataset owner/name, config default.
+    texts = topic_documents(40)
+    builder = Json(cache_dir=str(cache), dataset_name="name", config_name="default", hash="0" * 16,
+                   data_files={"train": str(write_jsonl(tmp_path / "n.jsonl", texts))})
+    builder.download_and_prepare()
+    (cache / "name").rename(cache / "owner___name")
+    (config_dir,) = (cache / "owner___name").iterdir()
+    config_dir.rename(cache / "owner___name" / "default")
+    manifest = prepare(missing, tmp_path / "o", code_point_tokenizer, progress=False)
+    assert manifest["sources"][0]["documents"] == len(texts)
+    assert online.connections == 0

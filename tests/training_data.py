@@ -43,3 +43,24 @@ def prepared_data(tmp_path_factory, code_point_tokenizer) -> Path:
     out = root / "data"
     prepare(PrepareSettings(sources=[Source(str(corpus))], val_fraction=0.1, shard_tokens=20_000), out, code_point_tokenizer, progress=False)
     return out
+
+
+def word_tokenizer(words: int):
+    """A word-level tokenizer of `words` words w0, w1, ... plus [UNK] and </s> (its eos), made with `tokenizers`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(words)}
+    vocab.update({"[UNK]": words, "</s>": words + 1})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>")
+
+
+def word_documents(count: int, words: int, seed: int = 0) -> list[str]:
+    """`count` documents of 20-80 words drawn from the first `words` words, the last ones always among them."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(f"w{rng.randrange(words)}" for _ in range(rng.randint(20, 80))) + f" w{words - 1 - i % 3}"
+            for i in range(count)]
