@@ -2,6 +2,7 @@ import json
 
 from training_data import prepared_data, train_overrides  # noqa: F401  (fixture)
 
+from tablefree.checkpoint import CHECKPOINT
 from tablefree.compare import compare, summarise
 from tablefree.train import make_config
 
@@ -22,9 +23,9 @@ def test_toy_matched_comparison_writes_table_json_and_plot(prepared_data, tmp_pa
     runs = results["runs"]
     assert len(runs) == 4 and runs[0]["val_loss"] != runs[1]["val_loss"]
     # An interrupted or repeated comparison does not retrain finished runs.
-    stamp = (out / "affine-seed1" / "checkpoint.pt").stat().st_mtime_ns
+    stamp = (out / "affine-seed1" / CHECKPOINT).stat().st_mtime_ns
     again = compare(base, ["learned", "affine"], [0, 1], out)
-    assert (out / "affine-seed1" / "checkpoint.pt").stat().st_mtime_ns == stamp
+    assert (out / "affine-seed1" / CHECKPOINT).stat().st_mtime_ns == stamp
     assert again["summary"] == results["summary"]
 
 
