@@ -41,6 +41,7 @@ BATCH_CHARS = 1 << 21  # characters per tokenizer call: bounds the memory its en
 _SHARD_NAME = re.compile(r"^(train|val)-\d{5,}\.bin$")
 _OUTPUT_NAME = re.compile(rf"^({re.escape(MANIFEST)}|{re.escape(PROGRESS)}|{TOKENIZER_DIR}|(train|val)-\d{{5,}}\.bin)$")
 _DATASET_NAME = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,10 @@ class PrepareSettings:
             if getattr(self, name) < 1:
                 raise TableFreeError(f"{name} must be a positive number, got {getattr(self, name)}")
         self.read_options()
+        for source in self.sources:
+            for value in (source.spec, source.split, source.text_field):
+                if _SURROGATE.search(value):  # an undecodable file name or argument arrives with lone surrogates
+                    raise TableFreeError(f"{value!r} is not valid UTF-8 text, and the manifest records it as text; rename it")
 
     def fingerprint(self, tokenizer_hash: str, separator_id: int, dtype: str) -> dict:
         """What determines the shards' bytes, as JSON: a resumed or repeated run must match it exactly."""

@@ -143,6 +143,12 @@ def test_clear_errors(tmp_path, code_point_tokenizer):
         parse_source("a.jsonl@heavy")
 
 
+def test_a_file_name_that_is_not_utf8_is_named(tmp_path, code_point_tokenizer):
+    corpus = write_jsonl(tmp_path / os.fsdecode(b"\xff.jsonl"), topic_documents(20))
+    with pytest.raises(TableFreeError, match="is not valid UTF-8 text, and the manifest records it"):
+        prepare(PrepareSettings(sources=[Source(str(corpus))]), tmp_path / "d", code_point_tokenizer, progress=False)
+
+
 @pytest.mark.parametrize("weight", ["inf", "-inf", "nan", "1e309", "-1", "0"])
 def test_weights_must_be_positive_and_finite(weight):
     with pytest.raises(TableFreeError, match=rf"source 'notes.jsonl@{weight}': the weight must be a positive finite number"):

@@ -91,3 +91,32 @@ def test_missing_model_is_a_clear_error(tmp_path):
 
     with pytest.raises(TableFreeError, match="no model at"):
         evaluate_model(str(tmp_path / "nothing"), str(tmp_path))
+
+
+@pytest.mark.parametrize("content", [b"", b"   \n\n \t \n\n\n", "\u00a0\u2003\n".encode()])
+def test_eval_of_a_file_without_text_is_an_error_not_a_score(trained, tmp_path, capsys, content):
+    from tablefree.cli import main
+
+    model_dir, _ = trained
+    blank = tmp_path / "blank.txt"
+    blank.write_bytes(content)
+    assert main(["eval", str(model_dir), "--data", str(blank)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and ("is empty" in err or "holds no text to evaluate" in err), err
+
+
+def test_eval_names_bad_input_and_bad_numbers(trained, tmp_path):
+    from tablefree.evaluate import evaluate_model
+
+    model_dir, _ = trained
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("A list is a sequence.\n\nCafé\n".encode("latin-1"))
+    with pytest.raises(TableFreeError, match=r"line 3: invalid UTF-8 at byte 26"):
+        evaluate_model(str(model_dir), str(latin1), seq_len=16)
+    from tablefree.corpus import ReadOptions
+
+    scores = evaluate_model(str(model_dir), str(latin1), seq_len=16, options=ReadOptions(bad_text="replace"))
+    assert scores["tokens"] > 5
+    for bad in ({"max_tokens": 0}, {"seq_len": -1}):
+        with pytest.raises(TableFreeError, match="must be a positive number"):
+            evaluate_model(str(model_dir), str(latin1), **bad)

@@ -102,3 +102,60 @@ def test_any_other_tokenizer_sets_v_and_k(tmp_path):
 @pytest.mark.parametrize("char", ["\ud7ff", "\uf900", "\uffff", "\x00"])
 def test_boundary_characters_keep_their_code_points(code_point_tokenizer, char):
     assert code_point_tokenizer.encode(char) == [ord(char)]
+
+
+def test_tokenizer_build_refuses_directories_it_did_not_make_and_never_touches_foreign_files(tmp_path, capsys):
+    from tablefree.cli import main
+
+    corpus = tmp_path / "corpus" / "corpus.txt"
+    corpus.parent.mkdir()
+    corpus.write_text(("the cat sat on the mat. " * 50 + "\n\n") * 20)
+    out = tmp_path / "tok"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+
+    def build(*extra):
+        capsys.readouterr()
+        code = main(["tokenizer", "build", "--corpus", str(corpus), *map(str, extra)])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return code, err
+
+    code, err = build("--out", out)
+    assert code == 2 and f"the output directory {out} exists and is not empty" in err and "--force" in err
+    for inside in (corpus.parent, corpus, tmp_path):
+        code, err = build("--out", inside, "--force")
+        assert code == 2 and "input" in err
+    assert build("--out", out, "--force")[0] == 0
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert len(AutoTokenizer.from_pretrained(str(out)).encode(" the cat sat on the mat")) == 6
+    code, err = build("--out", out)  # a finished tokenizer is not resumable: rebuilding it is asked for with --force
+    assert code == 2 and "earlier tablefree tokenizer output" in err
+    (corpus.parent / "more.txt").write_text(("a dog ran in the park. " * 50 + "\n\n") * 20)
+    corpus = corpus.parent / "more.txt"
+    assert build("--out", out, "--force")[0] == 0
+    assert (out / "notes.txt").read_text() == "keep me"
+    assert len(AutoTokenizer.from_pretrained(str(out)).encode(" a dog ran")) == 3
+    assert not [p for p in tmp_path.iterdir() if "tablefree-tmp" in p.name]
+
+
+def test_tokenizer_build_names_bad_bytes_and_can_replace_them(tmp_path, capsys):
+    from tablefree.cli import main
+
+    corpus = tmp_path / "latin1.txt"
+    corpus.write_bytes(("the cat sat on the mat. " * 50 + "\n\n").encode() + "Café crème\n".encode("latin-1"))
+    assert main(["tokenizer", "build", "--corpus", str(corpus), "--out", str(tmp_path / "a")]) == 2
+    assert f"{corpus} line 3: invalid UTF-8 at byte 1,205" in capsys.readouterr().err
+    assert main(["tokenizer", "build", "--corpus", str(corpus), "--out", str(tmp_path / "b"), "--bad-text", "replace"]) == 0
+    assert "2 characters replaced by U+FFFD" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("damage", [b"", b"{\"model\": ", b"\x00\xff" * 100, b"[]"], ids=["empty", "truncated", "binary", "array"])
+def test_a_damaged_tokenizer_file_is_a_clear_error(tmp_path, damage):
+    from tablefree.errors import TableFreeError
+    from tablefree.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_bytes(damage)
+    for path in (tmp_path, tmp_path / "tokenizer.json"):
+        with pytest.raises(TableFreeError, match="could not load the tokenizer at"):
+            load_tokenizer(path)
