@@ -184,7 +184,7 @@ def bad_record(problem: str, options: ReadOptions, counts: ReadCounts) -> None:
 def record_text(record, text_field: str, where: str, options: ReadOptions, counts: ReadCounts) -> str | None:
     """The document of one JSON/dataset record, None when the record is skipped; null counts as empty."""
     if not isinstance(record, dict):
-        bad_record(f"{where}: a {type(record).__name__}, not an object with a {text_field!r} field", options, counts)
+        bad_record(f"{where}: a JSON {_json_kind(record)}, not an object with a {text_field!r} field", options, counts)
         return None
     if text_field not in record:
         fields = ", ".join(map(str, record)) or "none"
@@ -194,9 +194,14 @@ def record_text(record, text_field: str, where: str, options: ReadOptions, count
     if value is None:
         return ""
     if not isinstance(value, str):
-        bad_record(f"{where}: the {text_field!r} field is a {type(value).__name__}, not a string", options, counts)
+        bad_record(f"{where}: the {text_field!r} field holds a {_json_kind(value)}, not a string", options, counts)
         return None
     return clean_text(value, where, options, counts)
+
+
+def _json_kind(value) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _paragraphs(path: Path, options: ReadOptions, counts: ReadCounts) -> Iterator[str]:
