@@ -49,7 +49,8 @@ def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=
     if tokens == 0:
         raise TableFreeError("nothing to evaluate: the validation data holds fewer than 2 tokens")
     loss = nats / tokens
-    return {"loss": loss, "ppl": math.exp(loss), "bits_per_byte": nats / math.log(2) / max(1, n_bytes), "tokens": tokens}
+    ppl = math.exp(loss) if loss < 709 else math.inf  # exp overflows a float past 709 (a diverged model)
+    return {"loss": loss, "ppl": ppl, "bits_per_byte": nats / math.log(2) / max(1, n_bytes), "tokens": tokens}
 
 
 def _same_length_batches(windows, size: int):

@@ -74,7 +74,8 @@ def strict(value):
 
 
 def json_text(payload, indent: int | None = 2) -> str:
-    return json.dumps(strict(payload), indent=indent, allow_nan=False, ensure_ascii=False)
+    # ASCII escapes keep any string (a lone surrogate from an undecodable file name included) writable.
+    return json.dumps(strict(payload), indent=indent, allow_nan=False, ensure_ascii=True)
 
 
 def write_json(target: str | Path, payload) -> None:

@@ -210,7 +210,6 @@ def new_command(args) -> int:
 
 def verify_command(args) -> int:
     """`tablefree verify PRESET|MODEL`: the exhaustive injectivity and inverse check over all V ids."""
-    from pathlib import Path
 
     from .codes import verify_code
 

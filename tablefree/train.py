@@ -196,10 +196,11 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def model_config(cfg: TrainConfig):
-    from .presets import build_config
+def model_config(cfg: TrainConfig, tokenizer=None):
+    """The model config of a run; with the data's tokenizer, V and the special ids follow from it (model.* still wins)."""
+    from .presets import build_config, tokenizer_fields
 
-    overrides = dict(cfg.model)
+    overrides = {**(tokenizer_fields(tokenizer) if tokenizer is not None else {}), **cfg.model}
     if cfg.variant is not None:
         overrides["variant"] = cfg.variant
     config = build_config(cfg.preset, **overrides)
@@ -338,6 +339,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
     tokenizer = load_tokenizer(cfg.tokenizer or Path(cfg.data) / "tokenizer")
     tok_hash = tokenizer_hash(tokenizer)
     val_shards = TokenShards(cfg.data, "val", expected_tokenizer_hash=tok_hash)  # one manifest: checks both splits
+    config = model_config(cfg, tokenizer)
     if len(tokenizer) > config.vocab_size:
         raise TableFreeError(f"the data's tokenizer has {len(tokenizer):,} ids but the model's vocab_size is {config.vocab_size:,}")
     if cfg.batch_size % world.size:

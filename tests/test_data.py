@@ -19,7 +19,7 @@ from training_data import (  # noqa: F401  (fixture)
 )
 
 from tablefree import files
-from tablefree.corpus import PIECE_CHARS, pieces
+from tablefree.corpus import PIECE_CHARS
 from tablefree.data import (
     BATCH_CHARS,
     PrepareSettings,
@@ -390,9 +390,11 @@ def test_any_tokenizer_width_and_separator_prepare_and_train(tmp_path, words):
         i for n, doc in enumerate(docs) if not is_validation(0, n, 0.1, 0)
         for i in tokenizer.encode(doc, add_special_tokens=False) + [words + 1]]
 
-    model = dict(TINY_MODEL, vocab_size=vocab_size)
-    result = train(make_config(train_overrides(tmp_path / "data", tmp_path / "run", model=model, max_steps=3, eval_tokens=256)))
+    # V and the special ids follow from the data's tokenizer: no model.vocab_size needed, and eos is its own.
+    result = train(make_config(train_overrides(tmp_path / "data", tmp_path / "run", max_steps=3, eval_tokens=256)))
     assert np.isfinite(result["val_loss"])
+    saved = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert (saved["vocab_size"], saved["eos_token_id"]) == (vocab_size, words + 1)
     held_out = tmp_path / "held_out.txt"
     held_out.write_text(f"{docs[0]}\n\n{docs[1]}\n")
     scores = evaluate_model(str(tmp_path / "run" / "model"), str(held_out), seq_len=16)
