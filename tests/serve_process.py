@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -31,19 +32,24 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path, log_path: Path, *args: str):
+    def __init__(self, model: Path, log_path: Path, *args: str, env: dict | None = None, open_files: int | None = None):
+        """`open_files`: the child's RLIMIT_NOFILE (soft and hard), to reach the limit with a few hundred sockets."""
         self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+        limit = None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tablefree.cli", "serve", str(model), "--port", str(self.port), "--host", "127.0.0.1",
              "--log-level", "warning", "--threads", "1", *args],  # one thread: test machines are shared
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=limit,
         )
         self.wait_ready()
+
+    def log_bytes(self) -> int:
+        return self.log_path.stat().st_size
 
     def wait_ready(self, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -15,13 +17,14 @@ import pytest
 from serve_process import CARD_CONTEXT, ServerProcess, serving_model
 
 MODEL = "MODEL"  # the name the model card's curl command uses
+BODY_LIMIT = 4_200_000  # room for the ~4 MB prompts of the event-loop test
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model = serving_model(tmp_path_factory)
     proc = ServerProcess(model, tmp_path_factory.mktemp("logs") / "serve.log", "--served-model-name", MODEL,
-                         "--max-body-bytes", "200000")
+                         "--max-body-bytes", str(BODY_LIMIT))
     yield proc
     assert proc.stop() in (0, -signal.SIGTERM), proc.log_path.read_text()  # uvicorn re-raises SIGTERM after draining
 
@@ -134,16 +137,39 @@ def test_models_health_metrics_tokenize(client, server):
         assert name in metrics
 
 
+def raw(text: str) -> bytes:
+    """A JSON body as written by hand: escapes like \\ud800 stay in, as a client may send them."""
+    return text.encode()
+
+
 BAD_BODIES = [
     ("malformed json", b'{"prompt": "x", ', 400),
     ("not an object", b'["prompt"]', 400),
+    ("empty body", b"", 400),
+    ("invalid utf-8", b'{"prompt": "\xff\xfe"}', 400),
     ("wrong type", json.dumps({"prompt": "x", "max_tokens": "ten"}).encode(), 400),
+    ("integer as a string", json.dumps({"prompt": "x", "max_tokens": "5"}).encode(), 400),
+    ("integer as a boolean", json.dumps({"prompt": "x", "max_tokens": True}).encode(), 400),
+    ("integer as a float", json.dumps({"prompt": "x", "max_tokens": 5.0}).encode(), 400),
+    ("boolean as an integer", json.dumps({"prompt": "x", "echo": 1}).encode(), 400),
     ("prompt of wrong type", json.dumps({"prompt": {"a": 1}}).encode(), 400),
+    ("lone surrogate in the prompt", raw('{"prompt": "a\\ud800"}'), 400),
+    ("lone surrogate in a prompt list", raw('{"prompt": ["ok", "\\udfff"]}'), 400),
+    ("lone surrogate in the model name", raw('{"model": "\\ud800", "prompt": "x"}'), 400),
+    ("lone surrogate in a stop string", raw('{"prompt": "x", "stop": "\\udc00"}'), 400),
+    ("lone surrogate in a logit_bias key", raw('{"prompt": "x", "logit_bias": {"\\ud800": 1}}'), 400),
+    ("superscript digit as logit_bias key", json.dumps({"prompt": "x", "logit_bias": {"\u00b2": 1}}).encode(), 400),
+    ("non-finite logit_bias", b'{"prompt": "x", "logit_bias": {"1": Infinity}}', 400),
+    ("NaN temperature", b'{"prompt": "x", "temperature": NaN}', 400),
+    ("overflowing float", b'{"prompt": "x", "top_p": 1e400}', 400),
+    ("seed beyond 64 bits", json.dumps({"prompt": "x", "seed": 2**64}).encode(), 400),
     ("unknown model", json.dumps({"model": "gpt-4", "prompt": "x"}).encode(), 404),
     ("negative max_tokens", json.dumps({"prompt": "x", "max_tokens": -5}).encode(), 400),
-    ("huge max_tokens", json.dumps({"prompt": "x", "max_tokens": 10**12}).encode(), 400),
+    ("huge max_tokens", json.dumps({"prompt": "x", "max_tokens": 10**30}).encode(), 400),
     ("prompt over context", json.dumps({"prompt": "word " * (CARD_CONTEXT + 10), "max_tokens": 1}).encode(), 400),
+    ("scoring a prompt over context", json.dumps({"prompt": list(range(CARD_CONTEXT + 5)), "max_tokens": 0, "echo": True}).encode(), 400),
     ("ids outside vocab", json.dumps({"prompt": [1, 2, 70000]}).encode(), 400),
+    ("huge id", json.dumps({"prompt": [1, 10**30]}).encode(), 400),
     ("negative id", json.dumps({"prompt": [[1, -2]]}).encode(), 400),
     ("n too large", json.dumps({"prompt": "x", "n": 1000}).encode(), 400),
     ("empty prompt", json.dumps({"prompt": ""}).encode(), 400),
@@ -151,7 +177,7 @@ BAD_BODIES = [
     ("temperature out of range", json.dumps({"prompt": "x", "temperature": -1}).encode(), 400),
     ("empty stop string", json.dumps({"prompt": "x", "stop": [""]}).encode(), 400),
     ("stop id outside vocab", json.dumps({"prompt": "x", "stop_token_ids": [1 << 20]}).encode(), 400),
-    ("body over the limit", json.dumps({"prompt": "x" * 300_000}).encode(), 413),
+    ("body over the limit", json.dumps({"prompt": "x" * (BODY_LIMIT + 10)}).encode(), 413),
 ]
 
 
@@ -162,6 +188,107 @@ def test_bad_input_is_a_4xx_and_the_server_stays_up(server, name, body, status):
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "ok", "max_tokens": 1}).status_code == 200
+
+
+def test_errors_name_the_field(server):
+    cases = [
+        ("/v1/completions", raw('{"prompt": ["ok", "\\ud800"]}'), "prompt[1]", "lone surrogate U+D800"),
+        ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": "5"}).encode(), "max_tokens", "integer"),
+        ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"\u00b2": 1}}).encode(), "logit_bias.\u00b2", "decimal"),
+        ("/v1/chat/completions", raw('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}'),
+         "messages[0].content[0].text", "lone surrogate U+DC00"),
+        ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}).encode(),
+         "logprobs", "boolean"),
+        ("/tokenize", raw('{"prompt": "\\ud800"}'), "prompt", "lone surrogate"),
+        ("/detokenize", json.dumps({"tokens": [1, "2"]}).encode(), "tokens[1]", "integer"),
+    ]
+    for path, body, param, words in cases:
+        response = httpx.post(f"{server.url}{path}", content=body, headers={"Content-Type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["param"] == param and words in error["message"], error
+
+
+def test_errors_outside_the_routes_are_json(server):
+    """Wrong paths and methods, a wrong content type and malformed HTTP all get the same JSON error object."""
+    responses = [httpx.get(f"{server.url}/v1/nothing"), httpx.get(f"{server.url}/v1/completions"),
+                 httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": "x"}', headers={"Content-Type": "text/plain"})]
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GARBAGE\r\n\r\n")
+        head, _, body = read_all(sock).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert json.loads(body)["error"]["message"] == "malformed HTTP/1.1 request"
+    assert [r.status_code for r in responses] == [404, 405, 400]
+    for response in responses:
+        assert response.headers["content-type"] == "application/json"
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_every_chat_role_has_a_defined_rendering(server):
+    def ids(**body):
+        response = httpx.post(f"{server.url}/tokenize", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()["tokens"]
+
+    def special(token):
+        [token_id] = ids(prompt=token, add_special_tokens=False)
+        return token_id
+
+    text = ids(prompt="hello", add_special_tokens=False)
+    rendered = {role: ids(messages=[{"role": role, "content": "hello"}]) for role in
+                ("system", "developer", "user", "assistant", "tool", "function")}
+    reply = special("[ASSISTANT]")
+    assert rendered["system"] == rendered["developer"] == text + ids(prompt="\n", add_special_tokens=False) + [reply]
+    assert rendered["user"] == [special("[USER]"), *text, special("[EOT]"), reply]
+    assert rendered["assistant"] == [reply, *text, special("[EOT]"), reply]
+    assert rendered["tool"] == rendered["function"] == [special("<tool_response>"), *text, special("</tool_response>"), reply]
+    unknown = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "ipython", "content": "x"}]})
+    assert unknown.status_code == 400 and unknown.json()["error"]["param"] == "messages[0].role"
+
+
+def test_tokenize_matches_the_tokenizer(server):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(server.model))
+    for text in ("Hello, world", "héllo [USER] </s> <tool_response> \U0001F600 x", " \n\t ", "a" * 5000):
+        for special in (True, False):
+            served = httpx.post(f"{server.url}/tokenize", json={"prompt": text, "add_special_tokens": special}).json()
+            assert served["tokens"] == tokenizer.encode(text, add_special_tokens=special)
+            assert served["count"] == len(served["tokens"])
+
+
+def test_health_answers_while_large_prompts_are_tokenised(server):
+    """Three ~4 MB prompts (tokenised off the event loop) leave /health answering; on the loop it waited seconds."""
+    prompt = ("The quick brown fox jumps over the lazy dog. " * 90_000)[:3_900_000]
+    bodies = [json.dumps({"prompt": prompt, "max_tokens": 1}).encode()] * 2
+    bodies.append(json.dumps({"messages": [{"role": "user", "content": prompt}], "max_tokens": 1}).encode())
+    paths = ["/v1/completions", "/v1/completions", "/v1/chat/completions"]
+    statuses: list[int] = []
+
+    def send(path, body):
+        statuses.append(httpx.post(f"{server.url}{path}", content=body, headers={"Content-Type": "application/json"},
+                                   timeout=300).status_code)
+
+    senders = [threading.Thread(target=send, args=pair) for pair in zip(paths, bodies)]
+    for sender in senders:
+        sender.start()
+    answered = 0
+    with httpx.Client(base_url=server.url, timeout=1.0) as probe:  # liveness bound, generous against the 100 ms aim
+        while any(sender.is_alive() for sender in senders):
+            assert probe.get("/health").status_code == 200
+            answered += 1
+            time.sleep(0.02)
+    for sender in senders:
+        sender.join()
+    assert statuses == [400, 400, 400]  # over the context: the ids were counted, never built
+    assert answered >= 5
 
 
 def test_bad_chat_input(server):

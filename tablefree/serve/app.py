@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +32,9 @@ from .responses import RequestRun
 from .sampling import SamplingParams
 
 MAX_SEQUENCES_PER_REQUEST = 64
+NOT_AN_OBJECT = "the request body must be a JSON object (send it with Content-Type: application/json)"
+
+log = logging.getLogger("tablefree.serve")
 
 
 @dataclass
@@ -41,14 +48,61 @@ class ServeSettings:
     end_of_turn_ids: frozenset[int] = frozenset()  # tokens that close a chat turn (e.g. [EOT]); chat stops there too
 
 
+class TextWorker:
+    """Tokenizer work on one thread of its own, so a multi-megabyte prompt never stalls the event loop (or /health).
+
+    Fast tokenizers encode through their Rust backend's `encode_batch_fast`, which releases the GIL
+    (a single `encode` holds it for the whole text); other tokenizers encode through transformers.
+    A text over `limit` tokens comes back as its count alone: building a million-id list holds the GIL.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tablefree-tokenize")
+
+    async def run(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+
+    async def encode(self, texts: list[str], add_special_tokens: bool = True, limit: int | None = None) -> list[Encoded]:
+        return await self.run(self._encode, texts, add_special_tokens, limit)
+
+    async def chat(self, conversation: list[dict], add_generation_prompt: bool, limit: int | None = None) -> Encoded:
+        return await self.run(self._chat, conversation, add_generation_prompt, limit)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _encode(self, texts: list[str], add_special_tokens: bool, limit: int | None) -> list[Encoded]:
+        if self.backend is None:
+            encoded = [self.tokenizer.encode(text, add_special_tokens=add_special_tokens) for text in texts]
+            return [Encoded(ids if limit is None or len(ids) <= limit else None, len(ids)) for ids in encoded]
+        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=add_special_tokens)
+        return [Encoded(e.ids if limit is None or len(e) <= limit else None, len(e)) for e in encodings]
+
+    def _chat(self, conversation: list[dict], add_generation_prompt: bool, limit: int | None) -> Encoded:
+        try:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
+        except Exception as exc:  # jinja's TemplateError and the template's own raise_exception both land here
+            raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from None
+        return self._encode([text], False, limit)[0]
+
+
+class Encoded(NamedTuple):
+    ids: list[int] | None  # None when the text is over the limit it was encoded with
+    count: int
+
+
 def create_app(engine: Engine, tokenizer, settings: ServeSettings) -> FastAPI:
     metrics = ServerMetrics(engine)
+    text = TextWorker(tokenizer)
 
     @asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
         engine.stop()  # uvicorn has already drained the in-flight requests by now
+        text.close()
 
     errors = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
               413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
@@ -62,19 +116,23 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(loc) or None
-        message = f"{param}: {first['msg']}" if param else str(first["msg"])
-        if not param and first.get("type") == "model_attributes_type":
-            message = "the request body must be a JSON object (send it with Content-Type: application/json)"
+        message, param = describe_invalid(exc)
         return JSONResponse(error_body(message, "invalid_request_error", 400, param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error", exc.status_code), status_code=exc.status_code)
+        message = {404: f"no endpoint {brief(request.url.path)}; see /docs for the API",
+                   405: f"{request.method} is not allowed on {brief(request.url.path)}"}.get(exc.status_code, str(exc.detail))
+        return JSONResponse(error_body(message, "invalid_request_error", exc.status_code), status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))
 
-    server = _Routes(engine, tokenizer, settings, metrics)
+    @app.exception_handler(Exception)
+    async def server_error(request, exc: Exception):
+        # A bug, not the client's doing: still a JSON error (uvicorn logs the traceback once).
+        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); the server log has the details",
+                                       "server_error", 500), status_code=500)
+
+    server = _Routes(engine, text, settings, metrics)
     app.get("/health")(server.health)
     app.get("/metrics")(server.metrics_text)
     app.get("/v1/models")(server.models)
@@ -85,9 +143,47 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings) -> FastAPI:
     return app
 
 
+def describe_invalid(exc: RequestValidationError) -> tuple[str, str | None]:
+    """(message, param) for the first validation error, with param the path into the body as the client wrote it."""
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
+    loc = tuple(first.get("loc", ()))[1:] if first.get("loc", ("",))[0] == "body" else tuple(first.get("loc", ()))
+    kind = first.get("type")
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return f"the request body is not valid JSON ({detail} at character {loc[0] if loc else 0})", None
+    if not loc:
+        if kind == "missing":
+            return "the request body is missing: " + NOT_AN_OBJECT, None
+        if kind in ("model_type", "model_attributes_type", "dict_type"):
+            return NOT_AN_OBJECT, None
+    param = body_path(loc, getattr(exc, "body", None), kind == "missing")
+    return (f"{param}: {first['msg']}" if param else str(first["msg"])), param
+
+
+def body_path(loc: tuple, body, missing: bool) -> str | None:
+    """`messages[0].content` from pydantic's loc, leaving out the union tags it inserts (they are not in the body)."""
+    path, node = "", body
+    for i, part in enumerate(loc):
+        if isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path, node = f"{path}[{part}]", node[part]
+            continue
+        key = next((k for k in node if k == part or lossy(k) == part), None) if isinstance(node, dict) else None
+        if key is not None or missing and i == len(loc) - 1:
+            key = part if key is None else key
+            path, node = f"{path}.{key}" if path else str(key), node.get(key) if isinstance(node, dict) else None
+    return path or None
+
+
+def lossy(key: str) -> str:
+    """A key as pydantic reports it: its loc cannot hold lone surrogates and has U+FFFD per byte instead."""
+    return key.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+
+
 class _Routes:
-    def __init__(self, engine: Engine, tokenizer, settings: ServeSettings, metrics: ServerMetrics):
-        self.engine, self.tokenizer, self.settings, self.metrics = engine, tokenizer, settings, metrics
+    def __init__(self, engine: Engine, text: TextWorker, settings: ServeSettings, metrics: ServerMetrics):
+        self.engine, self.text, self.tokenizer = engine, text, text.tokenizer
+        self.settings, self.metrics = settings, metrics
         self.created = int(time.time())
 
     async def health(self):
@@ -104,17 +200,19 @@ class _Routes:
     async def tokenize(self, body: TokenizeRequest):
         self._check_model(body.model)
         if body.messages is not None:
-            ids = self._chat_ids(body.messages, True)
+            self._check_chat_template()
+            ids = (await self.text.chat(conversation(body.messages), True)).ids
         elif body.prompt is not None:
-            ids = self.tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = (await self.text.encode([body.prompt], body.add_special_tokens))[0].ids
         else:
             raise APIError(400, "give either 'prompt' or 'messages'", "prompt")
-        return {"count": len(ids), "max_model_len": self.settings.max_model_len, "tokens": ids}
+        body_text = await self.text.run(json_in_pieces, {"count": len(ids), "max_model_len": self.settings.max_model_len}, "tokens", ids)
+        return Response(body_text, media_type="application/json")
 
     async def detokenize(self, body: DetokenizeRequest):
         self._check_model(body.model)
         self._check_ids(body.tokens, "tokens")
-        return {"prompt": self.tokenizer.decode(body.tokens)}
+        return {"prompt": await self.text.run(self.tokenizer.decode, body.tokens)}
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
@@ -124,14 +222,20 @@ class _Routes:
             raise APIError(400, "best_of must equal n (candidates are not ranked)", "best_of")
         if body.max_tokens == 0 and not body.echo:
             raise APIError(400, "max_tokens=0 only makes sense with echo=true (scoring the prompt)", "max_tokens")
-        prompts = self._prompt_ids(body.prompt)
+        prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
+        self._check_sequence_count(len(prompts), body.n)
+        if isinstance(prompts[0], str):
+            prompts = await self.text.encode(prompts, limit=self.settings.max_model_len)
+        else:
+            prompts = [Encoded(ids, len(ids)) for ids in prompts]
         want_logprobs = body.logprobs is not None
         plans = []
-        for ids in prompts:
-            max_tokens = self._max_tokens(len(ids), body.max_tokens)
+        for count, ids in ((p.count, p.ids) for p in prompts):
+            max_tokens = self._max_tokens(count, body.max_tokens)
+            self._check_ids(ids, "prompt")
             params = self._params(body, max_tokens, body.logprobs if want_logprobs else None)
             params.prompt_logprobs = body.echo and want_logprobs
-            plans.append((ids, params))
+            plans.append((list(ids), params))
         return await self._serve(request, body, plans, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
@@ -140,10 +244,14 @@ class _Routes:
             raise APIError(400, "tool calling is not supported by this server", "tools")
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format {'type': 'text'} is supported (no JSON or schema mode)", "response_format")
-        ids = self._chat_ids(body.messages, body.add_generation_prompt)
-        if not ids:
+        self._check_sequence_count(1, body.n)
+        self._check_chat_template()
+        rendered = await self.text.chat(conversation(body.messages), body.add_generation_prompt, self.settings.max_model_len)
+        if not rendered.count:
             raise APIError(400, "the rendered conversation is empty", "messages")
-        max_tokens = self._max_tokens(len(ids), body.max_completion_tokens or body.max_tokens)
+        max_tokens = self._max_tokens(rendered.count, body.max_completion_tokens or body.max_tokens)
+        ids = rendered.ids
+        self._check_ids(ids, "messages")
         count = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, max_tokens, count)
         return await self._serve(request, body, [(ids, params)], chat=True)
@@ -151,52 +259,34 @@ class _Routes:
     # ---- validation ----
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.settings.model_name}'",
+            raise APIError(404, f"the model {brief(name)} does not exist; this server serves {brief(self.settings.model_name)}",
                            "model", "model_not_found")
 
-    def _check_ids(self, ids: list[int], param: str) -> None:
-        bad = [i for i in ids if not 0 <= i < self.settings.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {self.settings.vocab_size})", param)
-
-    def _prompt_ids(self, prompt) -> list[list[int]]:
-        if isinstance(prompt, str):
-            prompts = [self.tokenizer.encode(prompt)]
-        elif all(isinstance(p, str) for p in prompt):
-            prompts = [self.tokenizer.encode(p) for p in prompt]
-        elif all(isinstance(p, int) for p in prompt):
-            prompts = [list(prompt)]
-        else:
-            prompts = [list(p) for p in prompt]
-        for ids in prompts:
-            if not ids:
-                raise APIError(400, "the prompt is empty; give at least one token", "prompt")
-            self._check_ids(ids, "prompt")
-        return prompts
-
-    def _chat_ids(self, messages, add_generation_prompt: bool) -> list[int]:
+    def _check_chat_template(self) -> None:
         if not getattr(self.tokenizer, "chat_template", None):
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
-        conversation = [
-            {"role": m.role, "content": m.content if isinstance(m.content, str)
-             else "".join(part.text for part in m.content or [])}
-            for m in messages
-        ]
-        try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
-        except Exception as exc:  # jinja's TemplateError and the template's own raise_exception both land here
-            raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from None
-        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _check_sequence_count(self, prompts: int, n: int) -> None:
+        if prompts * n > MAX_SEQUENCES_PER_REQUEST:
+            raise APIError(400, f"{prompts} prompts x n={n} is over {MAX_SEQUENCES_PER_REQUEST} sequences per request", "n")
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        bad = next((i for i in ids if not 0 <= i < self.settings.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary [0, {self.settings.vocab_size})", param)
 
     def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
-        room = self.settings.max_model_len - prompt_len
-        if room < 1 and requested != 0:
-            raise APIError(400, f"the prompt has {prompt_len} tokens, the model's context is {self.settings.max_model_len}: "
-                                "no room to generate", "prompt")
+        context = self.settings.max_model_len
+        if prompt_len == 0:
+            raise APIError(400, "the prompt is empty; give at least one token", "prompt")
+        if prompt_len > context or (prompt_len == context and requested != 0):
+            raise APIError(400, f"the prompt has {prompt_len} tokens, the model's context is {context}: no room to generate",
+                           "prompt")
+        room = context - prompt_len
         if requested is None:
             return room
         if requested > room:
-            raise APIError(400, f"this model's maximum context length is {self.settings.max_model_len} tokens; the prompt has "
+            raise APIError(400, f"this model's maximum context length is {context} tokens; the prompt has "
                                 f"{prompt_len} and max_tokens asks for {requested} more", "max_tokens")
         return requested
 
@@ -207,9 +297,10 @@ class _Routes:
         stop_ids = list(body.stop_token_ids or [])
         self._check_ids(stop_ids, "stop_token_ids")
         bias = {}
-        for key, value in (body.logit_bias or {}).items():
-            if not key.isdigit() or not int(key) < self.settings.vocab_size:
-                raise APIError(400, f"logit_bias key {key!r} is not a token id in [0, {self.settings.vocab_size})", "logit_bias")
+        for key, value in (body.logit_bias or {}).items():  # keys are decimal digits (protocol.decimal_token_id)
+            if int(key) >= self.settings.vocab_size:
+                raise APIError(400, f"logit_bias key {brief(key)} is not a token id in [0, {self.settings.vocab_size})",
+                               "logit_bias")
             bias[int(key)] = value
         return SamplingParams(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
@@ -221,8 +312,6 @@ class _Routes:
 
     # ---- generation ----
     async def _serve(self, request: Request, body, plans, chat: bool):
-        if len(plans) * body.n > MAX_SEQUENCES_PER_REQUEST:
-            raise APIError(400, f"{len(plans)} prompts x n={body.n} is over {MAX_SEQUENCES_PER_REQUEST} sequences per request", "n")
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         eos = set(self.settings.eos_ids) | (set(self.settings.end_of_turn_ids) if chat else set())
@@ -244,6 +333,23 @@ class _Routes:
         if body.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream")
         return await run.collect(request)
+
+
+def conversation(messages) -> list[dict]:
+    """The messages as the chat template reads them (text parts joined; a missing content is empty)."""
+    return [{"role": m.role, "content": m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or [])}
+            for m in messages]
+
+
+def json_in_pieces(head: dict, name: str, ids: list[int], piece: int = 65536) -> str:
+    """`head` plus `name: ids` as JSON, encoded a slice at a time: one json.dumps of a million ids holds the GIL ~0.2 s."""
+    parts = [json.dumps(ids[i : i + piece])[1:-1] for i in range(0, len(ids), piece)]
+    return json.dumps(head)[:-1] + f'{", " if head else ""}"{name}": [' + ", ".join(parts) + "]}"
+
+
+def brief(text: str, limit: int = 80) -> str:
+    """A client-given string quoted for an error message, cut short: a 4 MB model name must not make a 4 MB error."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 __all__ = ["APIError", "ServeSettings", "create_app"]

@@ -1,4 +1,4 @@
-"""ASGI middleware in front of every route: body size limit (413), API key (401), request metrics.
+"""ASGI middleware in front of every route: API key (401), body size limit (413), UTF-8 body (400), request metrics.
 
 Pure ASGI rather than Starlette's BaseHTTPMiddleware, which would hide client disconnects from the routes.
 """
@@ -13,7 +13,13 @@ PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 
 
 def error_body(message: str, type_: str, status: int, param: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": status}}
+    return {"error": {"message": printable(message), "type": type_, "param": None if param is None else printable(param),
+                      "code": status}}
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate written as an escape, so an error quoting client input always encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class RequestGate:
@@ -43,16 +49,23 @@ class RequestGate:
             if declared is not None and (not declared.isdigit() or int(declared) > self.max_body_bytes):
                 return await self._reply(send_counted, 413, f"request body over the limit of {self.max_body_bytes} bytes",
                                          "invalid_request_error")
-            body, more = b"", True
+            chunks, size, more = [], 0, True
             while more:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     return
-                body += message.get("body", b"")
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
                 more = message.get("more_body", False)
-                if len(body) > self.max_body_bytes:
+                if size > self.max_body_bytes:
                     return await self._reply(send_counted, 413, f"request body over the limit of {self.max_body_bytes} bytes",
                                              "invalid_request_error")
+            body = b"".join(chunks)
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError as exc:  # JSON is UTF-8 (RFC 8259); say where it is not
+                return await self._reply(send_counted, 400, f"the request body is not valid UTF-8 (byte {exc.start})",
+                                         "invalid_request_error")
             replayed = False
 
             async def replay():

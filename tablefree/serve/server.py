@@ -1,18 +1,83 @@
-"""`tablefree serve MODEL`: load the model, build the engine and the app, run uvicorn until SIGTERM/SIGINT."""
+"""`tablefree serve MODEL`: check the flags, bind the port, load the model, run uvicorn until SIGTERM/SIGINT.
+
+What the server bounds (docs/safety.md): connections (--max-connections), a connection's idle time
+(--timeout-keep-alive, from the moment it opens), the time a request may take to arrive whole
+(--request-read-timeout, against clients that trickle bytes), the body size (--max-body-bytes), the
+waiting sequences (--max-queue), the shutdown drain (--shutdown-timeout), and the log (a repeated
+message is written once a minute with a count).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import functools
+import json
 import logging
+import math
+import os
+import re
+import socket
+import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 
+import h11
 import torch
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import TableFreeError
 from ..hub import load_model, resolve_model_path
 from .app import ServeSettings, create_app
 from .engine import Engine
+from .gate import error_body, printable
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+API_KEY_ENV = "TABLEFREE_API_KEY"
+MAX_KEY_FILE_BYTES = 4096
+DEFAULT_MAX_CONNECTIONS = 1000
+# asyncio accepts up to `backlog` connections in one turn of the loop, before any can be closed for being over
+# --max-connections: that burst, the listening socket, logs and library internals must fit beside the connections.
+BACKLOG = 64
+FILES_BESIDES_CONNECTIONS = 128
+
+log = logging.getLogger("tablefree.serve")
+
+
+# ---- flags, checked before anything slow happens ----
+def check_flags(args) -> str:
+    """The model path, once every flag is known to be usable; otherwise a TableFreeError naming the flag."""
+    if args.model and args.model_path and args.model != args.model_path:
+        raise TableFreeError(f"two models given ({args.model} and --model-path {args.model_path}); give one")
+    model_path = args.model or args.model_path
+    if not model_path:
+        raise TableFreeError("give the model: tablefree serve MODEL (or --model-path MODEL)")
+    if not 0 <= args.port <= 65535:
+        raise TableFreeError(f"--port must be between 0 and 65535, got {args.port}")
+    if not args.host:
+        raise TableFreeError("--host is empty; give an address such as 127.0.0.1 or 0.0.0.0")
+    if args.served_model_name is not None and (not args.served_model_name or printable(args.served_model_name) != args.served_model_name):
+        raise TableFreeError("--served-model-name must be a non-empty name in valid Unicode")
+    minimums = {"--max-batch-size": (args.max_batch_size, 1), "--max-queue": (args.max_queue, 1),
+                "--max-body-bytes": (args.max_body_bytes, 1), "--max-model-len": (args.max_model_len, 2),
+                "--max-connections": (args.max_connections, 1)}
+    for flag, (value, least) in minimums.items():
+        if value is not None and value < least:
+            raise TableFreeError(f"{flag} must be at least {least}, got {value}")
+    if args.threads is not None and not 1 <= args.threads <= 1024:
+        raise TableFreeError(f"--threads must be between 1 and 1024, got {args.threads}")
+    if args.seed is not None and not -(2**63) <= args.seed < 2**64:
+        raise TableFreeError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
+    for flag, value, zero_allowed in (("--timeout-keep-alive", args.timeout_keep_alive, False),
+                                      ("--request-read-timeout", args.request_read_timeout, False),
+                                      ("--shutdown-timeout", args.shutdown_timeout, True)):
+        if not (math.isfinite(value) and (value > 0 or zero_allowed and value == 0)):
+            raise TableFreeError(f"{flag} must be a finite number of seconds, {'0 or more' if zero_allowed else 'above 0'}; got {value}")
+    if not DEVICE.fullmatch(args.device):
+        raise TableFreeError(f"unknown --device {args.device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    return model_path
 
 
 def pick_device(name: str) -> str:
@@ -20,6 +85,8 @@ def pick_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TableFreeError(f"--device {name}: no CUDA device is available; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise TableFreeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
     return name
 
 
@@ -31,6 +98,80 @@ def pick_dtype(name: str, device: str) -> torch.dtype:
     return DTYPES[name]
 
 
+def resolve_api_key(args) -> str | None:
+    """The key clients must send: --api-key-file, else --api-key, else $TABLEFREE_API_KEY, else none."""
+    if args.api_key is not None and args.api_key_file is not None:
+        raise TableFreeError("give --api-key or --api-key-file, not both")
+    if args.api_key_file is not None:
+        key, source = read_key_file(args.api_key_file), f"--api-key-file {args.api_key_file}"
+    elif args.api_key is not None:
+        key, source = args.api_key, "--api-key"
+    elif API_KEY_ENV in os.environ:
+        key, source = os.environ[API_KEY_ENV], f"${API_KEY_ENV}"
+    else:
+        return None
+    key = key.strip()
+    if not key:
+        raise TableFreeError(f"{source} gives an empty API key; give a key, or none at all to serve without one")
+    if not all("!" <= c <= "~" for c in key):
+        raise TableFreeError(f"the API key from {source} must be printable ASCII without spaces (it travels in an HTTP header)")
+    return key
+
+
+def read_key_file(path: str) -> str:
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_KEY_FILE_BYTES + 1)
+    except (OSError, ValueError) as exc:
+        raise TableFreeError(f"cannot read --api-key-file {path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if len(data) > MAX_KEY_FILE_BYTES:
+        raise TableFreeError(f"--api-key-file {path} is over {MAX_KEY_FILE_BYTES} bytes; it should hold the key alone")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise TableFreeError(f"--api-key-file {path} is not text; it should hold the key alone") from None
+
+
+def connection_budget(requested: int | None) -> int:
+    """--max-connections, checked against the open-file limit (raised to the hard limit when that makes room)."""
+    import resource
+
+    wanted = (requested or DEFAULT_MAX_CONNECTIONS) + FILES_BESIDES_CONNECTIONS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    room = wanted if soft == resource.RLIM_INFINITY else soft - FILES_BESIDES_CONNECTIONS
+    if requested is None:
+        if room < 1:
+            raise TableFreeError(f"the open-file limit ({soft}, ulimit -n) leaves no room for connections; raise it")
+        return min(DEFAULT_MAX_CONNECTIONS, room)
+    if requested > room:
+        raise TableFreeError(f"--max-connections {requested} needs {wanted} open files, but this process may open {soft} "
+                             f"(ulimit -n); lower --max-connections to {room} or raise the limit")
+    return requested
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads: a busy port fails at once, not after the load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except (OSError, ValueError) as exc:  # gaierror, and UnicodeError or NUL characters in the name
+        raise TableFreeError(f"--host {host!r} is not an address to listen on ({exc}); use for example 127.0.0.1 or 0.0.0.0") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart may bind while old connections linger
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise TableFreeError(f"port {port} on {host} is already in use; stop what listens there or choose another --port") from None
+        raise TableFreeError(f"cannot listen on {host} port {port}: {exc.strerror or exc}; choose another --host or --port") from None
+    return sock
+
+
+# ---- the model ----
 def load_for_serving(model_path: str, dtype: torch.dtype, device: str, trust_remote_code: bool):
     """(model, tokenizer): this project's models through hub.load_model; any causal LM with --trust-remote-code."""
     if not trust_remote_code:
@@ -52,8 +193,6 @@ def load_for_serving(model_path: str, dtype: torch.dtype, device: str, trust_rem
 def context_length(config, requested: int | None) -> int:
     known = getattr(config, "max_position_embeddings", None)
     if requested is not None:
-        if requested < 2:
-            raise TableFreeError(f"--max-model-len must be at least 2, got {requested}")
         if known is not None and requested > known:
             raise TableFreeError(f"--max-model-len {requested} is over the model's context of {known} tokens")
         return requested
@@ -80,33 +219,144 @@ def stop_ids(model, tokenizer) -> tuple[set[int], set[int]]:
     return eos_ids, turn_ids
 
 
+# ---- connections and the log ----
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with the bounds it lacks.
+
+    uvicorn arms its keep-alive timer only after a response, so a connection that never sends a request
+    stays open forever: here the timer runs from the moment a connection opens. A request must also
+    arrive whole (head and body) within `read_timeout` of the connection waiting for it, however its
+    bytes trickle in; connections beyond `max_connections` are closed as soon as they are accepted; and
+    the 400 uvicorn writes itself for malformed HTTP is JSON like every other error.
+    """
+
+    def __init__(self, *args, max_connections: int, read_timeout: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.max_connections, self.read_timeout = max_connections, read_timeout
+        self.read_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            log.warning("%d connections are open (--max-connections); closing new ones at once", self.max_connections)
+            transport.close()
+            return
+        self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+        self._watch_request()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        self._watch_request()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._watch_request()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_read_deadline()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        body = json.dumps(error_body("malformed HTTP/1.1 request", "invalid_request_error", 400)).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
+    def _watch_request(self) -> None:
+        """Run the read deadline while the client owes us (part of) a request, and only then."""
+        waiting = self.conn.their_state in (h11.IDLE, h11.SEND_BODY) and not self.transport.is_closing()
+        if waiting and self.read_deadline is None:
+            self.read_deadline = self.loop.call_later(self.read_timeout, self._read_timed_out)
+        elif not waiting:
+            self._cancel_read_deadline()
+
+    def _cancel_read_deadline(self) -> None:
+        if self.read_deadline is not None:
+            self.read_deadline.cancel()
+            self.read_deadline = None
+
+    def _read_timed_out(self) -> None:
+        self.read_deadline = None
+        if not self.transport.is_closing():
+            log.info("closed a connection that did not send a whole request within %g s (--request-read-timeout)", self.read_timeout)
+            self.transport.close()
+
+
+class RepeatFilter(logging.Filter):
+    """Lets a message through at most once per `window` seconds; the next one to pass says how many were held back.
+
+    A flood of one error (accept() failing at the open-file limit, a client sending junk in a loop) then
+    costs a line a minute instead of megabytes a second.
+    """
+
+    def __init__(self, window: float = 60.0, remembered: int = 1024):
+        super().__init__()
+        self.window, self.remembered = window, remembered
+        self.seen: OrderedDict[tuple, list] = OrderedDict()  # message -> [when it last passed, repeats held back since]
+        self.lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed call; the handler reports it when formatting
+            text = str(record.msg)
+        key, now = (record.name, record.levelno, text), time.monotonic()
+        with self.lock:
+            entry = self.seen.get(key)
+            if entry is not None and now - entry[0] < self.window:
+                entry[1] += 1
+                return False
+            held = entry[1] if entry is not None else 0
+            self.seen[key] = [now, 0]
+            self.seen.move_to_end(key)
+            while len(self.seen) > self.remembered:
+                self.seen.popitem(last=False)
+        if held:
+            record.msg, record.args = f"{text} [{held} more like this in the last {self.window:g} s were not logged]", None
+        return True
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RepeatFilter())
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+# ---- the command ----
 def serve_command(args) -> int:
     import uvicorn
 
-    if args.model and args.model_path and args.model != args.model_path:
-        raise TableFreeError(f"two models given ({args.model} and --model-path {args.model_path}); give one")
-    model_path = args.model or args.model_path
-    if not model_path:
-        raise TableFreeError("give the model: tablefree serve MODEL (or --model-path MODEL)")
-    if args.threads is not None and args.threads < 1:
-        raise TableFreeError(f"--threads must be at least 1, got {args.threads}")
-    if args.max_batch_size < 1:
-        raise TableFreeError(f"--max-batch-size must be at least 1, got {args.max_batch_size}")
+    model_path = check_flags(args)
+    api_key = resolve_api_key(args)
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model, tokenizer = load_for_serving(model_path, dtype, device, args.trust_remote_code)
-    max_model_len = context_length(model.config, args.max_model_len)
-    eos_ids, turn_ids = stop_ids(model, tokenizer)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=max_model_len,
-                    max_queue=args.max_queue, eos_ids=eos_ids, seed=args.seed, threads=args.threads)
-    settings = ServeSettings(
-        model_name=args.served_model_name or str(model_path), max_model_len=max_model_len,
-        vocab_size=model.config.vocab_size, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-        eos_ids=frozenset(eos_ids), end_of_turn_ids=frozenset(turn_ids),
-    )
-    app = create_app(engine, tokenizer, settings)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(f"serving {settings.model_name} ({Path(str(model_path)).name}, {device}, {str(dtype).replace('torch.', '')}, "
-          f"context {max_model_len}) on http://{args.host}:{args.port}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_keep_alive=30)
+    max_connections = connection_budget(args.max_connections)
+    listener = listen(args.host, args.port)
+    try:
+        model, tokenizer = load_for_serving(model_path, dtype, device, args.trust_remote_code)
+        max_model_len = context_length(model.config, args.max_model_len)
+        eos_ids, turn_ids = stop_ids(model, tokenizer)
+        engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=max_model_len,
+                        max_queue=args.max_queue, eos_ids=eos_ids, seed=args.seed, threads=args.threads)
+        settings = ServeSettings(
+            model_name=args.served_model_name or printable(str(model_path)), max_model_len=max_model_len,
+            vocab_size=model.config.vocab_size, api_key=api_key, max_body_bytes=args.max_body_bytes,
+            eos_ids=frozenset(eos_ids), end_of_turn_ids=frozenset(turn_ids),
+        )
+        app = create_app(engine, tokenizer, settings)
+    except BaseException:
+        listener.close()
+        raise
+    configure_logging(args.log_level)
+    host, port = listener.getsockname()[:2]
+    address = f"[{host}]" if ":" in host else host
+    print(printable(f"serving {settings.model_name} ({Path(str(model_path)).name}, {device}, {str(dtype).replace('torch.', '')}, "
+                    f"context {max_model_len}) on http://{address}:{port}"), flush=True)
+    protocol = functools.partial(GuardedH11Protocol, max_connections=max_connections, read_timeout=args.request_read_timeout)
+    config = uvicorn.Config(app, http=protocol, ws="none", lifespan="on", log_config=None, log_level=args.log_level,
+                            timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=args.shutdown_timeout,
+                            backlog=BACKLOG)
+    uvicorn.Server(config).run(sockets=[listener])
     return 0
