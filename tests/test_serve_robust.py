@@ -25,6 +25,7 @@ from schemathesis import GenerationMode
 from serve_process import ServerProcess, serving_model
 
 from tablefree.cli import main
+from tablefree.errors import TableFreeError
 from tablefree.serve import add_cli as add_serve_cli
 from tablefree.serve.gate import printable
 from tablefree.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
@@ -207,16 +208,16 @@ def test_api_key_sources_and_their_precedence(tmp_path, monkeypatch):
     assert key() == "from-env"
     assert key(api_key="from-flag") == "from-flag"
     assert key(api_key_file=str(key_file)) == "from-file"
-    for bad, words in [(dict(api_key="a", api_key_file=str(key_file)), "not both"), (dict(api_key=""), "empty"),
-                       (dict(api_key="two words"), "printable ASCII"), (dict(api_key_file=str(tmp_path / "none")), "cannot read"),
-                       (dict(api_key_file=str(tmp_path)), "cannot read")]:
-        with pytest.raises(Exception, match=words):
+    for bad, words in [({"api_key": "a", "api_key_file": str(key_file)}, "not both"), ({"api_key": ""}, "empty"),
+                       ({"api_key": "two words"}, "printable ASCII"), ({"api_key_file": str(tmp_path / "none")}, "cannot read"),
+                       ({"api_key_file": str(tmp_path)}, "cannot read")]:
+        with pytest.raises(TableFreeError, match=words):
             key(**bad)
     key_file.write_bytes(b"k" * 5000)
-    with pytest.raises(Exception, match="over 4096 bytes"):
+    with pytest.raises(TableFreeError, match="over 4096 bytes"):
         key(api_key_file=str(key_file))
     monkeypatch.setenv("TABLEFREE_API_KEY", "  ")
-    with pytest.raises(Exception, match="TABLEFREE_API_KEY gives an empty API key"):
+    with pytest.raises(TableFreeError, match="TABLEFREE_API_KEY gives an empty API key"):
         key()
 
 
@@ -576,7 +577,7 @@ def test_random_serve_arguments_never_print_a_traceback(tmp_path, busy_port, cap
     try:
         code = main(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
-        out, err = capsys.readouterr()
+        err = capsys.readouterr().err
         assert exit_.code in (0, 2) and "Traceback" not in err, (argv, err)
         assert exit_.code == 0 or "usage:" in err, (argv, err)
         return

@@ -147,7 +147,8 @@ def describe_invalid(exc: RequestValidationError) -> tuple[str, str | None]:
     """(message, param) for the first validation error, with param the path into the body as the client wrote it."""
     errors = exc.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid request", "type": "value_error"}
-    loc = tuple(first.get("loc", ()))[1:] if first.get("loc", ("",))[0] == "body" else tuple(first.get("loc", ()))
+    loc = tuple(first.get("loc", ()))
+    loc = loc[1:] if loc[:1] == ("body",) else loc
     kind = first.get("type")
     if kind == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
@@ -211,8 +212,11 @@ class _Routes:
 
     async def detokenize(self, body: DetokenizeRequest):
         self._check_model(body.model)
-        self._check_ids(body.tokens, "tokens")
-        return {"prompt": await self.text.run(self.tokenizer.decode, body.tokens)}
+        return {"prompt": await self.text.run(self._decoded, body.tokens)}  # a million ids: checked and decoded off the loop
+
+    def _decoded(self, ids: list[int]) -> str:
+        self._check_ids(ids, "tokens")
+        return self.tokenizer.decode(ids)
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)

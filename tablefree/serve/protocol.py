@@ -8,7 +8,7 @@ boolean only true/false, a float field any finite number. Every text field refus
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 from pydantic_core import PydanticCustomError
@@ -61,17 +61,15 @@ def _one_or_many(value) -> str | None:
 
 
 Prompt = Annotated[
-    Union[
-        Annotated[Text, Tag("text")],
-        Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS), Tag("texts")],
-        Annotated[TokenIds, Tag("token_ids")],
-        Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS), Tag("token_id_lists")],
-    ],
+    Annotated[Text, Tag("text")]
+    | Annotated[list[Text], Field(min_length=1, max_length=MAX_PROMPTS), Tag("texts")]
+    | Annotated[TokenIds, Tag("token_ids")]
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS), Tag("token_id_lists")],
     Discriminator(_prompt_form, custom_error_type="prompt_type",
                   custom_error_message="prompt must be a string, a list of strings, a list of token ids or a list of such lists"),
 ]
 Stop = Annotated[
-    Union[Annotated[Text, Tag("one")], Annotated[list[Text], Field(max_length=MAX_STOP), Tag("many")]],
+    Annotated[Text, Tag("one")] | Annotated[list[Text], Field(max_length=MAX_STOP), Tag("many")],
     Discriminator(_one_or_many, custom_error_type="stop_type", custom_error_message="stop must be a string or a list of strings"),
 ]
 
@@ -125,7 +123,7 @@ class TextPart(BaseModel):
 
 
 Content = Annotated[
-    Union[Annotated[Text, Tag("one")], Annotated[list[TextPart], Tag("many")]],
+    Annotated[Text, Tag("one")] | Annotated[list[TextPart], Tag("many")],
     Discriminator(_one_or_many, custom_error_type="content_type",
                   custom_error_message="content must be a string or a list of {\"type\": \"text\", \"text\": ...} parts"),
 ]

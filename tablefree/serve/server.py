@@ -87,6 +87,8 @@ def pick_device(name: str) -> str:
         raise TableFreeError(f"--device {name}: no CUDA device is available; use --device cpu")
     if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
         raise TableFreeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TableFreeError("--device mps: no Apple GPU is available; use --device cpu")
     return name
 
 
