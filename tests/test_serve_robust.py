@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import io
 import json
@@ -12,6 +13,7 @@ import logging
 import select
 import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -502,19 +504,30 @@ def busy_port():
         yield holder.getsockname()[1]
 
 
-def one_line_error(capsys) -> str:
-    out, err = capsys.readouterr()
+def run_cli(argv: list[str]) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `tablefree ARGV` in this process, its streams encoded as the interpreter's
+    are (stderr escapes lone surrogates, stdout refuses them)."""
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict", write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="backslashreplace", write_through=True)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
+            code = exit_.code
+    return code, out.buffer.getvalue().decode(), err.buffer.getvalue().decode()
+
+
+def one_line_error(out: str, err: str) -> str:
     assert "serving" not in out and "Traceback" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
 
-def test_busy_port_is_a_one_line_error_before_the_model_loads(tmp_path_factory, busy_port, capsys):
-    model = serving_model(tmp_path_factory)
-    assert main(["serve", str(model), "--port", str(busy_port)]) == 2
-    line = one_line_error(capsys)  # one line: no model-loading progress either
-    assert line == f"error: port {busy_port} on 127.0.0.1 is already in use; stop what listens there or choose another --port"
+def test_busy_port_is_a_one_line_error_before_the_model_loads(tmp_path_factory, busy_port):
+    code, out, err = run_cli(["serve", str(serving_model(tmp_path_factory)), "--port", str(busy_port)])
+    line = one_line_error(out, err)  # one line: no model-loading progress either
+    assert code == 2 and line == f"error: port {busy_port} on 127.0.0.1 is already in use; stop what listens there or choose another --port"
 
 
 @pytest.mark.parametrize("flags,words", [
@@ -539,10 +552,9 @@ def test_busy_port_is_a_one_line_error_before_the_model_loads(tmp_path_factory, 
     (["--api-key", ""], "empty API key"),
     (["--api-key-file", "/nonexistent/key"], "cannot read --api-key-file"),
 ])
-def test_serve_flags_are_checked_before_the_model_loads(tmp_path_factory, busy_port, capsys, flags, words):
-    model = serving_model(tmp_path_factory)
-    assert main(["serve", str(model), "--port", str(busy_port), *flags]) == 2
-    assert words in one_line_error(capsys)
+def test_serve_flags_are_checked_before_the_model_loads(tmp_path_factory, busy_port, flags, words):
+    code, out, err = run_cli(["serve", str(serving_model(tmp_path_factory)), "--port", str(busy_port), *flags])
+    assert code == 2 and words in one_line_error(out, err)
 
 
 def serve_flags() -> list[str]:
@@ -563,7 +575,7 @@ ARGUMENT = st.one_of(
 
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
 @given(data=st.data())
-def test_random_serve_arguments_never_print_a_traceback(tmp_path, busy_port, capsys, monkeypatch, data):
+def test_random_serve_arguments_never_print_a_traceback(tmp_path, busy_port, monkeypatch, data):
     """Random flags and values with the port held busy and no model at the path: argparse's usage error or one
     `error:` line, never a traceback (and never a server)."""
     monkeypatch.delenv("TABLEFREE_API_KEY", raising=False)
@@ -574,12 +586,9 @@ def test_random_serve_arguments_never_print_a_traceback(tmp_path, busy_port, cap
         argv += [flag] if flag in ("--trust-remote-code", "--help") else [flag, data.draw(ARGUMENT)]
     if data.draw(st.booleans()):
         argv.insert(data.draw(st.integers(1, len(argv))), data.draw(ARGUMENT))
-    try:
-        code = main(argv)
-    except SystemExit as exit_:  # argparse: --help (0) or a usage error (2)
-        err = capsys.readouterr().err
-        assert exit_.code in (0, 2) and "Traceback" not in err, (argv, err)
-        assert exit_.code == 0 or "usage:" in err, (argv, err)
-        return
-    assert code == 2, argv
-    one_line_error(capsys)
+    code, out, err = run_cli(argv)
+    if "usage:" in err or code == 0:  # argparse: a usage error, or --help
+        assert code in (0, 2) and "Traceback" not in err, (argv, err)
+    else:
+        assert code == 2, (argv, err)
+        one_line_error(out, err)

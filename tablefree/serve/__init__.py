@@ -1,9 +1,10 @@
-"""`tablefree serve`: an OpenAI-compatible HTTP server with continuous batching (DESIGN.md section 8).
+"""`tablefree serve`: an OpenAI-compatible HTTP server with continuous batching.
 
 Modules: engine (the batch scheduler and KV cache), sampling (next-token choice), text (incremental
-decoding, stop strings), protocol (request bodies, errors), app (routes), responses (response bodies
-and stream chunks), gate (size limit, API key, metrics per request), metrics (Prometheus), server
-(model loading and uvicorn).
+decoding, stop strings), protocol (request bodies, errors), app (routes, tokenising off the event
+loop), responses (response bodies and stream chunks), gate (API key, body size and encoding, metrics
+per request), metrics (Prometheus), server (flags, the listening socket, connection bounds, model
+loading and uvicorn). What the server bounds and what bad input gets: docs/safety.md.
 """
 
 from __future__ import annotations
