@@ -38,10 +38,10 @@ DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 API_KEY_ENV = "TABLEFREE_API_KEY"
 MAX_KEY_FILE_BYTES = 4096
 DEFAULT_MAX_CONNECTIONS = 1000
-# asyncio accepts up to `backlog` connections in one turn of the loop, before any can be closed for being over
-# --max-connections: that burst, the listening socket, logs and library internals must fit beside the connections.
+# asyncio accepts up to `backlog` connections per turn of its loop, and one over --max-connections is closed three
+# turns later: four such bursts, the listening socket, logs and library internals must fit beside the connections.
 BACKLOG = 64
-FILES_BESIDES_CONNECTIONS = 128
+FILES_BESIDES_CONNECTIONS = 4 * BACKLOG + 64
 
 log = logging.getLogger("tablefree.serve")
 
