@@ -3,7 +3,7 @@
 Both servers get the same streamed requests (the model card's completion: "Once upon a time,",
 temperature 0.5, N new tokens) from 1, 8 and 32 concurrent clients. Aggregate generated tokens/s
 counts the `usage.completion_tokens` each server reports; time to first token is request start to
-the first chunk with text. The network is the DESIGN's bench model (small-affine: 4 layers, width
+the first chunk with text. The network is the small-affine preset (4 layers, width
 256, V = 65,536); `transformers serve` gets its stock GPT-NeoX export (`tablefree export --format
 gpt-neox`: same weights, same logits), since it has no table-free model class.
 Goals: our c8 >= 3x our c1, and >= 1.5x transformers serve's c8; no failed request.

@@ -1,4 +1,4 @@
-"""Fixed token codes and their parameter-free lift to the model width (DESIGN.md section 2).
+"""Fixed token codes and their parameter-free lift to the model width.
 
 A code maps a token id t in [0, V) to K' >= K = ceil(log2 V) bits, most significant first.
 Every family here is computed from the id with a few integer ops, holds no table, no buffer and

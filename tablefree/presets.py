@@ -49,7 +49,7 @@ VARIANTS = {
 }
 PRESETS = [f"{size}-{variant}" for size in SIZES for variant in VARIANTS]
 
-# Exactly GPT-NeoX with a sequential residual and full rotary (DESIGN.md section 3).
+# Exactly GPT-NeoX with a sequential residual and full rotary, as the paper's backbone.
 BACKBONE = dict(
     vocab_size=VOCAB_SIZE,
     hidden_act="gelu",

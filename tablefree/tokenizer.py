@@ -1,4 +1,4 @@
-"""The code-point tokenizer (DESIGN.md sections 1 and 5), saved as a standard tokenizer.json.
+"""The code-point tokenizer of the published checkpoints, saved as a standard tokenizer.json.
 
 Layout of the V = 65,536 ids:
 - every Basic-Multilingual-Plane character outside the surrogate and private-use ranges has its
