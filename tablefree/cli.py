@@ -32,16 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = args.run(args)
     except TableFreeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except OSError as exc:  # the environment, not the input: a full disk, a name too long, a permission
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"error: {one_line(f'{exc.strerror or exc}{where}')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def one_line(message: str) -> str:
+    """`message` with every line break escaped: user input quoted in it (a file name with a newline) stays on one line."""
+    return "".join(repr(c)[1:-1] if len(f"{c}x".splitlines()) > 1 else c for c in message)
 
 
 if __name__ == "__main__":
