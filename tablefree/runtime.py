@@ -1,0 +1,115 @@
+"""Where and how a command runs: device, compute dtype, CPU threads and process rank, decided once.
+
+Every entry point (train, eval, generate, serve, compare, quickstart, the benches) asks `resolve_runtime`
+and prints `Runtime.describe()`, so the choice is made in one place and always said. `auto` means the
+best present: CUDA with bfloat16 when a GPU is visible, else the CPU in float32. The rank comes from
+torchrun's environment here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import TableFreeError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+DEVICE_HELP = "auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps"
+DTYPE_HELP = "auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16"
+
+
+@dataclass(frozen=True)
+class ProcessRank:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def process_rank() -> ProcessRank:
+    """This process's place among torchrun's processes (a world of one without torchrun)."""
+    try:
+        return ProcessRank(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                           int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError:
+        raise TableFreeError("RANK, WORLD_SIZE or LOCAL_RANK is not an integer; launch with torchrun or unset them") from None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    dtype: torch.dtype  # the compute dtype: weights for inference, autocast for training
+    rank: ProcessRank = ProcessRank()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank.is_main
+
+    def autocast(self):
+        """Mixed precision for training: autocast to `dtype` off float32, a no-op in float32."""
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def describe(self) -> str:
+        where = str(self.device)
+        if self.device.type == "cuda":
+            where += f" ({torch.cuda.get_device_name(self.device)})"
+        elif self.device.type == "cpu":
+            where += f" ({torch.get_num_threads()} threads)"
+        rank = f", rank {self.rank.rank} of {self.rank.world_size}" if self.rank.world_size > 1 else ""
+        return f"{where}, {str(self.dtype).removeprefix('torch.')}{rank}"
+
+
+def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    if not DEVICE_PATTERN.fullmatch(name or ""):
+        raise TableFreeError(f"unknown device {name!r}; choose {DEVICE_HELP}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TableFreeError(f"device {name}: no CUDA device is available; use cpu or auto")
+        index = int(name[5:]) if ":" in name else local_rank
+        if index >= torch.cuda.device_count():
+            raise TableFreeError(f"device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
+        return torch.device("cuda", index)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise TableFreeError("device mps: no Apple GPU is available; use cpu or auto")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise TableFreeError(f"unknown dtype {name!r}; choose {DTYPE_HELP}")
+    if DTYPES[name] == torch.float16 and device.type == "cpu":
+        raise TableFreeError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
+    return DTYPES[name]
+
+
+def resolve_runtime(device: str = "auto", dtype: str = "auto", threads: int | None = None) -> Runtime:
+    """The device, dtype and rank a command runs with; `threads` caps the CPU threads of this process."""
+    if threads is not None:
+        if not 1 <= threads <= 1024:
+            raise TableFreeError(f"threads must be between 1 and 1024, got {threads}")
+        torch.set_num_threads(threads)
+    rank = process_rank()
+    chosen = pick_device(device, rank.local_rank)
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    return Runtime(chosen, pick_dtype(dtype, chosen), rank)
+
+
+def add_runtime_flags(parser) -> None:
+    """--device and --dtype, with their help, for every command that runs a model."""
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+    parser.add_argument("--dtype", default="auto", help=DTYPE_HELP)
