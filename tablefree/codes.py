@@ -5,7 +5,11 @@ Every family here is computed from the id with a few integer ops, holds no table
 no trainable parameter, and is injective with an exact inverse. This file imports only torch
 and the standard library because it ships inside every saved model directory.
 
-Adding a code family = one `Code` subclass below plus its entry in `CODE_FAMILIES`.
+Bit order: a code is a list of bits c_0 .. c_{K'-1}, c_0 the most significant; an affine row bitmask
+holds column j of its row at bit K'-1-j, so row i applied to t is parity(t AND row).
+
+Adding a code family = one `Code` subclass below, its entry in `CODE_FAMILIES` and its arguments in
+`build_code`.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ def _splitmix64(state: int) -> tuple[int, int]:
 
 
 def _random_words(seed: int, count: int, bits: int) -> list[int]:
+    """`count` SplitMix64 outputs from `seed` (taken mod 2**64), each masked to its low `bits` bits."""
     state, words = seed & ((1 << 64) - 1), []
     for _ in range(count):
         state, value = _splitmix64(state)
@@ -72,6 +77,7 @@ def gf2_inverse(rows: list[int], k: int) -> list[int] | None:
 
 
 def gf2_rank(rows: list[int], k: int) -> int:
+    """Rank over GF(2) of the rows given as bitmasks (to name how singular a refused matrix is)."""
     basis: list[int] = []
     for row in rows:
         for b in basis:

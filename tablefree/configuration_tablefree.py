@@ -14,7 +14,8 @@ from .codes import build_code
 class TableFreeConfig(GPTNeoXConfig):
     r"""
     code_family (`str`, defaults to `"affine"`): `minimal`, `affine` or `hashed` (see codes.py).
-    code_bits (`int`, *optional*): code width; defaults to K = ceil(log2 vocab_size). `hashed` accepts K' >= K.
+    code_bits (`int`, *optional*): code width K'; defaults to K = ceil(log2 vocab_size). `minimal` needs exactly K;
+        `affine` and `hashed` accept any K' from K to 62.
     code_seed (`int`, defaults to 0): seed of the affine draw, key of the hashed code.
     affine_preset (`str`, *optional*): `identity` or `gray` instead of a random affine map.
     affine_rows (`list[int]`, *optional*): rows of A as bitmasks; filled from the seed or preset when absent,
