@@ -343,3 +343,110 @@ def test_stock_gpt_neox_export_serves_the_same_text(server, tmp_path):
         assert theirs == ours
     finally:
         other.stop()
+
+
+# ---- the protocol types, in process and on the wire ----
+def test_sampling_params_take_the_request_then_the_server_then_openai():
+    from tablefree.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+    server = SamplingFields.model_validate({"seed": 7, "temperature": 0.3, "stop": "END"})
+    context = {"vocab_size": 100, "max_model_len": 50, "defaults": server}
+    plain = CompletionRequest.model_validate({"prompt": "x"}).sampling_params(10, **context)
+    assert (plain.seed, plain.temperature, plain.stop) == (7, 0.3, ["END"])  # the server's, where the request is silent
+    assert (plain.top_p, plain.top_k, plain.max_tokens, plain.logprobs) == (1.0, -1, 16, None)  # OpenAI's
+    own = CompletionRequest.model_validate({"prompt": "x", "seed": 1, "temperature": 0.9, "stop": None}).sampling_params(
+        10, **context)
+    assert (own.seed, own.temperature, own.stop) == (1, 0.9, [])  # the request's own, even an explicit null
+    unseeded = CompletionRequest.model_validate({"prompt": "x", "seed": None}).sampling_params(10, **context)
+    assert unseeded.seed is None
+    assert CompletionRequest.model_validate({"prompt": "x"}).sampling_params(10, **{**context, "defaults": SamplingFields()}).seed is None
+    chat = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], "max_tokens": 9,
+                                                 "max_completion_tokens": 4, "logprobs": True, "top_logprobs": 2})
+    params = chat.sampling_params(10, **context)
+    assert (params.max_tokens, params.logprobs, params.seed) == (4, 2, 7)
+    room = ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}]}).sampling_params(10, **context)
+    assert room.max_tokens == 40 and room.logprobs is None  # chat without max_tokens: the rest of the context
+    scoring = CompletionRequest.model_validate({"prompt": "x", "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert scoring.sampling_params(10, **context).prompt_logprobs
+
+
+def test_sampling_params_refuse_what_the_model_cannot_take():
+    from tablefree.serve.protocol import APIError, CompletionRequest, SamplingFields
+
+    context = {"vocab_size": 100, "max_model_len": 50, "defaults": SamplingFields()}
+    cases = [({"logit_bias": {"100": 1}}, 10, "logit_bias"), ({"stop_token_ids": [100]}, 10, "stop_token_ids"),
+             ({"max_tokens": 41}, 10, "max_tokens"), ({"max_tokens": 0}, 10, "max_tokens"),
+             ({"max_tokens": 1}, 50, "prompt"), ({}, 0, "prompt"),
+             ({"logit_bias": {"9" * 40: 1}}, 10, "logit_bias")]
+    for fields, prompt_tokens, param in cases:
+        with pytest.raises(APIError) as refused:
+            CompletionRequest.model_validate({"prompt": "x", **fields}).sampling_params(prompt_tokens, **context)
+        assert refused.value.status == 400 and refused.value.param == param, fields
+
+
+def test_every_body_on_the_wire_is_its_protocol_type(server):
+    from tablefree.serve.protocol import (ChatCompletion, ChatCompletionChunk, Completion, DetokenizeResponse, ErrorResponse,
+                                          Health, ModelList, TokenizeResponse)
+
+    def events(path, body):
+        with httpx.stream("POST", f"{server.url}{path}", json={**body, "stream": True}, timeout=120) as response:
+            lines = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]"
+        return [json.loads(line) for line in lines[:-1]]
+
+    completion = {"prompt": ["Hi", "there"], "max_tokens": 3, "n": 2, "logprobs": 2, "echo": True, "seed": 5}
+    Completion.model_validate(httpx.post(f"{server.url}/v1/completions", json=completion, timeout=120).json(), strict=True)
+    chunks = events("/v1/completions", {**completion, "stream_options": {"include_usage": True}})
+    assert all(Completion.model_validate(c, strict=True) for c in chunks) and chunks[-1]["usage"]["completion_tokens"] >= 4
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "n": 2, "logprobs": True, "top_logprobs": 1}
+    ChatCompletion.model_validate(httpx.post(f"{server.url}/v1/chat/completions", json=chat, timeout=120).json(), strict=True)
+    assert all(ChatCompletionChunk.model_validate(c, strict=True) for c in events("/v1/chat/completions", chat))
+    ModelList.model_validate(httpx.get(f"{server.url}/v1/models").json(), strict=True)
+    Health.model_validate(httpx.get(f"{server.url}/health").json(), strict=True)
+    TokenizeResponse.model_validate(httpx.post(f"{server.url}/tokenize", json={"prompt": "Hi"}).json(), strict=True)
+    DetokenizeResponse.model_validate(httpx.post(f"{server.url}/detokenize", json={"tokens": [72]}).json(), strict=True)
+    ErrorResponse.model_validate(httpx.post(f"{server.url}/v1/completions", json={"prompt": 1}).json(), strict=True)
+
+
+def test_the_openapi_schema_documents_every_response_body(server):
+    paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
+    expected = {("/v1/completions", "post"): "Completion", ("/v1/chat/completions", "post"): "ChatCompletion",
+                ("/v1/models", "get"): "ModelList", ("/health", "get"): "Health", ("/tokenize", "post"): "TokenizeResponse",
+                ("/detokenize", "post"): "DetokenizeResponse"}
+    for (path, method), name in expected.items():
+        responses = paths[path][method]["responses"]
+        assert responses["200"]["content"]["application/json"]["schema"] == {"$ref": f"#/components/schemas/{name}"}, path
+        assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+
+
+def test_completion_and_chat_rendering_each_give_ids(tmp_path_factory):
+    import asyncio
+
+    from transformers import AutoTokenizer
+
+    from tablefree.serve.app import TextWorker
+    from tablefree.serve.protocol import APIError, ChatMessage
+
+    tokenizer = AutoTokenizer.from_pretrained(str(serving_model(tmp_path_factory)))
+    text = TextWorker(tokenizer)
+    hi, long = tokenizer.encode("Hi"), "Hello there, how are you today? Fine, thanks."
+    assert len(tokenizer.encode(long)) > 4
+    messages = [ChatMessage(role="user", content=[{"type": "text", "text": "H"}, {"type": "text", "text": "i"}])]
+
+    async def render():
+        forms = [await text.completion_prompts(prompt, limit=4) for prompt in ("Hi", ["Hi", long], [5, 6], [[5], [6, 7]])]
+        return forms, await text.chat(messages, True)
+
+    try:
+        forms, chat = asyncio.run(render())
+        assert [[tuple(p) for p in form] for form in forms] == [
+            [(hi, len(hi))], [(hi, len(hi)), (None, len(tokenizer.encode(long)))],  # over the limit: counted only
+            [([5, 6], 2)], [([5], 1), ([6, 7], 2)]]
+        assert chat.ids == tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                                         tokenize=True, return_dict=False)
+        tokenizer.chat_template = None
+        with pytest.raises(APIError) as refused:
+            asyncio.run(text.chat(messages, True))
+        assert refused.value.param == "messages" and "no chat template" in refused.value.message
+    finally:
+        text.close()

@@ -28,8 +28,7 @@ from serve_process import ServerProcess, serving_model
 from tablefree.cli import main
 from tablefree.errors import TableFreeError
 from tablefree.serve import add_cli as add_serve_cli
-from tablefree.serve.gate import printable
-from tablefree.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from tablefree.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, printable
 from tablefree.serve.server import RepeatFilter, resolve_api_key
 
 KEY = "sk-test-key"

@@ -8,7 +8,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from fastapi import FastAPI, Request
@@ -17,19 +17,29 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, QueueFull, Sequence
-from .gate import RequestGate, error_body
+from .gate import RequestGate
 from .metrics import ServerMetrics
 from .protocol import (
     APIError,
+    ChatCompletion,
     ChatCompletionRequest,
+    ChatMessage,
+    Completion,
     CompletionRequest,
     DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
+    Health,
+    ModelCard,
+    ModelList,
+    Prompt,
     SamplingFields,
     TokenizeRequest,
+    TokenizeResponse,
+    brief,
+    error_body,
 )
 from .responses import RequestRun
-from .sampling import SamplingParams
 
 MAX_SEQUENCES_PER_REQUEST = 64
 NOT_AN_OBJECT = "the request body must be a JSON object (send it with Content-Type: application/json)"
@@ -46,6 +56,8 @@ class ServeSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     eos_ids: frozenset[int] = frozenset()
     end_of_turn_ids: frozenset[int] = frozenset()  # tokens that close a chat turn (e.g. [EOT]); chat stops there too
+    # The sampling fields this sets are the server's defaults for requests that leave them out (see protocol).
+    sampling_defaults: SamplingFields = field(default_factory=SamplingFields)
 
 
 class TextWorker:
@@ -67,8 +79,19 @@ class TextWorker:
     async def encode(self, texts: list[str], add_special_tokens: bool = True, limit: int | None = None) -> list[Encoded]:
         return await self.run(self._encode, texts, add_special_tokens, limit)
 
-    async def chat(self, conversation: list[dict], add_generation_prompt: bool, limit: int | None = None) -> Encoded:
-        return await self.run(self._chat, conversation, add_generation_prompt, limit)
+    async def completion_prompts(self, prompt: Prompt, limit: int) -> list[Encoded]:
+        """Completion rendering: each of a request's prompts (a text, texts, token ids or lists of them) as ids."""
+        if isinstance(prompt, str):
+            return await self.encode([prompt], limit=limit)
+        if isinstance(prompt[0], str):
+            return await self.encode(prompt, limit=limit)
+        return [Encoded(ids, len(ids)) for ids in ([prompt] if isinstance(prompt[0], int) else prompt)]
+
+    async def chat(self, messages: list[ChatMessage], add_generation_prompt: bool, limit: int | None = None) -> Encoded:
+        """Chat rendering: the messages through the tokenizer's chat template, then as ids."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
+        return await self.run(self._chat, conversation(messages), add_generation_prompt, limit)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -112,7 +135,7 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings) -> FastAPI:
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
         headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return JSONResponse(error_body(exc.message, exc.type, exc.status, exc.param), status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc: RequestValidationError):
@@ -134,11 +157,12 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings) -> FastAPI:
 
     server = _Routes(engine, text, settings, metrics)
     app.get("/health")(server.health)
-    app.get("/metrics")(server.metrics_text)
+    app.get("/metrics", response_class=Response)(server.metrics_text)
     app.get("/v1/models")(server.models)
-    app.post("/v1/completions")(server.completions)
-    app.post("/v1/chat/completions")(server.chat_completions)
-    app.post("/tokenize")(server.tokenize)
+    # A stream is a StreamingResponse, which FastAPI passes through; the model documents the body.
+    app.post("/v1/completions", response_model=Completion)(server.completions)
+    app.post("/v1/chat/completions", response_model=ChatCompletion)(server.chat_completions)
+    app.post("/tokenize", response_class=Response, responses={200: {"model": TokenizeResponse}})(server.tokenize)
     app.post("/detokenize")(server.detokenize)
     return app
 
@@ -183,40 +207,36 @@ def lossy(key: str) -> str:
 
 class _Routes:
     def __init__(self, engine: Engine, text: TextWorker, settings: ServeSettings, metrics: ServerMetrics):
-        self.engine, self.text, self.tokenizer = engine, text, text.tokenizer
-        self.settings, self.metrics = settings, metrics
-        self.created = int(time.time())
+        self.engine, self.text, self.settings, self.metrics = engine, text, settings, metrics
+        self.card = ModelCard(id=settings.model_name, created=int(time.time()), max_model_len=settings.max_model_len)
 
-    async def health(self):
-        return {"status": "ok"}
+    async def health(self) -> Health:
+        return Health()
 
     async def metrics_text(self):
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    async def models(self):
-        card = {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "tablefree",
-                "max_model_len": self.settings.max_model_len}
-        return {"object": "list", "data": [card]}
+    async def models(self) -> ModelList:
+        return ModelList(data=[self.card])
 
     async def tokenize(self, body: TokenizeRequest):
         self._check_model(body.model)
         if body.messages is not None:
-            self._check_chat_template()
-            ids = (await self.text.chat(conversation(body.messages), True)).ids
+            ids = (await self.text.chat(body.messages, True)).ids
         elif body.prompt is not None:
             ids = (await self.text.encode([body.prompt], body.add_special_tokens))[0].ids
         else:
             raise APIError(400, "give either 'prompt' or 'messages'", "prompt")
-        body_text = await self.text.run(json_in_pieces, {"count": len(ids), "max_model_len": self.settings.max_model_len}, "tokens", ids)
-        return Response(body_text, media_type="application/json")
+        head = {"count": len(ids), "max_model_len": self.settings.max_model_len}
+        return Response(await self.text.run(json_in_pieces, head, "tokens", ids), media_type="application/json")
 
-    async def detokenize(self, body: DetokenizeRequest):
+    async def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
         self._check_model(body.model)
-        return {"prompt": await self.text.run(self._decoded, body.tokens)}  # a million ids: checked and decoded off the loop
+        return DetokenizeResponse(prompt=await self.text.run(self._decoded, body.tokens))  # a million ids: off the loop
 
     def _decoded(self, ids: list[int]) -> str:
         self._check_ids(ids, "tokens")
-        return self.tokenizer.decode(ids)
+        return self.text.tokenizer.decode(ids)
 
     async def completions(self, body: CompletionRequest, request: Request):
         self._check_model(body.model)
@@ -224,22 +244,13 @@ class _Routes:
             raise APIError(400, "'suffix' (fill-in-the-middle) is not supported", "suffix")
         if body.best_of is not None and body.best_of != body.n:
             raise APIError(400, "best_of must equal n (candidates are not ranked)", "best_of")
-        if body.max_tokens == 0 and not body.echo:
-            raise APIError(400, "max_tokens=0 only makes sense with echo=true (scoring the prompt)", "max_tokens")
-        prompts = [body.prompt] if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else body.prompt
-        self._check_sequence_count(len(prompts), body.n)
-        if isinstance(prompts[0], str):
-            prompts = await self.text.encode(prompts, limit=self.settings.max_model_len)
-        else:
-            prompts = [Encoded(ids, len(ids)) for ids in prompts]
-        want_logprobs = body.logprobs is not None
+        prompt_count = 1 if isinstance(body.prompt, str) or isinstance(body.prompt[0], int) else len(body.prompt)
+        self._check_sequence_count(prompt_count, body.n)
         plans = []
-        for count, ids in ((p.count, p.ids) for p in prompts):
-            max_tokens = self._max_tokens(count, body.max_tokens)
-            self._check_ids(ids, "prompt")
-            params = self._params(body, max_tokens, body.logprobs if want_logprobs else None)
-            params.prompt_logprobs = body.echo and want_logprobs
-            plans.append((list(ids), params))
+        for prompt in await self.text.completion_prompts(body.prompt, self.settings.max_model_len):
+            params = body.sampling_params(prompt.count, **self._sampling_context())
+            self._check_ids(prompt.ids, "prompt")
+            plans.append((prompt.ids, params))
         return await self._serve(request, body, plans, chat=False)
 
     async def chat_completions(self, body: ChatCompletionRequest, request: Request):
@@ -249,26 +260,22 @@ class _Routes:
         if body.response_format and body.response_format.get("type", "text") != "text":
             raise APIError(400, "only response_format {'type': 'text'} is supported (no JSON or schema mode)", "response_format")
         self._check_sequence_count(1, body.n)
-        self._check_chat_template()
-        rendered = await self.text.chat(conversation(body.messages), body.add_generation_prompt, self.settings.max_model_len)
+        rendered = await self.text.chat(body.messages, body.add_generation_prompt, self.settings.max_model_len)
         if not rendered.count:
             raise APIError(400, "the rendered conversation is empty", "messages")
-        max_tokens = self._max_tokens(rendered.count, body.max_completion_tokens or body.max_tokens)
-        ids = rendered.ids
-        self._check_ids(ids, "messages")
-        count = (body.top_logprobs or 0) if body.logprobs else None
-        params = self._params(body, max_tokens, count)
-        return await self._serve(request, body, [(ids, params)], chat=True)
+        params = body.sampling_params(rendered.count, **self._sampling_context())
+        self._check_ids(rendered.ids, "messages")
+        return await self._serve(request, body, [(rendered.ids, params)], chat=True)
 
     # ---- validation ----
+    def _sampling_context(self) -> dict:
+        s = self.settings
+        return {"vocab_size": s.vocab_size, "max_model_len": s.max_model_len, "defaults": s.sampling_defaults}
+
     def _check_model(self, name: str | None) -> None:
         if name is not None and name != self.settings.model_name:
             raise APIError(404, f"the model {brief(name)} does not exist; this server serves {brief(self.settings.model_name)}",
                            "model", "model_not_found")
-
-    def _check_chat_template(self) -> None:
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
 
     def _check_sequence_count(self, prompts: int, n: int) -> None:
         if prompts * n > MAX_SEQUENCES_PER_REQUEST:
@@ -278,41 +285,6 @@ class _Routes:
         bad = next((i for i in ids if not 0 <= i < self.settings.vocab_size), None)
         if bad is not None:
             raise APIError(400, f"token id {bad} is outside the vocabulary [0, {self.settings.vocab_size})", param)
-
-    def _max_tokens(self, prompt_len: int, requested: int | None) -> int:
-        context = self.settings.max_model_len
-        if prompt_len == 0:
-            raise APIError(400, "the prompt is empty; give at least one token", "prompt")
-        if prompt_len > context or (prompt_len == context and requested != 0):
-            raise APIError(400, f"the prompt has {prompt_len} tokens, the model's context is {context}: no room to generate",
-                           "prompt")
-        room = context - prompt_len
-        if requested is None:
-            return room
-        if requested > room:
-            raise APIError(400, f"this model's maximum context length is {context} tokens; the prompt has "
-                                f"{prompt_len} and max_tokens asks for {requested} more", "max_tokens")
-        return requested
-
-    def _params(self, body: SamplingFields, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if any(s == "" for s in stop):
-            raise APIError(400, "stop strings must not be empty", "stop")
-        stop_ids = list(body.stop_token_ids or [])
-        self._check_ids(stop_ids, "stop_token_ids")
-        bias = {}
-        for key, value in (body.logit_bias or {}).items():  # keys are decimal digits (protocol.decimal_token_id)
-            if int(key) >= self.settings.vocab_size:
-                raise APIError(400, f"logit_bias key {brief(key)} is not a token id in [0, {self.settings.vocab_size})",
-                               "logit_bias")
-            bias[int(key)] = value
-        return SamplingParams(
-            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
-            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty, logit_bias=bias, seed=body.seed, stop=stop,
-            stop_token_ids=stop_ids, ignore_eos=body.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=body.skip_special_tokens,
-        )
 
     # ---- generation ----
     async def _serve(self, request: Request, body, plans, chat: bool):
@@ -324,16 +296,16 @@ class _Routes:
             for i in range(body.n):
                 index = p * body.n + i
                 sink = lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event))  # noqa: E731
-                sequences.append(Sequence(ids, params, self.tokenizer, sink, eos, choice=i))
+                sequences.append(Sequence(ids, params, self.text.tokenizer, sink, eos, choice=i))
         try:
             self.engine.submit(sequences)
         except QueueFull as exc:
             raise APIError(503, f"server busy: {exc}; retry shortly", None, "server_busy") from None
         except ValueError as exc:
             raise APIError(400, str(exc), "n") from None
-        self.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in plans))
-        run = RequestRun(self.tokenizer, self.settings.model_name, self.metrics, body, plans, sequences, events, chat,
+        run = RequestRun(self.text.tokenizer, self.settings.model_name, self.metrics, body, plans, sequences, events, chat,
                          time.perf_counter())
+        self.metrics.prompt_tokens.inc(run.prompt_tokens)
         if body.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream")
         return await run.collect(request)
@@ -349,11 +321,6 @@ def json_in_pieces(head: dict, name: str, ids: list[int], piece: int = 65536) ->
     """`head` plus `name: ids` as JSON, encoded a slice at a time: one json.dumps of a million ids holds the GIL ~0.2 s."""
     parts = [json.dumps(ids[i : i + piece])[1:-1] for i in range(0, len(ids), piece)]
     return json.dumps(head)[:-1] + f'{", " if head else ""}"{name}": [' + ", ".join(parts) + "]}"
-
-
-def brief(text: str, limit: int = 80) -> str:
-    """A client-given string quoted for an error message, cut short: a 4 MB model name must not make a 4 MB error."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 __all__ = ["APIError", "ServeSettings", "create_app"]

@@ -9,17 +9,9 @@ import hmac
 import json
 import time
 
+from .protocol import error_body, printable  # noqa: F401  (server.py imports printable from here)
+
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
-
-
-def error_body(message: str, type_: str, status: int, param: str | None = None) -> dict:
-    return {"error": {"message": printable(message), "type": type_, "param": None if param is None else printable(param),
-                      "code": status}}
-
-
-def printable(text: str) -> str:
-    """`text` with any lone surrogate written as an escape, so an error quoting client input always encodes as UTF-8."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class RequestGate:

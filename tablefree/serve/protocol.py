@@ -1,8 +1,11 @@
-"""The OpenAI-compatible request bodies (validated by pydantic, so the OpenAPI schema documents every bound).
+"""The OpenAI-compatible API as types: request and response bodies, stream chunks and the one error body.
 
-Types are strict as OpenAI's are: an integer field takes only integers (not "5", 5.0 or true), a
-boolean only true/false, a float field any finite number. Every text field refuses lone surrogates
-(JSON can spell them as "\\ud800"; no tokenizer or UTF-8 encoder accepts them).
+Requests are validated by pydantic, so the OpenAPI schema documents every bound. Types are strict as
+OpenAI's are: an integer field takes only integers (not "5", 5.0 or true), a boolean only true/false, a
+float field any finite number. Every text field refuses lone surrogates (JSON can spell them as
+"\\ud800"; no tokenizer or UTF-8 encoder accepts them). Each request type turns itself into the
+engine's sampling parameters (`sampling_params`), with one priority: the request's own fields, then
+the server's defaults, then OpenAI's defaults (the ones declared here).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 from pydantic_core import PydanticCustomError
+
+from .sampling import SamplingParams
 
 MAX_N = 16
 MAX_LOGPROBS = 20
@@ -35,6 +40,16 @@ def decimal_token_id(key: str) -> str:
     if not (key.isascii() and key.isdigit()):
         raise PydanticCustomError("token_id_key", "logit_bias keys are token ids written in decimal digits, like \"50256\"")
     return key
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate written as an escape, so an error quoting client input always encodes as UTF-8."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def brief(text: str, limit: int = 80) -> str:
+    """A client-given string quoted for an error message, cut short: a 4 MB model name must not make a 4 MB error."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 Text = Annotated[str, AfterValidator(valid_unicode)]
@@ -68,8 +83,9 @@ Prompt = Annotated[
     Discriminator(_prompt_form, custom_error_type="prompt_type",
                   custom_error_message="prompt must be a string, a list of strings, a list of token ids or a list of such lists"),
 ]
+StopString = Annotated[Text, Field(min_length=1)]
 Stop = Annotated[
-    Annotated[Text, Tag("one")] | Annotated[list[Text], Field(max_length=MAX_STOP), Tag("many")],
+    Annotated[StopString, Tag("one")] | Annotated[list[StopString], Field(max_length=MAX_STOP), Tag("many")],
     Discriminator(_one_or_many, custom_error_type="stop_type", custom_error_message="stop must be a string or a list of strings"),
 ]
 
@@ -105,6 +121,46 @@ class SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     user: Text | None = None
 
+    def _sampling_params(self, max_tokens: int, logprobs: int | None, vocab_size: int, defaults: SamplingFields
+                         ) -> SamplingParams:
+        """The one place sampling fields are filled: each field the request set, else the server's, else OpenAI's."""
+        def pick(name: str):
+            return getattr(self if name in self.model_fields_set else defaults, name)
+
+        stop = pick("stop")
+        stop_ids = list(pick("stop_token_ids") or [])
+        outside = next((i for i in stop_ids if i >= vocab_size), None)
+        if outside is not None:
+            raise APIError(400, f"token id {outside} is outside the vocabulary [0, {vocab_size})", "stop_token_ids")
+        bias = {}
+        for key, value in (pick("logit_bias") or {}).items():  # keys are decimal digits (decimal_token_id)
+            if int(key) >= vocab_size:
+                raise APIError(400, f"logit_bias key {brief(key)} is not a token id in [0, {vocab_size})", "logit_bias")
+            bias[int(key)] = value
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=pick("temperature"), top_p=pick("top_p"), top_k=pick("top_k"),
+            min_p=pick("min_p"), presence_penalty=pick("presence_penalty"), frequency_penalty=pick("frequency_penalty"),
+            repetition_penalty=pick("repetition_penalty"), logit_bias=bias, seed=pick("seed"),
+            stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=stop_ids,
+            ignore_eos=pick("ignore_eos"), logprobs=logprobs, skip_special_tokens=pick("skip_special_tokens"),
+        )
+
+
+def room_to_generate(prompt_tokens: int, requested: int | None, max_model_len: int) -> int:
+    """New tokens a prompt of `prompt_tokens` may have: `requested` if the context holds it, all the room left if None."""
+    if prompt_tokens == 0:
+        raise APIError(400, "the prompt is empty; give at least one token", "prompt")
+    if prompt_tokens > max_model_len or (prompt_tokens == max_model_len and requested != 0):
+        raise APIError(400, f"the prompt has {prompt_tokens} tokens, the model's context is {max_model_len}: no room to "
+                            "generate", "prompt")
+    room = max_model_len - prompt_tokens
+    if requested is None:
+        return room
+    if requested > room:
+        raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
+                            f"{prompt_tokens} and max_tokens asks for {requested} more", "max_tokens")
+    return requested
+
 
 class CompletionRequest(SamplingFields):
     prompt: Prompt
@@ -113,6 +169,16 @@ class CompletionRequest(SamplingFields):
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N)
     suffix: Text | None = None
+
+    def sampling_params(self, prompt_tokens: int, *, vocab_size: int, max_model_len: int,
+                        defaults: SamplingFields) -> SamplingParams:
+        """Parameters for one of this request's prompts (of `prompt_tokens` tokens); `defaults`: the server's fields."""
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 only makes sense with echo=true (scoring the prompt)", "max_tokens")
+        params = self._sampling_params(room_to_generate(prompt_tokens, self.max_tokens, max_model_len), self.logprobs,
+                                       vocab_size, defaults)
+        params.prompt_logprobs = self.echo and self.logprobs is not None
+        return params
 
 
 class TextPart(BaseModel):
@@ -150,6 +216,13 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict] | None = None
     response_format: dict | None = None
 
+    def sampling_params(self, prompt_tokens: int, *, vocab_size: int, max_model_len: int,
+                        defaults: SamplingFields) -> SamplingParams:
+        """Parameters for the rendered conversation (of `prompt_tokens` tokens); `defaults`: the server's fields."""
+        requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        top = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(room_to_generate(prompt_tokens, requested, max_model_len), top, vocab_size, defaults)
+
 
 class TokenizeRequest(BaseModel):
     model_config = STRICT_IGNORING_EXTRA
@@ -167,6 +240,126 @@ class DetokenizeRequest(BaseModel):
     tokens: list[TokenId]
 
 
+
+
+# ---- responses ----
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    """Per token of the text (the prompt's too with echo): its text, logprob, alternatives and character offset."""
+
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []  # None for a prompt's first token, which nothing predicts
+    top_logprobs: list[dict[str, float] | None] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class Completion(BaseModel):
+    """A /v1/completions body, and each chunk of its stream (OpenAI uses one shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tablefree"
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+# ---- errors ----
 class ErrorBody(BaseModel):
     message: str
     type: str
@@ -178,9 +371,18 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+def error_body(message: str, type_: str, status: int, param: str | None = None) -> dict:
+    """The one error body every failure is answered with, quoting client input printably."""
+    error = ErrorBody(message=printable(message), type=type_, param=None if param is None else printable(param), code=status)
+    return ErrorResponse(error=error).model_dump()
+
+
 class APIError(Exception):
-    """A client error a route raises; the app renders it as an ErrorResponse with this status."""
+    """A client error a route raises; the app renders it as `error_body` with this status."""
 
     def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.type = status, message, param, type_
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.status, self.param)

@@ -1,4 +1,4 @@
-"""OpenAI response bodies and server-sent-event chunks, built from one request's engine events."""
+"""OpenAI response bodies and server-sent-event chunks (the types of protocol), built from one request's engine events."""
 
 from __future__ import annotations
 
@@ -11,27 +11,42 @@ import uuid
 from fastapi import Request
 
 from .engine import Sequence
-from .gate import error_body
-from .protocol import APIError
+from .protocol import (
+    APIError,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    TopLogprob,
+    Usage,
+    error_body,
+)
 
 log = logging.getLogger("tablefree.serve")
 
 
 class RequestRun:
-    """One request's sequences: gathers their events into an OpenAI response or a stream of chunks."""
+    """One request's sequences (choice i is `sequences[i]`): gathers their events into a response or a stream of chunks.
+
+    `plans` are the request's (prompt ids, sampling params), one per prompt; `chat` says which API answers.
+    """
 
     def __init__(self, tokenizer, model_name: str, metrics, body, plans, sequences: list[Sequence], events: asyncio.Queue,
                  chat: bool, started: float):
         self.tokenizer, self.model_name, self.metrics = tokenizer, model_name, metrics
-        self.body, self.plans, self.sequences, self.events = body, plans, sequences, events
-        self.chat, self.started = chat, started
+        self.body, self.sequences, self.events, self.chat, self.started = body, sequences, events, chat, started
+        self.prompt_tokens = sum(len(ids) for ids, _ in plans)  # each prompt once, however many choices it has
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.first_token_at: float | None = None
         self.generated = 0
-
-    def _prompt_of(self, index: int) -> list[int]:
-        return self.plans[index // self.body.n][0]
 
     async def _events(self):
         """(index, event) until every sequence has finished; stops the sequences if the consumer goes away."""
@@ -56,7 +71,7 @@ class RequestRun:
             if self.first_token_at is not None and self.generated > 1:
                 self.metrics.time_per_output_token.observe((time.perf_counter() - self.first_token_at) / (self.generated - 1))
 
-    async def collect(self, request: Request):
+    async def collect(self, request: Request) -> Completion | ChatCompletion:
         try:
             return await self._collect(request)
         except APIError:
@@ -65,71 +80,57 @@ class RequestRun:
             log.exception("building a response failed")
             raise APIError(500, f"building the response failed: {type(exc).__name__}: {exc}", None, "server_error") from None
 
-    async def _collect(self, request: Request):
+    async def _collect(self, request: Request) -> Completion | ChatCompletion:
         watcher = asyncio.create_task(self._watch_disconnect(request))
         texts = [""] * len(self.sequences)
-        tokens: list[list] = [[] for _ in self.sequences]
-        prompt_scores: list = [None] * len(self.sequences)
+        scored: list[list] = [[] for _ in self.sequences]  # the prompt's scores (echo), then each generated token's
         finish = [None] * len(self.sequences)
         try:
             async for index, event in self._events():
                 texts[index] += event.text
-                tokens[index].extend(event.logprobs or [])
-                prompt_scores[index] = prompt_scores[index] or event.prompt_logprobs
+                scored[index].extend((event.prompt_logprobs or []) + (event.logprobs or []))
                 finish[index] = event.finish_reason or finish[index]
         finally:
             watcher.cancel()
-        choices = []
-        for index in range(len(self.sequences)):
-            if self.chat:
-                logprobs = {"content": [self._chat_logprob(t) for t in tokens[index]]} if self.body.logprobs else None
-                choices.append({"index": index, "message": {"role": "assistant", "content": texts[index]},
-                                "logprobs": logprobs, "finish_reason": finish[index]})
-            else:
-                text, logprobs = texts[index], None
-                if self.body.echo:
-                    text = self.tokenizer.decode(self._prompt_of(index)) + text
-                if self.body.logprobs is not None:
-                    scored = (prompt_scores[index] or []) + tokens[index]
-                    logprobs = self._completion_logprobs(scored, 0)
-                choices.append({"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish[index]})
-        return {"id": self.id, "object": "chat.completion" if self.chat else "text_completion", "created": self.created,
-                "model": self.model_name, "choices": choices, "usage": self._usage()}
+        head = {"id": self.id, "created": self.created, "model": self.model_name, "usage": self._usage()}
+        if self.chat:
+            choices = [ChatChoice(index=i, message=AssistantMessage(content=texts[i]), logprobs=self._chat_logprobs(scored[i]),
+                                  finish_reason=finish[i]) for i in range(len(self.sequences))]
+            return ChatCompletion(**head, choices=choices)
+        choices = [CompletionChoice(index=i, text=self._echo(i) + texts[i], logprobs=self._completion_logprobs(scored[i], 0),
+                                    finish_reason=finish[i]) for i in range(len(self.sequences))]
+        return Completion(**head, choices=choices)
 
     async def stream(self):
-        kind = "chat.completion.chunk" if self.chat else "text_completion"
-        head = {"id": self.id, "object": kind, "created": self.created, "model": self.model_name}
+        head = {"id": self.id, "created": self.created, "model": self.model_name}
         include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        chunk_type = ChatCompletionChunk if self.chat else Completion
         try:
-            if self.chat:
-                for index in range(len(self.sequences)):
-                    delta = {"role": "assistant", "content": ""}
-                    yield _sse({**head, "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]})
-            elif self.body.echo:
-                for index in range(len(self.sequences)):
-                    text = self.tokenizer.decode(self._prompt_of(index))
-                    yield _sse({**head, "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": None}]})
-            offsets = [0] * len(self.sequences)
+            for index in range(len(self.sequences)):  # the role (chat) or the echoed prompt opens each choice
+                if self.chat:
+                    opening = ChatChunkChoice(index=index, delta=ChatDelta(role="assistant", content=""))
+                    yield _sse(ChatCompletionChunk(**head, choices=[opening]).model_dump())
+                elif self.body.echo:
+                    yield _sse(Completion(**head, choices=[CompletionChoice(index=index, text=self._echo(index))]).model_dump())
+            offsets = [0] * len(self.sequences)  # characters of each choice's logprob tokens sent so far
             async for index, event in self._events():
                 if not (event.text or event.finish_reason or event.logprobs):
                     continue
+                scored = (event.prompt_logprobs or []) + (event.logprobs or [])
                 if self.chat:
-                    delta = {"content": event.text} if event.text else {}
-                    logprobs = ({"content": [self._chat_logprob(t) for t in event.logprobs]}
-                                if self.body.logprobs and event.logprobs else None)
-                    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
+                    choice = ChatChunkChoice(index=index, delta=ChatDelta(content=event.text or None),
+                                             logprobs=self._chat_logprobs(scored) if scored else None,
+                                             finish_reason=event.finish_reason)
                 else:
-                    logprobs = None
-                    if self.body.logprobs is not None:
-                        scored = (event.prompt_logprobs or []) + (event.logprobs or [])
-                        logprobs = self._completion_logprobs(scored, offsets[index])
-                        offsets[index] += sum(len(t) for t in logprobs["tokens"])
-                    choice = {"index": index, "text": event.text, "logprobs": logprobs, "finish_reason": event.finish_reason}
-                yield _sse({**head, "choices": [choice]})
+                    logprobs = self._completion_logprobs(scored, offsets[index])
+                    if logprobs is not None:
+                        offsets[index] += sum(len(t) for t in logprobs.tokens)
+                    choice = CompletionChoice(index=index, text=event.text, logprobs=logprobs, finish_reason=event.finish_reason)
+                yield _sse(chunk_type(**head, choices=[choice]).model_dump())
             if include_usage:
-                yield _sse({**head, "choices": [], "usage": self._usage()})
+                yield _sse(chunk_type(**head, choices=[], usage=self._usage()).model_dump())
         except APIError as exc:
-            yield _sse(error_body(exc.message, exc.type, exc.status))
+            yield _sse(exc.body())
         except Exception as exc:  # a server bug while building a chunk: the stream still ends with an error and [DONE]
             log.exception("building a stream chunk failed")
             yield _sse(error_body(f"building the stream failed: {type(exc).__name__}: {exc}", "server_error", 500))
@@ -144,30 +145,41 @@ class RequestRun:
                     seq.cancel()
                 return
 
-    def _usage(self) -> dict:
-        prompt = sum(len(ids) for ids, _ in self.plans)
-        return {"prompt_tokens": prompt, "completion_tokens": self.generated, "total_tokens": prompt + self.generated}
+    def _usage(self) -> Usage:
+        return Usage(prompt_tokens=self.prompt_tokens, completion_tokens=self.generated,
+                     total_tokens=self.prompt_tokens + self.generated)
+
+    def _echo(self, index: int) -> str:
+        return self.tokenizer.decode(self.sequences[index].prompt_ids) if self.body.echo else ""
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token], skip_special_tokens=False)
 
-    def _completion_logprobs(self, scored, offset: int) -> dict:
-        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    def _completion_logprobs(self, scored, offset: int) -> CompletionLogprobs | None:
+        """Logprobs of `scored` tokens whose text starts at character `offset`; None when the request asked for none."""
+        if self.body.logprobs is None:
+            return None
+        out = CompletionLogprobs()
         for item in scored:
             text = self._token_text(item.token)
-            out["tokens"].append(text)
-            out["token_logprobs"].append(item.logprob)
-            out["top_logprobs"].append({self._token_text(t): v for t, v in item.top} if item.logprob is not None else None)
-            out["text_offset"].append(offset)
+            out.tokens.append(text)
+            out.token_logprobs.append(item.logprob)
+            out.top_logprobs.append({self._token_text(t): v for t, v in item.top} if item.logprob is not None else None)
+            out.text_offset.append(offset)
             offset += len(text)
         return out
 
-    def _chat_logprob(self, item) -> dict:
-        def entry(token, value):
+    def _chat_logprobs(self, scored) -> ChatLogprobs | None:
+        if not self.body.logprobs:
+            return None
+
+        def entry(token: int, value: float) -> dict:
             text = self._token_text(token)
             return {"token": text, "logprob": value, "bytes": list(text.encode("utf-8", "replace"))}
 
-        return {**entry(item.token, item.logprob), "top_logprobs": [entry(t, v) for t, v in item.top]}
+        return ChatLogprobs(content=[ChatTokenLogprob(**entry(item.token, item.logprob),
+                                                      top_logprobs=[TopLogprob(**entry(t, v)) for t, v in item.top])
+                                     for item in scored])
 
 
 def _choice_error(index: int, event) -> APIError:
