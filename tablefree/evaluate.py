@@ -2,6 +2,14 @@
 
 Bits per byte = summed next-token loss in bits / UTF-8 bytes of the predicted tokens: the measure
 that compares models across tokenizers (perplexity is per token, and tokens differ in length).
+
+One definition serves `tablefree eval` and the training loop's validation (`evaluate_shards`): the
+val split cut into consecutive windows of seq_len + 1 tokens, the first `max_tokens` predicted tokens,
+up to 16 windows per forward pass, float32 weights under the runtime's autocast. So `tablefree eval
+MODEL --data DIR --seq-len S --max-tokens N` repeats a run's validation with its seq_len and eval_tokens.
+The backbone runs once per batch and the output head a few positions at a time, so no more than
+`max_logits` logits exist at once, never windows x seq_len x V.
+
 Benchmarks beyond this run through lm-evaluation-harness, which loads any saved model as
 `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`.
 """
@@ -13,11 +21,13 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from .corpus import ReadOptions
 from .errors import TableFreeError
+
+EVAL_TOKENS = 262_144  # predicted tokens scored by `tablefree eval` unless --max-tokens says otherwise
+MAX_LOGITS = 1 << 24  # logits held at once: 64 MiB in float32, so 256 positions of a 65,536-token vocabulary
+BATCH_WINDOWS = 16
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
@@ -30,27 +40,81 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
     return lengths
 
 
-@torch.no_grad()
-def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=None, batch_windows: int = 16) -> dict:
-    """Loss (nats/token), perplexity and bits per byte over (T+1)-token windows of ids."""
+def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=None,
+                     batch_windows: int = BATCH_WINDOWS, max_logits: int = MAX_LOGITS) -> dict:
+    """Loss (nats/token), perplexity and bits per byte over (T+1)-token windows of ids.
+
+    `model` is a GPT-NeoX causal LM, bare or inside DDP, FSDP2 or torch.compile.
+    """
+    import torch
+
+    causal_lm = _causal_lm(model)
     was_training = model.training
     model.eval()
-    nats, tokens, n_bytes = 0.0, 0, 0
-    for batch in _same_length_batches(windows, batch_windows):
-        rows = np.stack(batch)
-        ids = torch.as_tensor(rows, device=device)
-        with autocast or contextlib.nullcontext():
-            logits = model(input_ids=ids[:, :-1]).logits
-        nats += F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
-        tokens += ids[:, 1:].numel()
-        n_bytes += int(byte_lengths[rows[:, 1:]].sum())
+    nats = torch.zeros((), dtype=torch.float64, device=device)
+    tokens, n_bytes = 0, 0
+    with torch.no_grad(), _whole_head(model):
+        for batch in _same_length_batches(windows, batch_windows):
+            rows = np.stack(batch)
+            ids = torch.as_tensor(rows, device=device)
+            with autocast or contextlib.nullcontext():
+                hidden = causal_lm.base_model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
+            nats += summed_token_loss(causal_lm.get_output_embeddings(), hidden, ids[:, 1:], autocast, max_logits)
+            tokens += ids[:, 1:].numel()
+            n_bytes += int(byte_lengths[rows[:, 1:]].sum())
     if was_training:
         model.train()
     if tokens == 0:
         raise TableFreeError("nothing to evaluate: the validation data holds fewer than 2 tokens")
-    loss = nats / tokens
+    total = nats.item()
+    loss = total / tokens
     ppl = math.exp(loss) if loss < 709 else math.inf  # exp overflows a float past 709 (a diverged model)
-    return {"loss": loss, "ppl": ppl, "bits_per_byte": nats / math.log(2) / max(1, n_bytes), "tokens": tokens}
+    return {"loss": loss, "ppl": ppl, "bits_per_byte": total / math.log(2) / max(1, n_bytes), "tokens": tokens}
+
+
+def summed_token_loss(head, hidden, targets, autocast=None, max_logits: int = MAX_LOGITS):
+    """Summed cross-entropy of `head(hidden)` against `targets`, over a few positions at a time (float64 total)."""
+    import torch
+    import torch.nn.functional as F
+
+    hidden, targets = hidden.flatten(0, 1), targets.flatten()
+    positions = max(1, max_logits // head.weight.shape[0])
+    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    for start in range(0, targets.numel(), positions):
+        with autocast or contextlib.nullcontext():
+            logits = head(hidden[start : start + positions])
+        total += F.cross_entropy(logits.float(), targets[start : start + positions], reduction="sum").double()
+    return total
+
+
+def _causal_lm(model):
+    """The GPT-NeoX causal LM inside torch.compile and DDP wrappers (FSDP2 keeps the model's own class)."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    for wrapper_field in ("_orig_mod", "module"):  # torch.compile's, then DDP's
+        inner = getattr(model, wrapper_field, None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+    if not isinstance(model, GPTNeoXForCausalLM):
+        raise TableFreeError(f"tablefree eval scores GPT-NeoX causal LMs (tablefree's own and stock ones), not "
+                             f"{type(model).__name__}; score other models with lm-evaluation-harness")
+    return model
+
+
+@contextlib.contextmanager
+def _whole_head(model):
+    """FSDP2 gathers the root's own parameters (head, final norm) only around the root's forward: gather them here."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def _same_length_batches(windows, size: int):
@@ -66,6 +130,7 @@ def _same_length_batches(windows, size: int):
 
 
 def evaluate_shards(model, shards, seq_len: int, max_tokens: int | None, byte_lengths, device, autocast=None) -> dict:
+    """The validation of a training run and of `tablefree eval DIR`: `shards` in order, `max_tokens` predicted tokens."""
     return evaluate_windows(model, shards.sequential(seq_len, max_tokens), byte_lengths, device, autocast)
 
 
@@ -94,17 +159,23 @@ def text_windows(path: Path, tokenizer, seq_len: int, max_tokens: int | None, te
         yield array[start : start + seq_len + 1]
 
 
-def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_tokens: int | None = 262144,
-                   text_field: str = "text", options: ReadOptions = ReadOptions(), eos_token: str | None = None) -> dict:
-    """Evaluate a saved model on the val split of a prepared directory, or on a local text file."""
+def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_tokens: int | None = EVAL_TOKENS,
+                   text_field: str = "text", options: ReadOptions = ReadOptions(), eos_token: str | None = None,
+                   runtime=None) -> dict:
+    """Evaluate a saved model on the val split of a prepared directory, or on a local text file.
+
+    `runtime` (from `tablefree.runtime.resolve_runtime`) says where; by default the best device present.
+    """
     from .data import TokenShards
     from .hub import load_model
+    from .runtime import resolve_runtime
     from .tokenizer import set_end_of_text, tokenizer_hash
 
     for name, value in (("seq_len", seq_len), ("max_tokens", max_tokens)):
         if value is not None and value < 1:
             raise TableFreeError(f"{name} must be a positive number, got {value}")
-    model, tokenizer = load_model(model_path)
+    runtime = runtime or resolve_runtime()
+    model, tokenizer = load_model(model_path, device=runtime.device)
     if tokenizer is None:
         raise TableFreeError(f"{model_path} has no tokenizer; bits per byte need the tokenizer the model was trained with")
     if eos_token is not None:
@@ -114,17 +185,21 @@ def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_t
     path = Path(data)
     if path.is_dir():
         shards = TokenShards(path, "val", expected_tokenizer_hash=tokenizer_hash(tokenizer))
-        windows = shards.sequential(seq_len, max_tokens)
-    elif path.is_file():
+        return evaluate_shards(model, shards, seq_len, max_tokens, byte_lengths, runtime.device, runtime.autocast())
+    if path.is_file():
         windows = text_windows(path, tokenizer, seq_len, max_tokens, text_field, options)
-    else:
-        raise TableFreeError(f"no data at {data}: give a prepared directory or a .txt/.jsonl/.parquet file")
-    return evaluate_windows(model, windows, byte_lengths, torch.device("cpu"))
+        return evaluate_windows(model, windows, byte_lengths, runtime.device, runtime.autocast())
+    raise TableFreeError(f"no data at {data}: give a prepared directory or a .txt/.jsonl/.parquet file")
 
 
 def eval_command(args) -> int:
+    from .runtime import resolve_runtime
+
+    runtime = resolve_runtime(args.device, args.dtype)
+    print(f"evaluating on {runtime.describe()}")
     options = ReadOptions(bad_text=args.bad_text, bad_records=args.bad_records)
-    result = evaluate_model(args.model, args.data, args.seq_len, args.max_tokens, args.text_field, options, args.eos_token)
+    result = evaluate_model(args.model, args.data, args.seq_len, args.max_tokens, args.text_field, options,
+                            args.eos_token, runtime)
     print(f"{args.model}: val loss {result['loss']:.4f}  ppl {result['ppl']:.3f}  "
           f"bits/byte {result['bits_per_byte']:.4f}  ({result['tokens']:,} tokens)")
     return 0
@@ -132,13 +207,17 @@ def eval_command(args) -> int:
 
 def add_cli(subparsers) -> None:
     from .corpus import add_reading_options
+    from .runtime import add_runtime_flags
 
     ev = subparsers.add_parser("eval", help="validation loss, perplexity and bits per byte of a saved model")
     ev.add_argument("model", help="model directory or cached hub id")
     ev.add_argument("--data", required=True, help="a prepared data directory (its val split) or a .txt/.jsonl/.parquet file")
-    ev.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
-    ev.add_argument("--max-tokens", type=int, default=262144)
+    ev.add_argument("--seq-len", type=int, default=None,
+                    help="window length (default: the model's context; a training run's seq_len repeats its validation)")
+    ev.add_argument("--max-tokens", type=int, default=EVAL_TOKENS,
+                    help="predicted tokens to score, from the start of the data (a training run's eval_tokens repeats its validation)")
     ev.add_argument("--eos-token", default=None,
                     help="the token between a file's documents (default: the tokenizer's own eos_token)")
+    add_runtime_flags(ev)
     add_reading_options(ev)
     ev.set_defaults(run=eval_command)

@@ -36,6 +36,133 @@ def test_eval_cli_on_prepared_data_and_on_a_file(trained, prepared_data, tmp_pat
     assert main(["eval", str(model_dir), "--data", str(tmp_path / "missing")]) == 2
 
 
+def _windows(lengths: list[int], vocab: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, size=n + 1) for n in lengths]
+
+
+def _full_logits_scores(model, windows, byte_lengths) -> dict:
+    """The unchunked reference: every window's whole logits at once, then cross-entropy."""
+    import math
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    nats, tokens, n_bytes = 0.0, 0, 0
+    with torch.no_grad():
+        for window in windows:
+            ids = torch.as_tensor(window)[None]
+            logits = model(input_ids=ids[:, :-1]).logits
+            nats += F.cross_entropy(logits.flatten(0, 1), ids[0, 1:], reduction="sum").item()
+            tokens += ids.shape[1] - 1
+            n_bytes += int(np.asarray(byte_lengths)[window[1:]].sum())
+    return {"loss": nats / tokens, "bits_per_byte": nats / math.log(2) / n_bytes, "tokens": tokens}
+
+
+@pytest.mark.parametrize("variant", ["affine", "learned"])
+def test_chunked_loss_equals_full_logits_and_never_holds_them_all(variant):
+    import numpy as np
+    import torch
+    from conftest import tiny_config
+
+    from tablefree.evaluate import evaluate_windows
+    from tablefree.presets import build_model
+
+    model = build_model(tiny_config(variant), seed=3).eval()
+    vocab = model.config.vocab_size
+    byte_lengths = np.random.default_rng(1).integers(0, 4, size=vocab)
+    windows = _windows([24, 24, 24, 24, 24, 9], vocab)  # two full batches of two, then a shorter tail alone
+    rows_per_call = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows_per_call.append(out[..., 0].numel()))
+    chunked = evaluate_windows(model, windows, byte_lengths, torch.device("cpu"), batch_windows=2, max_logits=7 * vocab)
+    hook.remove()
+    assert max(rows_per_call) == 7 and sum(rows_per_call) == chunked["tokens"] == 5 * 24 + 9
+    full = _full_logits_scores(model, windows, byte_lengths)
+    assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-6)
+    assert chunked["bits_per_byte"] == pytest.approx(full["bits_per_byte"], rel=1e-6)
+
+
+def test_eval_of_something_else_than_a_gpt_neox_lm_is_an_error():
+    import numpy as np
+    import torch
+
+    from tablefree.evaluate import evaluate_windows
+
+    with pytest.raises(TableFreeError, match="scores GPT-NeoX causal LMs .* not Linear; score other models with lm-evaluation-harness"):
+        evaluate_windows(torch.nn.Linear(2, 2), _windows([4], 2), np.ones(2, dtype=np.int64), torch.device("cpu"))
+
+
+def test_eval_repeats_the_training_validation_exactly(trained, prepared_data, capsys):
+    from tablefree.cli import main
+    from tablefree.evaluate import evaluate_model
+    from tablefree.files import read_json
+
+    model_dir, _ = trained
+    run = read_json(model_dir.parent / "result.json", "result")
+    scores = evaluate_model(str(model_dir), str(prepared_data), seq_len=32, max_tokens=512)
+    assert (scores["loss"], scores["ppl"], scores["bits_per_byte"]) == (run["val_loss"], run["val_ppl"], run["val_bits_per_byte"])
+    assert main(["eval", str(model_dir), "--data", str(prepared_data), "--seq-len", "32", "--max-tokens", "512",
+                 "--device", "cpu", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("evaluating on cpu (") and "threads), float32\n" in printed
+    assert f"val loss {run['val_loss']:.4f}  ppl {run['val_ppl']:.3f}  bits/byte {run['val_bits_per_byte']:.4f}  (512 tokens)" in printed
+
+
+def test_eval_in_bfloat16_repeats_a_bfloat16_training_run(prepared_data, tmp_path):
+    from tablefree.evaluate import evaluate_model
+    from tablefree.runtime import resolve_runtime
+    from tablefree.train import make_config, train
+
+    run = train(make_config(train_overrides(prepared_data, tmp_path / "run", max_steps=2, dtype="bfloat16")))
+    model_dir = str(tmp_path / "run" / "model")
+    bf16 = evaluate_model(model_dir, str(prepared_data), seq_len=32, max_tokens=512, runtime=resolve_runtime("cpu", "bfloat16"))
+    assert (bf16["loss"], bf16["bits_per_byte"]) == (run["val_loss"], run["val_bits_per_byte"])
+    fp32 = evaluate_model(model_dir, str(prepared_data), seq_len=32, max_tokens=512, runtime=resolve_runtime("cpu", "float32"))
+    assert fp32["loss"] != bf16["loss"] and fp32["loss"] == pytest.approx(bf16["loss"], rel=0.02)
+
+
+def test_eval_token_limits_at_the_extremes(trained, prepared_data):
+    from tablefree.data import TokenShards
+    from tablefree.evaluate import evaluate_model
+
+    model_dir, _ = trained
+    val_tokens = sum(shard.size - 1 for shard in TokenShards(prepared_data, "val").arrays)  # predicted tokens
+    assert evaluate_model(str(model_dir), str(prepared_data), seq_len=32, max_tokens=1)["tokens"] == 1
+    everything = evaluate_model(str(model_dir), str(prepared_data), seq_len=2**62, max_tokens=2**63)
+    assert everything["tokens"] == val_tokens
+    assert everything["loss"] > 0 and everything["bits_per_byte"] > 0
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--dtype", "float64"], "unknown dtype 'float64'; choose auto"),
+    (["--device", "tpu"], "unknown device 'tpu'; choose auto"),
+    (["--dtype", "float16", "--device", "cpu"], "float16 is not supported on the CPU"),
+])
+def test_eval_runtime_flags_name_what_is_accepted(trained, prepared_data, capsys, flags, message):
+    from tablefree.cli import main
+
+    model_dir, _ = trained
+    assert main(["eval", str(model_dir), "--data", str(prepared_data), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_eval_help_names_its_defaults_once(capsys):
+    import inspect
+
+    from tablefree.cli import main
+    from tablefree.evaluate import EVAL_TOKENS, evaluate_model
+
+    assert inspect.signature(evaluate_model).parameters["max_tokens"].default == EVAL_TOKENS
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"(default: {EVAL_TOKENS})" in text and "--device" in text and "--dtype" in text
+
+
 def test_bits_per_byte_counts_utf8_bytes(code_point_tokenizer):
     from tablefree.evaluate import token_byte_lengths
     from tablefree.tokenizer import EOS_ID
