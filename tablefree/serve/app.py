@@ -37,7 +37,6 @@ from .protocol import (
     TokenizeRequest,
     TokenizeResponse,
     brief,
-    error_body,
 )
 from .responses import RequestRun
 
@@ -127,33 +126,32 @@ def create_app(engine: Engine, tokenizer, settings: ServeSettings) -> FastAPI:
         engine.stop()  # uvicorn has already drained the in-flight requests by now
         text.close()
 
-    errors = {400: {"model": ErrorResponse}, 401: {"model": ErrorResponse}, 404: {"model": ErrorResponse},
-              413: {"model": ErrorResponse}, 503: {"model": ErrorResponse}}
+    errors = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
     app = FastAPI(title="tablefree serve", version="1", lifespan=lifespan, responses=errors)
     app.add_middleware(RequestGate, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes, metrics=metrics)
 
+    def answer(error: APIError, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
     @app.exception_handler(APIError)
     async def api_error(request, exc: APIError):
-        headers = {"Retry-After": "1"} if exc.status == 503 else None
-        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+        return answer(exc, {"Retry-After": "1"} if exc.status == 503 else None)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request, exc: RequestValidationError):
-        message, param = describe_invalid(exc)
-        return JSONResponse(error_body(message, "invalid_request_error", 400, param), status_code=400)
+        return answer(APIError(400, *describe_invalid(exc)))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, exc: StarletteHTTPException):
         message = {404: f"no endpoint {brief(request.url.path)}; see /docs for the API",
                    405: f"{request.method} is not allowed on {brief(request.url.path)}"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(message, "invalid_request_error", exc.status_code), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return answer(APIError(exc.status_code, message), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def server_error(request, exc: Exception):
         # A bug, not the client's doing: still a JSON error (uvicorn logs the traceback once).
-        return JSONResponse(error_body(f"internal error ({type(exc).__name__}); the server log has the details",
-                                       "server_error", 500), status_code=500)
+        return answer(APIError(500, f"internal error ({type(exc).__name__}); the server log has the details", None,
+                               "server_error"))
 
     server = _Routes(engine, text, settings, metrics)
     app.get("/health")(server.health)
