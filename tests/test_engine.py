@@ -9,11 +9,13 @@ import pytest
 import torch
 from starlette.requests import Request
 
+from plain_forward_model import PlainForwardConfig, PlainForwardLM
 from tablefree.hub import load_model
-from tablefree.serve.engine import Engine, Sequence
+from tablefree.serve.engine import Engine, Sequence, output_logits
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
+from tablefree.serve.server import context_length, load_for_serving
 from tablefree.serve.sampling import NonFiniteLogits, SamplingParams, TokenSampler
 from tablefree.serve.text import IncrementalText
 
@@ -30,7 +32,7 @@ def served(saved_tiny_model):
 @pytest.fixture
 def engine(served):
     model, tokenizer = served
-    return Engine(model, tokenizer, max_model_len=64, eos_ids=set(), seed=0)
+    return Engine(model, tokenizer, max_model_len=64, seed=0)
 
 
 class Recorder(list):
@@ -48,6 +50,10 @@ class Recorder(list):
     @property
     def ids(self) -> list[int]:
         return [t for event in self for t in event.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(event.text for event in self)
 
     @property
     def final(self):
@@ -228,16 +234,63 @@ def test_sequences_the_engine_cannot_serve_are_refused_alone(engine, served):
     assert fine.sink.ids == alone(engine, text, **GREEDY)
 
 
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_joining_a_running_batch_matches_running_alone(engine, served, params):
-    """Rows join at different steps with different prompt lengths and leave at different steps (cache trimmed)."""
+JOIN_TEXTS = ["Short", "A much longer prompt that starts later", "x", "Middle length text", "Equal", "equal"]
+JOIN_LENGTHS = [12, 5, 9, 7, 6, 10]
+# When each of the six sequences above joins (step -> indices): all at once, staggered, and joining a batch
+# in mid-decode just as others leave it (so the cache is trimmed and re-padded on the same step).
+JOIN_SCHEDULES = {"together": {0: [0, 1, 2, 3, 4, 5]}, "staggered": {0: [0], 2: [1], 3: [2], 8: [3, 4], 9: [5]},
+                  "as-others-leave": {0: [1, 4], 5: [0, 2], 6: [3], 12: [5]}}
+
+
+@pytest.mark.parametrize("schedule", JOIN_SCHEDULES.values(), ids=JOIN_SCHEDULES.keys())
+@pytest.mark.parametrize("params", [GREEDY, SEEDED, dict(SEEDED, repetition_penalty=1.3, top_p=0.9)],
+                         ids=["greedy", "seeded", "seeded-penalized"])
+def test_joining_a_running_batch_matches_running_alone(engine, served, params, schedule):
+    """Token ids and text are the same whenever a sequence joins, whatever the others' prompt lengths."""
     tokenizer = served[1]
-    texts = ["Short", "A much longer prompt that starts later", "x", "Middle length text"]
-    lengths = [12, 5, 9, 7]
-    expected = [alone(engine, prompt(tokenizer, t), **{**params, "max_tokens": n}) for t, n in zip(texts, lengths)]
-    seqs = [sequence(engine, prompt(tokenizer, t), **{**params, "max_tokens": n}) for t, n in zip(texts, lengths)]
-    run(engine, {0: [seqs[0]], 2: [seqs[1]], 3: [seqs[2]], 8: [seqs[3]]})
-    assert [s.sink.ids for s in seqs] == expected
+    prompts = [prompt(tokenizer, t) for t in JOIN_TEXTS]
+    fields = [{**params, "max_tokens": n} for n in JOIN_LENGTHS]
+    expected = []
+    for p, f in zip(prompts, fields):
+        seq = sequence(engine, p, **f)
+        run(engine, {0: [seq]})
+        expected.append((seq.sink.ids, seq.sink.text))
+    seqs = [sequence(engine, p, **f) for p, f in zip(prompts, fields)]
+    run(engine, {step: [seqs[i] for i in members] for step, members in schedule.items()})
+    assert [(s.sink.ids, s.sink.text) for s in seqs] == expected
+    assert all(len(s.sink.ids) == n and s.sink.final.finish_reason == "length" for s, n in zip(seqs, JOIN_LENGTHS))
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_streamed_text_equals_the_whole_decode(engine, served, params):
+    """What a stream hands out piece by piece is what a non-stream body decodes at once, stop strings included."""
+    tokenizer = served[1]
+    text = prompt(tokenizer, "Streaming and non-streaming agree")
+    whole = sequence(engine, text, **{**params, "max_tokens": 16})
+    run(engine, {0: [whole]})
+    decoded = tokenizer.decode(whole.sink.ids, skip_special_tokens=True)
+    assert whole.sink.text == decoded and len(whole.sink) == 16  # one event per token, the last one final
+    stop = decoded[5:7]
+    assert len(stop) == 2
+    stopped = sequence(engine, text, stop=[stop], **{**params, "max_tokens": 16})
+    run(engine, {0: [stopped]})
+    assert stopped.sink.final.finish_reason == "stop" and stopped.sink.text == decoded[: decoded.find(stop)]
+
+
+def test_n_choices_with_a_seed_repeat_and_differ(engine, served):
+    """Choice i of a seeded request draws from seed + i: a repeat gives the same n texts, and they are not all one."""
+    tokenizer = served[1]
+    text = prompt(tokenizer, "Pick a word:")
+
+    def request(n: int = 3) -> list[list[int]]:
+        seqs = [Sequence(text, SamplingParams(**SEEDED), tokenizer, Recorder(), set(), choice=i) for i in range(n)]
+        run(engine, {0: seqs})
+        return [s.sink.ids for s in seqs]
+
+    first = request()
+    assert request() == first and len({tuple(ids) for ids in first}) > 1
+    assert first[0] == alone(engine, text, **SEEDED)
+    assert first[1] == alone(engine, text, **{**SEEDED, "seed": SEEDED["seed"] + 1})
 
 
 def test_tiny_temperature_is_greedy(engine, served):
@@ -369,3 +422,102 @@ def test_stop_strings_never_leak_into_the_stream(stop):
         if hit:
             break
     assert hit and "".join(released) == "zzabxabc"
+
+
+# ---- models whose forward takes token ids alone: the uncached path ----
+@pytest.fixture(scope="module")
+def plain_forward_dir(tmp_path_factory, code_point_tokenizer):
+    """A remote-code model directory: config.json with auto_map, the modeling file, weights and a tokenizer."""
+    path = tmp_path_factory.mktemp("models") / "plain-forward"
+    PlainForwardConfig.register_for_auto_class()
+    PlainForwardLM.register_for_auto_class("AutoModelForCausalLM")
+    torch.manual_seed(0)
+    PlainForwardLM(PlainForwardConfig()).save_pretrained(path)
+    code_point_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def plain_served(plain_forward_dir):
+    return load_for_serving(str(plain_forward_dir), torch.float32, "cpu", trust_remote_code=True)
+
+
+def argmax_loop(model, ids: list[int], steps: int) -> list[int]:
+    """Greedy decoding the plainest way: the whole sequence through forward, argmax of the last position."""
+    out = []
+    for _ in range(steps):
+        with torch.no_grad():
+            out.append(int(model(torch.tensor([ids + out]))[0, -1].argmax()))
+    return out
+
+
+def test_engine_keeps_a_kv_cache_only_for_a_forward_that_takes_one(engine, plain_served):
+    assert engine.cached
+    model, tokenizer = plain_served
+    assert not Engine(model, tokenizer, max_model_len=64).cached
+
+
+def test_plain_forward_model_generates_what_an_argmax_loop_does(plain_served):
+    """Greedy tokens equal the argmax loop alone and batched (equal and unequal lengths, joining at several steps);
+    seeded rows equal themselves alone; a prompt is scored from every position's logits."""
+    model, tokenizer = plain_served
+    engine = Engine(model, tokenizer, max_model_len=context_length(model.config, None), seed=0)
+    assert engine.max_model_len == 64  # nanoGPT's block_size
+    prompts = [prompt(tokenizer, t) for t in ("Hello there", "Other", "Equal", "a much longer prompt than the rest")]
+    expected = [argmax_loop(model, p, 9) for p in prompts]
+    assert len({tuple(e) for e in expected}) > 1
+    assert [alone(engine, p, **{**GREEDY, "max_tokens": 9}) for p in prompts] == expected
+    greedy = [sequence(engine, p, **{**GREEDY, "max_tokens": 9}) for p in prompts]
+    seeded = sequence(engine, prompts[0], **SEEDED)
+    scored = sequence(engine, prompts[3], max_tokens=2, temperature=0, logprobs=1, prompt_logprobs=True)
+    run(engine, {0: greedy[:2], 1: [seeded, scored], 3: greedy[2:]})
+    assert [s.sink.ids for s in greedy] == expected
+    assert seeded.sink.ids == alone(engine, prompts[0], **SEEDED)
+    scores = scored.sink.final.prompt_logprobs or scored.sink[0].prompt_logprobs
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([prompts[3]]))[0, :-1], -1)
+    picked = reference.gather(-1, torch.tensor(prompts[3][1:])[:, None])[:, 0].tolist()
+    assert [s.logprob for s in scores[1:]] == pytest.approx(picked, abs=1e-5)
+    assert scored.sink.ids == expected[3][:2]
+
+
+def test_plain_forward_model_stops_at_its_context(plain_served):
+    model, tokenizer = plain_served
+    engine = Engine(model, tokenizer, max_model_len=20, seed=0)
+    long_prompt = list(range(200, 215))
+    seq = sequence(engine, long_prompt, **{**GREEDY, "max_tokens": 50})
+    run(engine, {0: [seq]})
+    assert seq.sink.final.finish_reason == "length" and len(seq.sink.ids) == 5
+    assert seq.sink.ids == argmax_loop(model, long_prompt, 5)
+
+
+class LastPositionOnly(torch.nn.Module):
+    """nanoGPT at inference: `(logits of the last position, None)`."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.config = model.config
+
+    def forward(self, idx):
+        return self.inner(idx)[:, -1:], None
+
+
+def test_last_position_logits_serve_but_cannot_score_a_prompt(plain_served):
+    model, tokenizer = plain_served
+    engine = Engine(LastPositionOnly(model), tokenizer, max_model_len=64, seed=0)
+    text = prompt(tokenizer, "Hello there")
+    scored = sequence(engine, text, max_tokens=2, temperature=0, logprobs=0, prompt_logprobs=True)
+    plain = sequence(engine, text, **GREEDY)
+    run(engine, {0: [scored, plain]})
+    assert "cannot score a prompt" in scored.sink.final.error
+    assert plain.sink.ids == argmax_loop(model, text, 8)
+
+
+def test_forward_outputs_are_read_as_logits_or_refused():
+    logits = torch.zeros(1, 2, 5)
+    assert output_logits(logits) is logits and output_logits((logits, None)) is logits
+    assert output_logits(type("Out", (), {"logits": logits})()) is logits
+    for bad in (None, (), torch.zeros(2, 5), {"logits": logits}):
+        with pytest.raises(TypeError, match="expected logits of shape"):
+            output_logits(bad)

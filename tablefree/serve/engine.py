@@ -7,6 +7,10 @@ cancelled rows are dropped and all-padding columns trimmed, so the cache never o
 live sequence. Own scheduler, not transformers' continuous batching: with transformers 5.24,
 `transformers serve --continuous-batching` on a GPT-NeoX model answers every request with
 "PagedAttentionCache.update() missing 1 required positional argument: 'kwargs'" (checked again here).
+
+Models whose `forward` takes token ids alone (nanoGPT-style research checkpoints: no cache, mask or
+positions) run uncached instead: each step recomputes every whole, unpadded sequence, batching rows of
+equal length, which is correct for any such model but costs O(n^2) per sequence.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import collections
 import contextlib
 import inspect
 import logging
+import secrets
 import threading
 from dataclasses import dataclass, field
 
@@ -64,12 +69,55 @@ class Sequence:
         self.text = IncrementalText(tokenizer, params.stop, params.skip_special_tokens)
         # Choice i of a seeded request draws from seed + i, so n > 1 differs yet repeats exactly.
         self.generator = None if params.seed is None else torch.Generator().manual_seed((params.seed + choice) % 2**64)
-        self.cache_len = 0
         self.cancelled = False
         self.finished = False
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens the model has read: all but the last output token, which the next decode step feeds."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+
+def cache_argument(model) -> str | None:
+    """The keyword `model.forward` takes its KV cache by, or None when it cannot run the KV-cached batch.
+
+    The batch needs a cache, an attention mask (left padding) and position ids; a forward without all three
+    (say nanoGPT's `forward(idx)`) gets the uncached path.
+    """
+    params = inspect.signature(model.forward).parameters
+    # transformers 5 names the cache argument `cache`; remote-code models may still say `past_key_values`.
+    cache = next((name for name in ("cache", "past_key_values") if name in params), None)
+    return cache if cache and "attention_mask" in params and "position_ids" in params else None
+
+
+def output_logits(output) -> torch.Tensor:
+    """The logits of a forward pass that returned them bare, first in a tuple (nanoGPT's `logits, loss`) or as `.logits`."""
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if logits is None and isinstance(output, torch.Tensor):
+        logits = output
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3:
+        raise TypeError(f"the model's forward returned {type(output).__name__}; expected logits of shape (batch, tokens, "
+                        f"vocabulary), bare, first in a tuple or as .logits")
+    return logits
+
+
+def end_of_sequence_ids(model, tokenizer) -> set[int]:
+    """The ids that end a sequence: the generation config's eos ids and the tokenizer's eos token."""
+    config = getattr(model, "generation_config", None)
+    eos = config.eos_token_id if config is not None else None
+    ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
 
 
 class Engine:
@@ -80,28 +128,25 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_model_len: int, max_queue: int = 512,
-                 max_prefill_tokens: int = 4096, eos_ids: set[int], seed: int | None = None, threads: int | None = None):
+                 max_prefill_tokens: int = 4096, seed: int | None = None, threads: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.max_model_len = max_model_len
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
-        self.eos_ids = eos_ids
         self.threads = threads
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
-        self.sampler = TokenSampler(seed if seed is not None else int(torch.seed() % 2**63))
-        # transformers 5 names the cache argument `cache`; remote-code models may still say `past_key_values`.
-        params = inspect.signature(model.forward).parameters
-        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # Unseeded requests share one generator; its seed is drawn without reseeding torch's global one.
+        self.sampler = TokenSampler(seed if seed is not None else secrets.randbits(63))
+        self._cache_arg = cache_argument(model)  # None: the uncached path
         self._pending: collections.deque[Sequence] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._thread = threading.Thread(target=self._run, name="tablefree-engine", daemon=True)
-        self.steps = 0
 
     # ---- any thread ----
     def start(self) -> None:
@@ -132,6 +177,11 @@ class Engine:
     def running(self) -> int:
         return len(self._rows)
 
+    @property
+    def cached(self) -> bool:
+        """Whether the batch keeps a KV cache between steps (else every step recomputes whole sequences)."""
+        return self._cache_arg is not None
+
     # ---- worker thread ----
     def _run(self) -> None:
         if self.threads:
@@ -158,7 +208,6 @@ class Engine:
             if self._rows:
                 self._decode()
                 self._drop_done()
-            self.steps += 1
         except Exception as exc:  # a fault no single sequence explains (an engine bug): fail this batch, keep serving
             log.exception("engine step failed")
             for seq in self._rows + admitted:
@@ -231,8 +280,6 @@ class Engine:
             for seq in group:
                 self._prefill([seq])
             return
-        for seq in group:
-            seq.cache_len = len(seq.prompt_ids)
         self._join(group, layers)
         prompt_scores = [None] * len(group)
         for row, seq in enumerate(group):
@@ -242,7 +289,10 @@ class Engine:
         self._next_tokens(group, logits[:, -1], prompt_scores)
 
     def _prefill_forward(self, group: list[Sequence]):
-        """(logits, per-layer (keys, values)) of the left-padded prompts of `group`."""
+        """(logits, per-layer (keys, values)) of the left-padded prompts of `group`; no layers on the uncached path."""
+        every_position = bool(group[0].params.prompt_logprobs)
+        if not self.cached:
+            return self._uncached_forward([s.prompt_ids for s in group], every_position), None
         width = max(len(s.prompt_ids) for s in group)
         ids = torch.full((len(group), width), self._pad_id(), dtype=torch.long)
         mask = torch.zeros((len(group), width), dtype=torch.long)
@@ -251,12 +301,28 @@ class Engine:
             mask[row, width - len(seq.prompt_ids):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        keep = 0 if group[0].params.prompt_logprobs else 1
+        keep = 0 if every_position else 1
         logits, cache = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, keep)
         # Padded positions hold junk (even NaN) that a zero attention weight would still spread: clear it.
         real = mask.to(self.device).bool()[:, None, :, None]
         layers = [(torch.where(real, layer.keys, 0), torch.where(real, layer.values, 0)) for layer in cache.layers]
         return logits, layers
+
+    def _uncached_forward(self, sequences: list[list[int]], every_position: bool = False) -> torch.Tensor:
+        """Logits of whole unpadded sequences, one forward per length: (rows, 1, V), or every position of one row."""
+        rows_by_length = collections.defaultdict(list)
+        for row, ids in enumerate(sequences):
+            rows_by_length[len(ids)].append(row)
+        logits: list[torch.Tensor | None] = [None] * len(sequences)
+        for length, rows in rows_by_length.items():
+            ids = torch.tensor([sequences[row] for row in rows], dtype=torch.long, device=self.device)
+            out = output_logits(self.model(ids))
+            if every_position and out.shape[1] != length:
+                raise ValueError(f"the model returns logits for {out.shape[1]} of {length} positions, so it cannot "
+                                 f"score a prompt (echo with logprobs)")
+            for row, row_logits in zip(rows, out if every_position else out[:, -1:]):
+                logits[row] = row_logits
+        return torch.stack(logits)
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
         """Logprob of each prompt token given the ones before it (in chunks: V-wide rows are large)."""
@@ -273,7 +339,10 @@ class Engine:
                 scores.append(TokenLogprob(token, value, top_logprobs(lp[i], seq.params.logprobs or 0)))
         return scores
 
-    def _join(self, group: list[Sequence], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def _join(self, group: list[Sequence], layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
+        if layers is None:  # uncached: nothing outlives a step
+            self._rows = self._rows + group
+            return
         if self._rows:
             old = [(layer.keys, layer.values) for layer in self._cache.layers]
             width = max(old[0][0].shape[-2], layers[0][0].shape[-2])
@@ -291,40 +360,42 @@ class Engine:
         if len(keep) == len(self._rows):
             return
         self._rows = [self._rows[i] for i in keep]
-        if not self._rows:
+        if not self._rows or not self.cached:
             self._cache = None
             return
-        width = max(s.cache_len for s in self._rows)
+        width = max(s.cached_tokens for s in self._rows)
         index = torch.tensor(keep, device=self.device)
         layers = [(layer.keys[index, :, -width:], layer.values[index, :, -width:]) for layer in self._cache.layers]
         self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
     def _decode(self) -> None:
         # The forward appends new tensors to the cache and never edits these, so a failed step can restart from them.
-        before = [(layer.keys, layer.values) for layer in self._cache.layers]
+        before = [(layer.keys, layer.values) for layer in self._cache.layers] if self.cached else None
         try:
             logits, self._cache = self._decode_forward(self._rows, self._cache)
         except Exception as exc:
             log.warning("a decode step of %d rows failed (%s: %s); retrying them one by one", len(self._rows),
                         type(exc).__name__, exc)
             logits = self._decode_one_by_one(before)
-        for seq in self._rows:
-            seq.cache_len += 1
         self._next_tokens(self._rows, logits[:, -1])
 
-    def _decode_forward(self, rows: list[Sequence], cache: DynamicCache):
+    def _decode_forward(self, rows: list[Sequence], cache: DynamicCache | None):
+        """(logits, cache) of one step for `rows`: their last token through the cache, or whole sequences uncached."""
+        if not self.cached:
+            return self._uncached_forward([s.token_ids for s in rows]), None
         width = cache.get_seq_length() + 1
-        lengths = torch.tensor([s.cache_len + 1 for s in rows])
+        lengths = torch.tensor([s.cached_tokens + 1 for s in rows])
         mask = (torch.arange(width)[None, :] >= (width - lengths)[:, None]).long()
         ids = torch.tensor([[s.output_ids[-1]] for s in rows])
-        positions = torch.tensor([[s.cache_len] for s in rows])
+        positions = torch.tensor([[s.cached_tokens] for s in rows])
         return self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache, 1)
 
-    def _decode_one_by_one(self, before: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _decode_one_by_one(self, before: list[tuple[torch.Tensor, torch.Tensor]] | None) -> torch.Tensor:
         """Steps each row alone from the cache as it was; rows that fail alone end, the rest form the new batch."""
         survivors, logits, layers = [], [], []
         for i, seq in enumerate(self._rows):
-            cache = DynamicCache(ddp_cache_data=[(k[i : i + 1], v[i : i + 1]) for k, v in before], config=self.model.config)
+            cache = None if before is None else DynamicCache(
+                ddp_cache_data=[(k[i : i + 1], v[i : i + 1]) for k, v in before], config=self.model.config)
             try:
                 row_logits, cache = self._decode_forward([seq], cache)
             except Exception as exc:
@@ -333,11 +404,12 @@ class Engine:
                 continue
             survivors.append(seq)
             logits.append(row_logits)
-            layers.append([(layer.keys, layer.values) for layer in cache.layers])
+            if cache is not None:
+                layers.append([(layer.keys, layer.values) for layer in cache.layers])
         self._rows = survivors
-        if not survivors:
+        if not survivors or before is None:
             self._cache = None
-            return torch.empty(0, 1, self.vocab_size, device=self.device)
+            return torch.cat(logits) if survivors else torch.empty(0, 1, self.vocab_size, device=self.device)
         joined = [(torch.cat([row[n][0] for row in layers]), torch.cat([row[n][1] for row in layers])) for n in range(len(before))]
         self._cache = DynamicCache(ddp_cache_data=joined, config=self.model.config)
         return torch.cat(logits)
@@ -380,7 +452,7 @@ class Engine:
             text, hit = seq.text.add(token)
             if hit:
                 finish = "stop"
-            elif len(seq.output_ids) >= seq.params.max_tokens or seq.cache_len + 1 >= self.max_model_len:
+            elif len(seq.output_ids) >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
                 finish = "length"
                 text += seq.text.finish()
         scores = None

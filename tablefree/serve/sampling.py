@@ -11,6 +11,14 @@ import torch
 GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
+class SamplingFieldError(ValueError):
+    """A sampling field outside what the sampler's math accepts; names the field and what is accepted."""
+
+    def __init__(self, name: str, value, accepted: str):
+        super().__init__(f"{name}={value!r} is not accepted; give {accepted}")
+        self.name, self.value, self.accepted = name, value, accepted
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
@@ -35,7 +43,7 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def check(self) -> None:
-        """Raises ValueError naming the first field outside what the sampler's math accepts."""
+        """Raises SamplingFieldError naming the first field outside what the sampler's math accepts."""
         ranges = [
             ("max_tokens", self.max_tokens >= 0, "an integer >= 0"),
             ("temperature", math.isfinite(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
@@ -51,7 +59,7 @@ class SamplingParams:
         ]
         for name, ok, accepted in ranges:
             if not ok:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not accepted; give {accepted}")
+                raise SamplingFieldError(name, getattr(self, name), accepted)
 
     @property
     def penalized(self) -> bool:

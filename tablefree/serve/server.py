@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import re
 import socket
 import threading
 import time
@@ -29,12 +28,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import TableFreeError
 from ..hub import load_model, resolve_model_path
+from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPES, resolve_runtime
 from .app import ServeSettings, create_app
-from .engine import Engine
+from .engine import Engine, end_of_sequence_ids
 from .gate import error_body, printable
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 API_KEY_ENV = "TABLEFREE_API_KEY"
 MAX_KEY_FILE_BYTES = 4096
 DEFAULT_MAX_CONNECTIONS = 1000
@@ -75,29 +73,12 @@ def check_flags(args) -> str:
                                       ("--shutdown-timeout", args.shutdown_timeout, True)):
         if not (math.isfinite(value) and (value > 0 or zero_allowed and value == 0)):
             raise TableFreeError(f"{flag} must be a finite number of seconds, {'0 or more' if zero_allowed else 'above 0'}; got {value}")
-    if not DEVICE.fullmatch(args.device):
-        raise TableFreeError(f"unknown --device {args.device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    # Named as the flags here; tablefree.runtime decides what a valid name picks on this machine.
+    if not DEVICE_PATTERN.fullmatch(args.device):
+        raise TableFreeError(f"unknown --device {args.device!r}; choose {DEVICE_HELP}")
+    if args.dtype != "auto" and args.dtype not in DTYPES:
+        raise TableFreeError(f"unknown --dtype {args.dtype!r}; choose {DTYPE_HELP}")
     return model_path
-
-
-def pick_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TableFreeError(f"--device {name}: no CUDA device is available; use --device cpu")
-    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
-        raise TableFreeError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), numbered from 0")
-    if name == "mps" and not torch.backends.mps.is_available():
-        raise TableFreeError("--device mps: no Apple GPU is available; use --device cpu")
-    return name
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if name not in DTYPES:
-        raise TableFreeError(f"unknown --dtype {name!r}; choose auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def resolve_api_key(args) -> str | None:
@@ -174,8 +155,9 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 # ---- the model ----
-def load_for_serving(model_path: str, dtype: torch.dtype, device: str, trust_remote_code: bool):
-    """(model, tokenizer): this project's models through hub.load_model; any causal LM with --trust-remote-code."""
+def load_for_serving(model_path: str, dtype: torch.dtype, device: torch.device | str, trust_remote_code: bool):
+    """(model, tokenizer): this project's models through hub.load_model; any causal LM with --trust-remote-code
+    (one whose forward takes token ids alone runs on the engine's uncached path)."""
     if not trust_remote_code:
         model, tokenizer = load_model(model_path, dtype=dtype, device=device)
     else:
@@ -192,23 +174,24 @@ def load_for_serving(model_path: str, dtype: torch.dtype, device: str, trust_rem
     return model, tokenizer
 
 
+# What configs call the context length: transformers' name, GPT-2's, nanoGPT's.
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "block_size")
+
+
 def context_length(config, requested: int | None) -> int:
-    known = getattr(config, "max_position_embeddings", None)
+    known = next((getattr(config, name) for name in CONTEXT_FIELDS if isinstance(getattr(config, name, None), int)), None)
     if requested is not None:
         if known is not None and requested > known:
             raise TableFreeError(f"--max-model-len {requested} is over the model's context of {known} tokens")
         return requested
     if known is None:
-        raise TableFreeError("the model config has no max_position_embeddings; pass --max-model-len")
+        raise TableFreeError(f"the model config has none of {', '.join(CONTEXT_FIELDS)}; pass --max-model-len")
     return known
 
 
 def stop_ids(model, tokenizer) -> tuple[set[int], set[int]]:
     """(end-of-sequence ids, end-of-turn ids): the second is the special token the chat template puts after a reply."""
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-    if tokenizer.eos_token_id is not None:
-        eos_ids.add(tokenizer.eos_token_id)
+    eos_ids = end_of_sequence_ids(model, tokenizer)
     turn_ids: set[int] = set()
     if getattr(tokenizer, "chat_template", None):
         marker = "\u2063reply\u2063"
@@ -332,16 +315,15 @@ def serve_command(args) -> int:
 
     model_path = check_flags(args)
     api_key = resolve_api_key(args)
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
+    runtime = resolve_runtime(args.device, args.dtype, args.threads)
     max_connections = connection_budget(args.max_connections)
     listener = listen(args.host, args.port)
     try:
-        model, tokenizer = load_for_serving(model_path, dtype, device, args.trust_remote_code)
+        model, tokenizer = load_for_serving(model_path, runtime.dtype, runtime.device, args.trust_remote_code)
         max_model_len = context_length(model.config, args.max_model_len)
         eos_ids, turn_ids = stop_ids(model, tokenizer)
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=max_model_len,
-                        max_queue=args.max_queue, eos_ids=eos_ids, seed=args.seed, threads=args.threads)
+                        max_queue=args.max_queue, seed=args.seed, threads=args.threads)
         settings = ServeSettings(
             model_name=args.served_model_name or printable(str(model_path)), max_model_len=max_model_len,
             vocab_size=model.config.vocab_size, api_key=api_key, max_body_bytes=args.max_body_bytes,
@@ -354,8 +336,9 @@ def serve_command(args) -> int:
     configure_logging(args.log_level)
     host, port = listener.getsockname()[:2]
     address = f"[{host}]" if ":" in host else host
-    print(printable(f"serving {settings.model_name} ({Path(str(model_path)).name}, {device}, {str(dtype).replace('torch.', '')}, "
-                    f"context {max_model_len}) on http://{address}:{port}"), flush=True)
+    path_cost = "" if engine.cached else ", uncached: forward takes token ids alone"
+    print(printable(f"serving {settings.model_name} ({Path(str(model_path)).name}, {runtime.describe()}, "
+                    f"context {max_model_len}{path_cost}) on http://{address}:{port}"), flush=True)
     protocol = functools.partial(GuardedH11Protocol, max_connections=max_connections, read_timeout=args.request_read_timeout)
     config = uvicorn.Config(app, http=protocol, ws="none", lifespan="on", log_config=None, log_level=args.log_level,
                             timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=args.shutdown_timeout,
