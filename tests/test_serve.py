@@ -195,6 +195,7 @@ def test_errors_name_the_field(server):
         ("/v1/completions", raw('{"prompt": ["ok", "\\ud800"]}'), "prompt[1]", "lone surrogate U+D800"),
         ("/v1/completions", json.dumps({"prompt": "x", "max_tokens": "5"}).encode(), "max_tokens", "integer"),
         ("/v1/completions", json.dumps({"prompt": "x", "logit_bias": {"\u00b2": 1}}).encode(), "logit_bias.\u00b2", "decimal"),
+        ("/v1/completions", json.dumps({"prompt": "x", "stop": ["a", ""]}).encode(), "stop[1]", "must not be empty"),
         ("/v1/chat/completions", raw('{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}'),
          "messages[0].content[0].text", "lone surrogate U+DC00"),
         ("/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "x"}], "logprobs": 1}).encode(),

@@ -36,6 +36,12 @@ def valid_unicode(text: str) -> str:
     return text
 
 
+def non_empty_stop(text: str) -> str:
+    if not text:
+        raise PydanticCustomError("string_too_short", "stop strings must not be empty (an empty one would stop at once)")
+    return text
+
+
 def decimal_token_id(key: str) -> str:
     if not (key.isascii() and key.isdigit()):
         raise PydanticCustomError("token_id_key", "logit_bias keys are token ids written in decimal digits, like \"50256\"")
@@ -83,7 +89,7 @@ Prompt = Annotated[
     Discriminator(_prompt_form, custom_error_type="prompt_type",
                   custom_error_message="prompt must be a string, a list of strings, a list of token ids or a list of such lists"),
 ]
-StopString = Annotated[Text, Field(min_length=1)]
+StopString = Annotated[Text, AfterValidator(non_empty_stop)]
 Stop = Annotated[
     Annotated[StopString, Tag("one")] | Annotated[list[StopString], Field(max_length=MAX_STOP), Tag("many")],
     Discriminator(_one_or_many, custom_error_type="stop_type", custom_error_message="stop must be a string or a list of strings"),
