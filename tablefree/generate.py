@@ -38,6 +38,8 @@ def generate_command(model_path: str, prompt: str, *, device: str = "auto", dtyp
         raise TableFreeError(f"--max-new-tokens must be at least 1, got {params.max_tokens}")
     if any(stop == "" for stop in params.stop):
         raise TableFreeError("--stop must not be empty; give the text that ends the reply")
+    for flag, text in [("--prompt", prompt)] + [("--stop", stop) for stop in params.stop]:
+        check_unicode(flag, text)
     runtime = resolve_runtime(device, dtype)
     model, tokenizer = load_model(model_path, dtype=runtime.dtype, device=runtime.device)
     print(f"generating on {runtime.describe()}", file=sys.stderr, flush=True)
@@ -73,6 +75,15 @@ def generate_command(model_path: str, prompt: str, *, device: str = "auto", dtyp
     if failure:
         raise TableFreeError(f"generation stopped: {failure[0]}")
     return "".join(pieces)
+
+
+def check_unicode(flag: str, text: str) -> None:
+    """Refuses lone surrogates (what undecodable bytes in a command line become): no tokenizer can encode them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise TableFreeError(f"{flag} holds a character that is not valid Unicode at position {exc.start} (bytes not in "
+                             f"the terminal's encoding?); give UTF-8 text") from None
 
 
 def add_cli(subparsers) -> None:

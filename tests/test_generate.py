@@ -41,6 +41,14 @@ def test_sampling_is_fixed_by_the_seed(saved_tiny_model):
     assert len({run(s) for s in range(4)}) > 1
 
 
+@pytest.mark.parametrize("seed", [-(2**70), -1, 2**64 - 1, 2**70])
+def test_any_integer_seed_samples(saved_tiny_model, seed):
+    """Seeds reduce modulo 2**64 (as the API's do), so an extreme one is a seed, not an overflow."""
+    path, _ = saved_tiny_model
+    run = lambda s: generate_command(str(path), "Hi", max_tokens=4, temperature=1.0, seed=s, stream=io.StringIO())  # noqa: E731
+    assert run(seed) == run(seed % 2**64)
+
+
 def test_sampling_fields_mean_what_the_api_says(saved_tiny_model):
     path, _ = saved_tiny_model
     run = lambda **sampling: generate_command(str(path), "Once upon a time,", stream=io.StringIO(), **sampling)  # noqa: E731
@@ -64,12 +72,15 @@ def test_sampling_fields_mean_what_the_api_says(saved_tiny_model):
         ({"max_tokens": 10_000}, "exceeds the model's context of 256 tokens"),
         ({"device": "tpu"}, "unknown device 'tpu'"),
         ({"dtype": "int8"}, "unknown dtype 'int8'"),
+        ({"prompt": "snow \udc80"}, "--prompt holds a character that is not valid Unicode at position 5"),
+        ({"stop": ["ok", "\ud800"]}, "--stop holds a character that is not valid Unicode at position 0"),
     ],
 )
 def test_bad_generation_settings_are_clear_errors(saved_tiny_model, kwargs, message):
     path, _ = saved_tiny_model
+    prompt = kwargs.pop("prompt", "hi")
     with pytest.raises(TableFreeError, match=message):
-        generate_command(str(path), "hi", stream=io.StringIO(), **kwargs)
+        generate_command(str(path), prompt, stream=io.StringIO(), **kwargs)
 
 
 def test_cli_says_where_it_runs_and_streams_to_stdout(saved_tiny_model, capsys):

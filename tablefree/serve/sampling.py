@@ -110,7 +110,7 @@ class TokenSampler:
     """Picks one token per row; seeded rows draw from their own generator so a fixed seed repeats exactly."""
 
     def __init__(self, seed: int):
-        self.shared = torch.Generator().manual_seed(seed)
+        self.shared = torch.Generator().manual_seed(seed % 2**64)  # torch takes seeds in [0, 2**64) (and negatives)
 
     def sample(self, logits: torch.Tensor, rows: list) -> list[int | Exception]:
         """Each row's next token, or the exception that stopped that row alone. Overwrites `logits`.
