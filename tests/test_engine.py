@@ -521,3 +521,22 @@ def test_forward_outputs_are_read_as_logits_or_refused():
     for bad in (None, (), torch.zeros(2, 5), {"logits": logits}):
         with pytest.raises(TypeError, match="expected logits of shape"):
             output_logits(bad)
+
+
+def test_plain_forward_fault_ends_only_its_row(plain_served, hooks):
+    """A forward that fails for one row's ids (batched with an equal-length row) ends that row alone, mid-decode."""
+    model, tokenizer = plain_served
+    engine = Engine(model, tokenizer, max_model_len=64, seed=0)
+    poison = ord("\u2603")
+    victim_prompt, twin, other = [poison, 65, 66], [67, 68, 69], prompt(tokenizer, "a longer prompt")
+    expected = [argmax_loop(model, twin, 8), argmax_loop(model, other, 8)]
+
+    def refuse_poison_late(module, args):
+        if args[0].shape[1] > len(victim_prompt) + 2 and (args[0] == poison).any():
+            raise RuntimeError("injected forward fault")
+
+    hooks.append(model.register_forward_pre_hook(refuse_poison_late))
+    victim, good = sequence(engine, victim_prompt, **GREEDY), [sequence(engine, p, **GREEDY) for p in (twin, other)]
+    run(engine, {0: [victim, *good]})
+    assert "injected forward fault" in victim.sink.final.error and len(victim.sink.ids) == 3
+    assert [s.sink.ids for s in good] == expected and all(s.sink.final.error is None for s in good)
