@@ -7,16 +7,16 @@ import threading
 
 import pytest
 import torch
+from plain_forward_model import PlainForwardConfig, PlainForwardLM
 from starlette.requests import Request
 
-from plain_forward_model import PlainForwardConfig, PlainForwardLM
 from tablefree.hub import load_model
 from tablefree.serve.engine import Engine, Sequence, output_logits
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
-from tablefree.serve.server import context_length, load_for_serving
 from tablefree.serve.sampling import NonFiniteLogits, SamplingParams, TokenSampler
+from tablefree.serve.server import context_length, load_for_serving
 from tablefree.serve.text import IncrementalText
 
 GREEDY = dict(temperature=0.0, max_tokens=8)
