@@ -1,13 +1,18 @@
-"""The serving engine in process, without HTTP: one sequence's fault never changes what the others produce."""
+"""The serving engine in process, without HTTP: one sequence's fault never changes what the others produce.
+
+Last, models whose forward takes token ids alone: the engine's uncached path, and one real server over such a model.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 
+import httpx
 import pytest
 import torch
 from plain_forward_model import PlainForwardConfig, PlainForwardLM
+from serve_process import ServerProcess
 from starlette.requests import Request
 
 from tablefree.hub import load_model
@@ -540,3 +545,17 @@ def test_plain_forward_fault_ends_only_its_row(plain_served, hooks):
     run(engine, {0: [victim, *good]})
     assert "injected forward fault" in victim.sink.final.error and len(victim.sink.ids) == 3
     assert [s.sink.ids for s in good] == expected and all(s.sink.final.error is None for s in good)
+
+
+def test_serve_trust_remote_code_answers_with_the_argmax_loop(plain_forward_dir, plain_served, tmp_path):
+    model, tokenizer = plain_served
+    ids = prompt(tokenizer, "Hello there")
+    server = ServerProcess(plain_forward_dir, tmp_path / "serve.log", "--trust-remote-code", "--served-model-name", "m")
+    try:
+        body = {"model": "m", "prompt": "Hello there", "max_tokens": 8, "temperature": 0}
+        answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()
+    finally:
+        server.stop()
+    assert "choices" in answer, answer
+    assert answer["choices"][0]["text"] == tokenizer.decode(argmax_loop(model, ids, 8), skip_special_tokens=True)
+    assert "context 64, uncached: forward takes token ids alone" in (tmp_path / "serve.log").read_text()
