@@ -26,7 +26,7 @@ from .corpus import ReadOptions
 from .errors import TableFreeError
 
 EVAL_TOKENS = 262_144  # predicted tokens scored by `tablefree eval` unless --max-tokens says otherwise
-MAX_LOGITS = 1 << 24  # logits held at once: 64 MiB in float32, so 256 positions of a 65,536-token vocabulary
+MAX_LOGITS = 1 << 25  # logits held at once: 128 MiB in float32, 512 positions of a 65,536-token vocabulary
 BATCH_WINDOWS = 16
 
 
@@ -51,39 +51,38 @@ def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=
     causal_lm = _causal_lm(model)
     was_training = model.training
     model.eval()
-    nats = torch.zeros((), dtype=torch.float64, device=device)
-    tokens, n_bytes = 0, 0
-    with torch.no_grad(), _whole_head(model):
-        for batch in _same_length_batches(windows, batch_windows):
-            rows = np.stack(batch)
-            ids = torch.as_tensor(rows, device=device)
-            with autocast or contextlib.nullcontext():
-                hidden = causal_lm.base_model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
-            nats += summed_token_loss(causal_lm.get_output_embeddings(), hidden, ids[:, 1:], autocast, max_logits)
-            tokens += ids[:, 1:].numel()
-            n_bytes += int(byte_lengths[rows[:, 1:]].sum())
-    if was_training:
-        model.train()
+    nats, tokens, n_bytes = 0.0, 0, 0
+    try:
+        with torch.no_grad(), _gathered_root(model):
+            for batch in same_length_batches(windows, batch_windows):
+                rows = np.stack(batch)
+                ids = torch.as_tensor(rows, device=device)
+                with autocast or contextlib.nullcontext():
+                    hidden = causal_lm.base_model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
+                nats += summed_token_loss(causal_lm.get_output_embeddings(), hidden, ids[:, 1:], autocast, max_logits).item()
+                tokens += ids[:, 1:].numel()
+                n_bytes += int(byte_lengths[rows[:, 1:]].sum())
+    finally:
+        model.train(was_training)
     if tokens == 0:
         raise TableFreeError("nothing to evaluate: the validation data holds fewer than 2 tokens")
-    total = nats.item()
-    loss = total / tokens
+    loss = nats / tokens
     ppl = math.exp(loss) if loss < 709 else math.inf  # exp overflows a float past 709 (a diverged model)
-    return {"loss": loss, "ppl": ppl, "bits_per_byte": total / math.log(2) / max(1, n_bytes), "tokens": tokens}
+    return {"loss": loss, "ppl": ppl, "bits_per_byte": nats / math.log(2) / max(1, n_bytes), "tokens": tokens}
 
 
 def summed_token_loss(head, hidden, targets, autocast=None, max_logits: int = MAX_LOGITS):
-    """Summed cross-entropy of `head(hidden)` against `targets`, over a few positions at a time (float64 total)."""
+    """Summed cross-entropy of `head(hidden)` against `targets`, `max_logits` logits at a time (a float32 tensor)."""
     import torch
     import torch.nn.functional as F
 
     hidden, targets = hidden.flatten(0, 1), targets.flatten()
     positions = max(1, max_logits // head.weight.shape[0])
-    total = torch.zeros((), dtype=torch.float64, device=hidden.device)
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, targets.numel(), positions):
         with autocast or contextlib.nullcontext():
             logits = head(hidden[start : start + positions])
-        total += F.cross_entropy(logits.float(), targets[start : start + positions], reduction="sum").double()
+        total += F.cross_entropy(logits.float(), targets[start : start + positions], reduction="sum")
     return total
 
 
@@ -103,8 +102,8 @@ def _causal_lm(model):
 
 
 @contextlib.contextmanager
-def _whole_head(model):
-    """FSDP2 gathers the root's own parameters (head, final norm) only around the root's forward: gather them here."""
+def _gathered_root(model):
+    """FSDP2 gathers the root's own parameters (head, final norm) around the root's forward only; the split forward needs them too."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
@@ -117,7 +116,7 @@ def _whole_head(model):
         model.reshard()
 
 
-def _same_length_batches(windows, size: int):
+def same_length_batches(windows, size: int):
     """Group consecutive windows of equal length (one forward pass each); a shorter tail goes alone."""
     batch: list[np.ndarray] = []
     for window in windows:
