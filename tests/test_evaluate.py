@@ -247,3 +247,20 @@ def test_eval_names_bad_input_and_bad_numbers(trained, tmp_path):
     for bad in ({"max_tokens": 0}, {"seq_len": -1}):
         with pytest.raises(TableFreeError, match="must be a positive number"):
             evaluate_model(str(model_dir), str(latin1), **bad)
+
+
+def _cuda_present() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_present(), reason="needs a CUDA device")
+def test_eval_on_cuda_in_bfloat16_agrees_with_the_cpu(trained, prepared_data):
+    from tablefree.evaluate import evaluate_model
+    from tablefree.runtime import resolve_runtime
+
+    model_dir, _ = trained
+    cpu = evaluate_model(str(model_dir), str(prepared_data), seq_len=32, max_tokens=512, runtime=resolve_runtime("cpu", "float32"))
+    cuda = evaluate_model(str(model_dir), str(prepared_data), seq_len=32, max_tokens=512, runtime=resolve_runtime("auto", "auto"))
+    assert cuda["tokens"] == cpu["tokens"] and cuda["loss"] == pytest.approx(cpu["loss"], rel=0.02)
