@@ -6,6 +6,7 @@ Last, models whose forward takes token ids alone: the engine's uncached path, an
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 
 import httpx
@@ -361,10 +362,11 @@ def test_engine_thread_keeps_serving_after_faults(engine, served, hooks):
     assert later.sink.ids == expected and later.sink.final.error is None
 
 
-def _completion_run(engine, tokenizer, events, loop, **body):
-    request = CompletionRequest(prompt="Hello there", max_tokens=8, temperature=0, **body)
+def _completion_run(engine, tokenizer, events, loop, sampling=None, **body):
+    sampling = sampling or {"max_tokens": 8, "temperature": 0}
+    request = CompletionRequest(prompt="Hello there", **sampling, **body)
     ids = prompt(tokenizer, "Hello there")
-    params = SamplingParams(max_tokens=8, temperature=0)
+    params = SamplingParams(**sampling)
     sequences = []
     for index in range(request.n):
         sink = lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event))  # noqa: E731
@@ -409,6 +411,34 @@ def test_a_failed_choice_ends_its_request_and_cancels_the_siblings(engine, serve
         assert "generation failed for choice 1: " in outcome.message and "non-finite logits" in outcome.message
     assert all(seq.cancelled for seq in sequences)
     assert all(seq.finished for seq in sequences)  # the engine stopped them too, not only the request
+
+
+def test_a_streamed_request_says_what_its_body_says(engine, served):
+    """The same seeded n=3 request, streamed and not: each choice's text is the same, and so is its finish."""
+    tokenizer = served[1]
+    sampling = {"max_tokens": 12, "temperature": 0.9, "top_k": 40, "seed": 5}
+
+    async def serve(stream: bool):
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        request_run, sequences = _completion_run(engine, tokenizer, events, loop, sampling, n=3, stream=stream)
+        engine.submit(sequences)
+        if not stream:
+            body = await request_run.collect(_never_disconnects())
+            return [(c.text, c.finish_reason) for c in body.choices]
+        texts, finishes = ["", "", ""], [None] * 3
+        async for chunk in request_run.stream():
+            if chunk.startswith("data: {"):
+                for choice in json.loads(chunk[6:])["choices"]:
+                    texts[choice["index"]] += choice["text"]
+                    finishes[choice["index"]] = choice["finish_reason"] or finishes[choice["index"]]
+        return list(zip(texts, finishes))
+
+    engine.start()
+    try:
+        body, streamed = asyncio.run(serve(False)), asyncio.run(serve(True))
+    finally:
+        engine.stop()
+    assert streamed == body and len({text for text, _ in body}) > 1
 
 
 class OneCharacterPerId:
