@@ -53,7 +53,7 @@ def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=
     model.eval()
     nats, tokens, n_bytes = 0.0, 0, 0
     try:
-        with torch.no_grad(), _gathered_root(model):
+        with torch.no_grad(), _gathered_root(causal_lm):
             for batch in same_length_batches(windows, batch_windows):
                 rows = np.stack(batch)
                 ids = torch.as_tensor(rows, device=device)

@@ -85,6 +85,22 @@ def test_chunked_loss_equals_full_logits_and_never_holds_them_all(variant):
     assert chunked["bits_per_byte"] == pytest.approx(full["bits_per_byte"], rel=1e-6)
 
 
+def test_a_compiled_model_is_scored_as_the_model_itself():
+    import numpy as np
+    import torch
+    from conftest import tiny_config
+
+    from tablefree.evaluate import evaluate_windows
+    from tablefree.presets import build_model
+
+    model = build_model(tiny_config("affine"), seed=2)
+    windows = _windows([16, 16, 5], model.config.vocab_size)
+    byte_lengths = np.ones(model.config.vocab_size, dtype=np.int64)
+    bare = evaluate_windows(model, windows, byte_lengths, torch.device("cpu"))
+    compiled = evaluate_windows(torch.compile(model), windows, byte_lengths, torch.device("cpu"))
+    assert compiled == bare and model.training  # the training mode it had comes back
+
+
 def test_eval_of_something_else_than_a_gpt_neox_lm_is_an_error():
     import numpy as np
     import torch
