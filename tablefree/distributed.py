@@ -5,7 +5,6 @@ One process without torchrun is world size 1 and wraps nothing. gloo on CPU, ncc
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import TableFreeError
+from .runtime import Runtime
 
 STRATEGIES = ("auto", "none", "ddp", "fsdp")
 T = TypeVar("T")
@@ -25,31 +25,23 @@ class World:
     size: int
     local_rank: int
     device: torch.device
+    runtime: Runtime
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_world(device: str = "auto") -> World:
-    """The process group from torchrun's environment (or a world of one) and this rank's device."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise TableFreeError("device=cuda but no CUDA device is visible; use device=cpu or device=auto")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    elif device == "cpu":
-        dev = torch.device("cpu")
-    else:
-        raise TableFreeError(f"unknown device {device!r}; choose auto, cpu or cuda")
-    if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
-    return World(rank, size, local_rank, dev)
+def init_world(device: str = "auto", dtype: str = "auto") -> World:
+    """The process group from torchrun's environment (or a world of one) and this rank's device and dtype."""
+    from .runtime import resolve_runtime
+
+    runtime = resolve_runtime(device, dtype)
+    rank = runtime.rank
+    if rank.world_size > 1 and not dist.is_initialized():
+        cuda = runtime.device.type == "cuda"
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=runtime.device if cuda else None)
+    return World(rank.rank, rank.world_size, rank.local_rank, runtime.device, runtime)
 
 
 def close_world(world: World) -> None:

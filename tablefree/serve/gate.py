@@ -9,7 +9,7 @@ import hmac
 import json
 import time
 
-from .protocol import error_body, printable  # noqa: F401  (server.py imports printable from here)
+from .protocol import error_body
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
 

@@ -31,7 +31,7 @@ from ..hub import load_model, resolve_model_path
 from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPES, resolve_runtime
 from .app import ServeSettings, create_app
 from .engine import Engine, end_of_sequence_ids
-from .gate import error_body, printable
+from .protocol import error_body, printable
 
 API_KEY_ENV = "TABLEFREE_API_KEY"
 MAX_KEY_FILE_BYTES = 4096
