@@ -2,7 +2,7 @@
 
 Each way runs in a fresh process, timed from start to exit (wall and CPU seconds: the CPU seconds
 stay comparable on a machine that others load), its peak RSS read from the kernel:
-- imports:     python importing torch, transformers and tablefree's eval (the floor of any way below)
+- imports:     python importing what `tablefree eval` imports (torch, transformers, the model classes): the floor
 - full logits: the model's whole forward, logits of all 16 windows x seq_len x V at once (how eval worked)
 - chunked:     `tablefree eval MODEL --data DIR` (backbone once, head and cross-entropy a few positions at a time)
 Both score the same windows (the model's context, up to tablefree eval's token limit) and must agree.
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-IMPORTS = "import torch, transformers, tablefree.evaluate, tablefree.hub"
+IMPORTS = "import tablefree, tablefree.evaluate, tablefree.hub; tablefree.register_auto_classes()"  # what `tablefree eval` imports
 
 
 def full_logits_scores(model_dir: str, data_dir: str, device: str) -> None:
