@@ -12,12 +12,15 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import TableFreeError
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: `--help` of the commands that add these flags stays light.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 DEVICE_HELP = "auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps"
 DTYPE_HELP = "auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16"
@@ -55,11 +58,15 @@ class Runtime:
 
     def autocast(self):
         """Mixed precision for training: autocast to `dtype` off float32, a no-op in float32."""
+        import torch
+
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def describe(self) -> str:
+        import torch
+
         where = str(self.device)
         if self.device.type == "cuda":
             where += f" ({torch.cuda.get_device_name(self.device)})"
@@ -70,6 +77,8 @@ class Runtime:
 
 
 def pick_device(name: str, local_rank: int = 0) -> torch.device:
+    import torch
+
     if not DEVICE_PATTERN.fullmatch(name or ""):
         raise TableFreeError(f"unknown device {name!r}; choose {DEVICE_HELP}")
     if name == "auto":
@@ -87,17 +96,21 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
+    if name not in DTYPE_NAMES:
         raise TableFreeError(f"unknown dtype {name!r}; choose {DTYPE_HELP}")
-    if DTYPES[name] == torch.float16 and device.type == "cpu":
+    if name == "float16" and device.type == "cpu":
         raise TableFreeError("dtype float16 is not supported on the CPU; use float32 or bfloat16")
-    return DTYPES[name]
+    return getattr(torch, name)
 
 
 def resolve_runtime(device: str = "auto", dtype: str = "auto", threads: int | None = None) -> Runtime:
     """The device, dtype and rank a command runs with; `threads` caps the CPU threads of this process."""
+    import torch
+
     if threads is not None:
         if not 1 <= threads <= 1024:
             raise TableFreeError(f"threads must be between 1 and 1024, got {threads}")

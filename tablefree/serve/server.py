@@ -28,7 +28,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import TableFreeError
 from ..hub import load_model, resolve_model_path
-from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPES, resolve_runtime
+from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, resolve_runtime
 from .app import ServeSettings, create_app
 from .engine import Engine, end_of_sequence_ids
 from .protocol import error_body, printable
@@ -76,7 +76,7 @@ def check_flags(args) -> str:
     # Named as the flags here; tablefree.runtime decides what a valid name picks on this machine.
     if not DEVICE_PATTERN.fullmatch(args.device):
         raise TableFreeError(f"unknown --device {args.device!r}; choose {DEVICE_HELP}")
-    if args.dtype != "auto" and args.dtype not in DTYPES:
+    if args.dtype != "auto" and args.dtype not in DTYPE_NAMES:
         raise TableFreeError(f"unknown --dtype {args.dtype!r}; choose {DTYPE_HELP}")
     return model_path
 
