@@ -1,4 +1,8 @@
-"""`tablefree <verb>`: each verb is one module's entry function; user errors print one line, no traceback."""
+"""`tablefree <verb>`: each verb is one module's entry function; user errors print one line, no traceback.
+
+`tablefree --help` reads the verb table alone, and `tablefree VERB ...` imports only VERB's module, whose
+own imports of torch and transformers wait until the verb runs: help answers without loading them.
+"""
 
 from __future__ import annotations
 
@@ -6,30 +10,73 @@ import argparse
 import importlib
 import sys
 
+from . import __version__, register_auto_classes
 from .errors import TableFreeError
 
-# Each module registers its own verb(s) through `add_cli(subparsers)`.
-COMMAND_MODULES = ["presets", "tokenizer", "export", "generate", "data", "train", "compare", "evaluate", "quickstart", "serve"]
+# verb -> (the module whose `add_cli(subparsers)` defines it, what it does)
+VERBS = {
+    "quickstart": ("quickstart", "train affine vs learned on the embedded corpus and compare (a few CPU minutes)"),
+    "new": ("presets", "initialise a model from a preset and save it"),
+    "verify": ("presets", "check a code is injective and invertible over all V ids"),
+    "tokenizer": ("tokenizer", "build the code-point tokenizer"),
+    "data": ("data", "prepare token shards from a mixture of sources"),
+    "train": ("train", "train a model on prepared data (CPU, or GPUs via torchrun)"),
+    "compare": ("compare", "the matched comparison: variants x seeds, results table and plots"),
+    "eval": ("evaluate", "validation loss, perplexity and bits per byte of a saved model"),
+    "generate": ("generate", "generate text from a model, streamed to the terminal"),
+    "export": ("export", "write a stock GPT-NeoX checkpoint (code table as embed_in)"),
+    "serve": ("serve", "serve a model over an OpenAI-compatible HTTP API (port 30000)"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless the help already says it or there is none to say."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, argparse.SUPPRESS) or action.nargs == 0 or action.required:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The command line; only `verb`'s module is imported (the others are listed from the table)."""
+    parser = Parser(
         prog="tablefree",
         description="Language models without a trainable input embedding table (arXiv 2605.09751).",
     )
+    parser.add_argument("--version", action="version", version=f"tablefree {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(f"tablefree.{name}").add_cli(subparsers)
+    if verb in VERBS:
+        importlib.import_module(f"tablefree.{VERBS[verb][0]}").add_cli(subparsers)
+    for name, (_, summary) in VERBS.items():
+        if name in subparsers.choices:
+            subparsers.choices[name].description = subparsers.choices[name].description or summary
+        else:
+            subparsers.add_parser(name, help=summary, description=summary)
     return parser
 
 
+def chosen_verb(argv: list[str]) -> str | None:
+    """The verb of a command line: its first word that is not an option."""
+    return next((word for word in argv if not word.startswith("-")), None)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(chosen_verb(argv))
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
     try:
+        register_auto_classes()  # a verb runs: saved models load through the Auto classes
         result = args.run(args)
     except TableFreeError as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)

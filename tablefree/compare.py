@@ -8,7 +8,6 @@ interrupted comparison continues where it stopped; finished runs are not retrain
 
 from __future__ import annotations
 
-import os
 import statistics
 from dataclasses import replace
 from pathlib import Path
@@ -35,13 +34,15 @@ def compare(base, variants: list[str], seeds: list[int], out: str | Path, force:
     """Train (or resume) every run, then summarise; returns the content of results.json."""
     from .files import claim_output_dir
     from .presets import VARIANTS
+    from .runtime import process_rank
     from .train import model_config, train
 
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise TableFreeError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     out = Path(out)
-    if os.environ.get("RANK", "0") == "0":
+    is_main = process_rank().is_main
+    if is_main:
         claim_output_dir(out, "compare", resumable=True, force=force, inputs=[base.data, base.tokenizer],
                          writes=("results.json", "results.md", "loss_curves.png",
                                  *(run_name(v, s) for v in variants for s in seeds)))
@@ -53,7 +54,7 @@ def compare(base, variants: list[str], seeds: list[int], out: str | Path, force:
         print(f"== {run_name(variant, seed)} ==")
         runs.append(train(cfg))
     summary = summarise(runs, variants)
-    if os.environ.get("RANK", "0") != "0":
+    if not is_main:
         return {"runs": runs, "summary": summary}  # under torchrun, rank 0 alone writes the outputs
     results = {"config": {k: v for k, v in vars(base).items() if k not in ("out", "variant", "seed")},
                "variants": variants, "seeds": seeds, "runs": runs, "summary": summary}
@@ -91,7 +92,7 @@ def summarise(runs: list[dict], variants: list[str]) -> dict:
 
 def markdown_table(summary: dict, base, seeds: list[int]) -> str:
     lines = [
-        f"# Matched comparison: {base.preset} backbone, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
+        f"# Matched comparison: {base.size} backbone, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
         f"data seed {base.data_seed}, {base.steps() * base.batch_size * base.seq_len:,} tokens per run",
         "",
         "| input interface | val PPL (mean ± std) | bits per byte | trainable input params | seed-to-seed variation | gap to learned |",
@@ -145,14 +146,19 @@ def plot_losses(out: Path, variants: list[str], seeds: list[int]) -> Path:
 
 def compare_command(args) -> int:
     from .presets import parse_overrides
-    from .train import load_config
+    from .runtime import process_rank
+    from .train import read_train_config
 
-    base = load_config(args.config, parse_overrides(args.overrides))
+    overrides = parse_overrides(args.overrides)
+    for name in ("device", "dtype"):  # given flags win over the config's settings
+        if getattr(args, name) is not None:
+            overrides[name] = getattr(args, name)
+    base = read_train_config(args.config, overrides)
     variants = parse_list(args.variants)
     seeds = parse_list(args.seeds, int)
     out = Path(args.out or base.out)
     compare(base, variants, seeds, out, force=args.force)
-    if os.environ.get("RANK", "0") != "0":
+    if not process_rank().is_main:
         return 0
     print((out / "results.md").read_text())
     print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'loss_curves.png'}")
@@ -160,12 +166,17 @@ def compare_command(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    cmp = subparsers.add_parser("compare", help="the matched comparison: variants x seeds, results table and plots")
-    cmp.add_argument("--config", required=True, help="YAML training config shared by all runs")
-    cmp.add_argument("--variants", default="learned,minimal,affine")
+    from .presets import VARIANTS
+    from .runtime import add_runtime_flags
+
+    cmp = subparsers.add_parser("compare")
+    cmp.add_argument("--config", required=True, help="YAML training config shared by all runs (see `tablefree train --help`)")
+    cmp.add_argument("--variants", default="learned,minimal,affine", help=f"comma-separated, from: {', '.join(VARIANTS)}")
     cmp.add_argument("--seeds", default="0,1,2", help="model seeds (the data seed is the config's, shared)")
     cmp.add_argument("--out", help="output directory (default: the config's out)")
     cmp.add_argument("--force", action="store_true",
                      help="write into a non-empty OUT that is not a comparison's; files tablefree did not write are never touched")
-    cmp.add_argument("overrides", nargs="*", help="training settings as key=value")
+    add_runtime_flags(cmp)
+    cmp.set_defaults(device=None, dtype=None)  # unset: the config's device and dtype settings (auto by default)
+    cmp.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training settings (see `tablefree train --help`)")
     cmp.set_defaults(run=compare_command)

@@ -664,7 +664,7 @@ def describe(manifest: dict, out: Path) -> str:
 def add_cli(subparsers) -> None:
     from .corpus import add_reading_options
 
-    data = subparsers.add_parser("data", help="prepare token shards from a mixture of sources")
+    data = subparsers.add_parser("data")
     verbs = data.add_subparsers(dest="data_command", metavar="VERB", required=True)
     prep = verbs.add_parser("prepare", help="tokenise a weighted mixture into token shards + manifest")
     prep.add_argument("--source", action="append", default=None, metavar="SPEC[@WEIGHT]",
@@ -679,14 +679,14 @@ def add_cli(subparsers) -> None:
                       help="the token that separates documents (default: the tokenizer's own eos_token)")
     prep.add_argument("--tokenizer-chars", type=int, default=20_000_000, help="characters to learn n-gram slots from")
     prep.add_argument("--budget-tokens", type=int, default=None, help="train tokens over the mixture (default: all)")
-    prep.add_argument("--val-fraction", type=float, default=0.01, help="fraction of documents held out")
-    prep.add_argument("--shard-tokens", type=int, default=1 << 24)
+    prep.add_argument("--val-fraction", type=float, default=PrepareSettings.val_fraction, help="fraction of documents held out")
+    prep.add_argument("--shard-tokens", type=int, default=PrepareSettings.shard_tokens, help="tokens per shard file")
     prep.add_argument("--split", default="train", help="dataset split of hf: sources")
     add_reading_options(prep)
     prep.add_argument("--from-cache", action="store_true",
                       help="read hf: sources from the local datasets cache only, never the network")
-    prep.add_argument("--seed", type=int, default=0, help="seed of the validation split")
-    prep.add_argument("--quiet", action="store_true")
+    prep.add_argument("--seed", type=int, default=PrepareSettings.seed, help="seed of the validation split")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
     prep.set_defaults(run=lambda a: prepare_command(_default_sources(a)))
 
 

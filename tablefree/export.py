@@ -54,7 +54,7 @@ def export_command(model_path: str, out: str, format: str = "gpt-neox", force: b
 
 
 def add_cli(subparsers) -> None:
-    export = subparsers.add_parser("export", help="write a stock GPT-NeoX checkpoint (code table as embed_in)")
+    export = subparsers.add_parser("export")
     export.add_argument("model", help="model directory or cached hub id")
     export.add_argument("out", help="output directory (new or empty; see --force)")
     export.add_argument("--format", default="gpt-neox", help=f"one of: {', '.join(EXPORT_FORMATS)}")

@@ -1,8 +1,10 @@
 """Named model presets: a size (depth, width, context) times an input interface (variant).
 
-`paper-learned`, `paper-minimal`, `paper-affine` are the three models of the paper; `tiny-*` and
-`small-*` are CPU sizes. Sizes derive from depth and width alone (head size 32, MLP 4x), as in the
-paper's 32 x 1024 backbone. Every field can be overridden.
+A preset name is `SIZE-VARIANT`: `paper-learned`, `paper-minimal`, `paper-affine` are the three
+models of the paper; `tiny-*` and `small-*` are CPU sizes. The size and the variant stay two separate
+choices everywhere (a training config has `size` and `variant`); nothing re-derives one from a model
+config. Sizes derive from depth and width alone (head size 32, MLP 4x), as in the paper's 32 x 1024
+backbone. Every field can be overridden.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ import difflib
 import math
 import os
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PretrainedConfig
-
-from .codes import CODE_FAMILIES, CodeError
-from .configuration_tablefree import TableFreeConfig
 from .errors import TableFreeError
-from .modeling_tablefree import TableFreeForCausalLM
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+
+if TYPE_CHECKING:  # torch and transformers load when a model is built, so `tablefree --help` stays light
+    import torch
+    from transformers import PretrainedConfig
 
 
 @dataclass(frozen=True)
@@ -65,19 +66,38 @@ BACKBONE = dict(
 
 
 def _config_fields(cls) -> set[str]:
-    return {f.name for f in fields(cls)} | {"variant"}
+    return {f.name for f in fields(cls)}
 
 
-def build_config(preset: str, **overrides) -> PretrainedConfig:
-    """The config of a preset with `overrides` applied; `variant=...` switches the input interface."""
+def split_preset(preset: str) -> tuple[str, str]:
+    """(size, variant) of a preset name `SIZE-VARIANT`."""
     if preset not in PRESETS:
         close = difflib.get_close_matches(preset, PRESETS, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise TableFreeError(f"unknown preset {preset!r}{hint}; choose one of {', '.join(PRESETS)}")
-    size_name, variant = preset.split("-", 1)
-    variant = overrides.pop("variant", variant)
+    size, variant = preset.split("-", 1)
+    return size, variant
+
+
+def build_config(preset: str, /, **overrides) -> PretrainedConfig:
+    """The config of the preset `SIZE-VARIANT` with model-field `overrides` applied."""
+    return sized_config(*split_preset(preset), **overrides)
+
+
+def sized_config(size: str, variant: str, /, **overrides) -> PretrainedConfig:
+    """The model config of a size and an input-interface variant, with model-field `overrides` applied."""
+    from transformers import GPTNeoXConfig
+
+    from .codes import CODE_FAMILIES
+    from .configuration_tablefree import TableFreeConfig
+
+    if size not in SIZES:
+        raise TableFreeError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     if variant not in VARIANTS:
         raise TableFreeError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    if "variant" in overrides:
+        raise TableFreeError("variant is not a model field: choose it in the preset name (SIZE-VARIANT) "
+                             "or as the training setting variant=...")
     if "code_family" in overrides and not (isinstance(overrides["code_family"], str) and overrides["code_family"] in CODE_FAMILIES):
         raise TableFreeError(
             f"unknown code family {overrides['code_family']!r}; choose one of {', '.join(CODE_FAMILIES)}"
@@ -89,23 +109,31 @@ def build_config(preset: str, **overrides) -> PretrainedConfig:
             close = difflib.get_close_matches(key, sorted(known), n=3)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise TableFreeError(f"unknown model field {key!r} for the {variant} variant{hint}")
-    values = {**BACKBONE, **SIZES[size_name].backbone(), **(VARIANTS[variant] or {}), **overrides}
-    return make_config(cls, values)
+    values = {**BACKBONE, **SIZES[size].backbone(), **(VARIANTS[variant] or {}), **overrides}
+    return instantiate_config(cls, values)
 
 
 # Sizes that must be positive integers; the config classes check types but accept 0 and negatives.
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                    "max_position_embeddings")
+LARGEST_SIZE = 2**31 - 1  # torch's shape arithmetic overflows past 64-bit products; no real model comes near
 
 
-def make_config(cls, values: dict) -> PretrainedConfig:
+def instantiate_config(cls, values: dict) -> PretrainedConfig:
     """Instantiate a config class, turning every validation failure into a TableFreeError."""
     from huggingface_hub.errors import StrictDataclassError
+    from transformers.activations import ACT2FN
+
+    from .codes import CodeError
+    from .configuration_tablefree import TableFreeConfig
 
     for name in POSITIVE_FIELDS:
         value = values.get(name)
-        if name in values and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise TableFreeError(f"invalid model config: {name} must be a positive integer, got {value!r}")
+        if name in values and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LARGEST_SIZE):
+            raise TableFreeError(f"invalid model config: {name} must be a positive integer up to {LARGEST_SIZE:,}, got {value!r}")
+    activation = values.get("hidden_act")
+    if not isinstance(activation, str) or activation not in ACT2FN:
+        raise TableFreeError(f"invalid model config: hidden_act {activation!r} is not one of {', '.join(sorted(ACT2FN))}")
     width, heads = values.get("hidden_size"), values.get("num_attention_heads")
     if isinstance(width, int) and isinstance(heads, int) and width % heads:
         raise TableFreeError(f"invalid model config: hidden_size {width} is not divisible by num_attention_heads {heads}")
@@ -134,6 +162,12 @@ def _one_line(exc: BaseException) -> str:
 
 def build_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
     """A freshly initialised model; its weights depend on `seed` alone (the global RNG is left untouched)."""
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    from .configuration_tablefree import TableFreeConfig
+    from .modeling_tablefree import TableFreeForCausalLM
+
     cls = TableFreeForCausalLM if isinstance(config, TableFreeConfig) else GPTNeoXForCausalLM
     try:
         with torch.device("meta"):
@@ -147,14 +181,6 @@ def build_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
             return cls(config)
     except (RuntimeError, MemoryError) as exc:  # the allocator's "can't allocate memory", or shapes past its limits
         raise TableFreeError(f"cannot build the model: {_one_line(exc)[:200]}; choose smaller sizes") from None
-
-
-def variant_of(config: PretrainedConfig) -> str:
-    if not isinstance(config, TableFreeConfig):
-        return "learned"
-    if config.code_family == "affine" and config.affine_preset == "gray":
-        return "gray"
-    return config.code_family
 
 
 def tokenizer_fields(tokenizer) -> dict:
@@ -204,14 +230,15 @@ def new_command(args) -> int:
     tokenizer.model_max_length = config.max_position_embeddings
     out = save_model(model, args.out, tokenizer)
     params = sum(p.numel() for p in model.parameters())
-    print(f"{args.preset} ({variant_of(config)}): {params:,} parameters -> {out}")
+    print(f"{args.preset}: {params:,} parameters -> {out}")
     return 0
 
 
 def verify_command(args) -> int:
     """`tablefree verify PRESET|MODEL`: the exhaustive injectivity and inverse check over all V ids."""
 
-    from .codes import verify_code
+    from .codes import CodeError, verify_code
+    from .configuration_tablefree import TableFreeConfig
 
     if args.target in PRESETS:
         config = build_config(args.target, **parse_overrides(args.overrides))
@@ -235,8 +262,8 @@ def verify_command(args) -> int:
 
 
 def add_cli(subparsers) -> None:
-    new = subparsers.add_parser("new", help="initialise a model from a preset and save it")
-    new.add_argument("preset", help=f"one of: {', '.join(PRESETS)}")
+    new = subparsers.add_parser("new")
+    new.add_argument("preset", help=f"SIZE-VARIANT, one of: {', '.join(PRESETS)}")
     new.add_argument("out", help="output directory (new or empty; see --force)")
     new.add_argument("overrides", nargs="*", help="model fields as key=value, e.g. hidden_size=128")
     new.add_argument("--seed", type=int, default=0, help="model seed (initialisation depends on it alone)")
@@ -244,7 +271,7 @@ def add_cli(subparsers) -> None:
     new.add_argument("--force", action="store_true",
                      help="write into a non-empty OUT; files tablefree did not write there are never removed or overwritten")
     new.set_defaults(run=new_command)
-    verify = subparsers.add_parser("verify", help="check a code is injective and invertible over all V ids")
+    verify = subparsers.add_parser("verify")
     verify.add_argument("target", help="a preset name or a model directory")
     verify.add_argument("overrides", nargs="*", help="model fields as key=value (with a preset)")
     verify.set_defaults(run=verify_command)

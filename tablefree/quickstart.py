@@ -16,12 +16,14 @@ from .errors import TableFreeError
 
 PROMPT = "Question: What is the capital of UK?\nAnswer:"
 VARIANTS = ("affine", "learned")
-# Sized for about a minute of training per model on 2 CPU cores; the 65,536-way output head dominates.
-MODEL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 256,
-         "max_position_embeddings": 1024}  # the paper's context: rotary positions cost no parameters
+# The `tiny` size: about a minute of training per model on 2 CPU cores; the 65,536-way output head dominates.
+SIZE = "tiny"
+MODEL = {"max_position_embeddings": 1024}  # the paper's context: rotary positions cost no parameters
+STEPS = 80  # optimizer steps per model
 
 
-def quickstart(out: str | Path, steps: int = 80, seed: int = 0, progress: bool = True, force: bool = False) -> dict:
+def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: bool = True, force: bool = False,
+               device: str = "auto", dtype: str = "auto") -> dict:
     from .data import PrepareSettings, Source, mixture_text, prepare
     from .files import claim_output_dir
     from .tokenizer import as_transformers, build_tokenizer, load_tokenizer
@@ -40,9 +42,9 @@ def quickstart(out: str | Path, steps: int = 80, seed: int = 0, progress: bool =
     print(f"      {manifest['train_tokens']:,} train / {manifest['val_tokens']:,} val tokens "
           f"({manifest['train_bytes'] / manifest['train_tokens']:.2f} bytes per token)")
     base = TrainConfig(
-        data=str(data_dir), preset="tiny-affine", model=dict(MODEL), seed=seed, data_seed=seed,
-        seq_len=64, batch_size=8, max_steps=steps, lr=1e-2, warmup_steps=10, min_lr_ratio=0.1,
-        eval_tokens=8192, checkpoint_every=40, log_every=5, progress=progress,
+        data=str(data_dir), size=SIZE, model=dict(MODEL), seed=seed, data_seed=seed,
+        seq_len=64, batch_size=8, max_steps=steps, lr=1e-2, warmup_steps=10,
+        eval_tokens=8192, checkpoint_every=40, log_every=5, progress=progress, device=device, dtype=dtype,
     )
     untrained = untrained_score(base, tokenizer)
     results = {}
@@ -123,18 +125,26 @@ def answer_prompt(model_dir: Path, max_new_tokens: int = 12) -> str:
 
 
 def quickstart_command(args) -> int:
+    from .runtime import resolve_runtime
+
     if args.steps < 1:
         raise TableFreeError(f"--steps must be at least 1, got {args.steps}")
-    quickstart(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet, force=args.force)
+    runtime = resolve_runtime(args.device, args.dtype)  # a wrong choice is refused before minutes of work
+    print(f"running on {runtime.describe()}")
+    quickstart(args.out, steps=args.steps, seed=args.seed, progress=not args.quiet, force=args.force,
+               device=args.device, dtype=args.dtype)
     return 0
 
 
 def add_cli(subparsers) -> None:
-    qs = subparsers.add_parser("quickstart", help="train affine vs learned on the embedded corpus and compare (a few CPU minutes)")
-    qs.add_argument("--out", default="runs/quickstart", help="output directory (default: runs/quickstart)")
-    qs.add_argument("--steps", type=int, default=80, help="optimizer steps per model")
-    qs.add_argument("--seed", type=int, default=0)
+    from .runtime import add_runtime_flags
+
+    qs = subparsers.add_parser("quickstart")
+    qs.add_argument("--out", default="runs/quickstart", help="output directory")
+    qs.add_argument("--steps", type=int, default=STEPS, help="optimizer steps per model")
+    qs.add_argument("--seed", type=int, default=0, help="model and data seed")
     qs.add_argument("--quiet", action="store_true", help="no progress bars")
     qs.add_argument("--force", action="store_true",
                     help="write into a non-empty OUT that is not a quickstart's; files tablefree did not write are never touched")
+    add_runtime_flags(qs)
     qs.set_defaults(run=quickstart_command)

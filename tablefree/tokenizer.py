@@ -218,12 +218,12 @@ def build_cli(args) -> int:
 def add_cli(subparsers) -> None:
     from .corpus import add_reading_options
 
-    tokenizer = subparsers.add_parser("tokenizer", help="build the code-point tokenizer")
+    tokenizer = subparsers.add_parser("tokenizer")
     verbs = tokenizer.add_subparsers(dest="tokenizer_command", metavar="VERB", required=True)
     build = verbs.add_parser("build", help="fill the n-gram slots from a corpus and save tokenizer.json")
-    build.add_argument("--corpus", nargs="+", default=["embedded"], help="'embedded' (default) or .txt/.jsonl/.parquet files")
+    build.add_argument("--corpus", nargs="+", default=["embedded"], help="'embedded' or .txt/.jsonl/.parquet files")
     build.add_argument("--out", required=True, help="output directory")
-    build.add_argument("--limit-chars", type=int, default=None, help="read at most this many characters")
+    build.add_argument("--limit-chars", type=int, default=None, help="read at most this many characters (default: all)")
     build.add_argument("--force", action="store_true",
                        help="write into an existing non-empty --out (files tablefree did not write are never touched)")
     add_reading_options(build)

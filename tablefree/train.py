@@ -16,15 +16,18 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-
-import numpy as np
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
 from .errors import TableFreeError
 from .files import write_json
+from .presets import SIZES, VARIANTS, split_preset
+from .runtime import DEVICE_HELP
+
+if TYPE_CHECKING:  # torch and numpy load when training starts, so `tablefree train --help` stays light
+    import numpy as np
+    import torch
 
 SCHEDULES = ("cosine", "wsd")
 DTYPES = ("auto", "float32", "bfloat16")
@@ -35,42 +38,49 @@ TRAJECTORY = ("seed", "data_seed", "seq_len", "batch_size", "lr", "min_lr_ratio"
               "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip")
 
 
+def setting(default, help: str):
+    """A training setting: its default and its meaning, written once (`tablefree train --help` lists them)."""
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    data: str = "runs/data"  # a directory made by `tablefree data prepare`
-    tokenizer: str | None = None  # the model's tokenizer (default: the one the data was prepared with)
-    out: str = "runs/train"
-    preset: str = "small-affine"  # see `tablefree new --help`
-    variant: str | None = None  # switch the preset's input interface: learned, minimal, affine, gray, hashed
-    model: dict = field(default_factory=dict)  # model-field overrides, e.g. {hidden_size: 128}
-    seed: int = 0  # model seed: initialisation depends on it alone
-    data_seed: int = 0  # data order depends on it alone
-    seq_len: int = 256
-    batch_size: int = 32  # sequences per optimizer step, over all processes
-    micro_batch_size: int | None = None  # sequences per forward pass per process (default: all of this rank's)
-    max_steps: int | None = None
-    tokens: int | None = None  # alternative to max_steps: train tokens (steps = tokens / (batch_size * seq_len))
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine, or wsd (warmup-stable-decay)
-    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
-    eval_every: int = 0  # 0: only at the end
-    eval_tokens: int = 65536
-    checkpoint_every: int = 200  # 0: only at the end
-    log_every: int = 10
-    device: str = "auto"
-    dtype: str = "auto"  # auto: bfloat16 autocast on GPU, float32 on CPU
-    compile: bool = False
-    distributed: str = "auto"  # auto (ddp under torchrun), none, ddp, fsdp
-    progress: bool = True
-    peak_flops: float | None = None  # MFU denominator; default: GPU datasheet or measured CPU matmul rate
-    save_model: bool = True
-    force: bool = False  # also write into a non-empty out that is not a train output (others' files stay untouched)
+    data: str = setting("runs/data", "a directory made by `tablefree data prepare`")
+    tokenizer: str | None = setting(None, "the model's tokenizer (default: the one the data was prepared with)")
+    out: str = setting("runs/train", "output directory: checkpoint, metrics.jsonl, result.json, model/")
+    size: str = setting("small", f"model size, one of {', '.join(SIZES)} (see `tablefree new --help`)")
+    variant: str = setting("affine", f"input interface, one of {', '.join(VARIANTS)}")
+    model: dict = setting({}, "model-field overrides, e.g. model.hidden_size=128 (YAML: model: {hidden_size: 128})")
+    seed: int = setting(0, "model seed: initialisation depends on it alone")
+    data_seed: int = setting(0, "data order depends on it alone")
+    seq_len: int = setting(256, "tokens per training window")
+    batch_size: int = setting(32, "sequences per optimizer step, over all processes")
+    micro_batch_size: int | None = setting(None, "sequences per forward pass per process (default: all of this rank's)")
+    max_steps: int | None = setting(None, "optimizer steps (this or tokens must be set)")
+    tokens: int | None = setting(None, "alternative to max_steps: train tokens (steps = tokens / (batch_size * seq_len))")
+    lr: float = setting(3e-3, "peak learning rate")
+    min_lr_ratio: float = setting(0.1, "final learning rate as a fraction of lr")
+    warmup_steps: int = setting(100, "steps of linear warmup")
+    schedule: str = setting("cosine", "cosine, or wsd (warmup-stable-decay)")
+    decay_fraction: float = setting(0.2, "wsd: the final fraction of steps that decays")
+    weight_decay: float = setting(0.1, "AdamW weight decay of the weight matrices")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    grad_clip: float = setting(1.0, "gradient-norm clipping; 0 disables it")
+    eval_every: int = setting(0, "steps between validations; 0: only at the end")
+    eval_tokens: int = setting(65536, "validation tokens per evaluation")
+    checkpoint_every: int = setting(200, "steps between checkpoints; 0: only at the end")
+    log_every: int = setting(10, "steps between metrics.jsonl lines")
+    device: str = setting("auto", DEVICE_HELP)
+    dtype: str = setting("auto", "compute dtype: auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16")
+    compile: bool = setting(False, "torch.compile the model")
+    distributed: str = setting("auto", "auto (ddp under torchrun), none, ddp, fsdp")
+    progress: bool = setting(True, "show a progress bar")
+    peak_flops: float | None = setting(None, "MFU denominator (default: GPU datasheet or measured CPU matmul rate)")
+    save_model: bool = setting(True, "save the trained model in the Hugging Face form in OUT/model")
+    force: bool = setting(False, "also write into a non-empty out that is not a train output (others' files stay untouched)")
 
     def steps(self) -> int:
         if self.max_steps is not None:
@@ -80,7 +90,7 @@ class TrainConfig:
         raise TableFreeError(f"the training length is not set: set max_steps=N or tokens=N {WHERE_SETTINGS_GO}")
 
 
-def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
+def read_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     """A TrainConfig from YAML plus `key=value` overrides (`model.hidden_size=64` for model fields)."""
     import yaml
 
@@ -114,6 +124,8 @@ def load_config(path: str | Path | None, overrides: dict) -> TrainConfig:
 
 
 def make_config(values: dict, where: str = "the config") -> TrainConfig:
+    """A checked TrainConfig from setting values; `preset: SIZE-VARIANT` is short for the two settings."""
+    values = _split_preset(values, where)
     known = {f.name: f for f in fields(TrainConfig)}
     for key in values:
         if key not in known:
@@ -121,7 +133,7 @@ def make_config(values: dict, where: str = "the config") -> TrainConfig:
             hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(known)}"
             raise TableFreeError(f"unknown training setting {key!r} in {where}{hint}")
     config = TrainConfig(**{k: _coerce(known[k], v, where) for k, v in values.items()})
-    for name, choices in (("schedule", SCHEDULES), ("dtype", DTYPES)):
+    for name, choices in (("size", SIZES), ("variant", VARIANTS), ("schedule", SCHEDULES), ("dtype", DTYPES)):
         if getattr(config, name) not in choices:
             raise TableFreeError(f"{name} {getattr(config, name)!r} is not one of {', '.join(choices)}")
     for name, (accepts, what) in LIMITS.items():
@@ -129,6 +141,18 @@ def make_config(values: dict, where: str = "the config") -> TrainConfig:
         if value is not None and not accepts(value):
             raise TableFreeError(f"{name} must be {what}, got {value!r}")
     return config
+
+
+def _split_preset(values: dict, where: str) -> dict:
+    if "preset" not in values:
+        return values
+    rest = {k: v for k, v in values.items() if k != "preset"}
+    given = [name for name in ("size", "variant") if name in rest]
+    if given:
+        raise TableFreeError(f"preset and {' and '.join(given)} both set in {where}: a preset is a size and a variant "
+                             f"(SIZE-VARIANT); set either preset or size and variant")
+    size, variant = split_preset(str(values["preset"]))
+    return {**rest, "size": size, "variant": variant}
 
 
 def _integer(low: int, high: int = 2**63 - 1) -> tuple:
@@ -198,12 +222,10 @@ def _encodable(text: str) -> bool:
 
 def model_config(cfg: TrainConfig, tokenizer=None):
     """The model config of a run; with the data's tokenizer, V and the special ids follow from it (model.* still wins)."""
-    from .presets import build_config, tokenizer_fields
+    from .presets import sized_config, tokenizer_fields
 
     overrides = {**(tokenizer_fields(tokenizer) if tokenizer is not None else {}), **cfg.model}
-    if cfg.variant is not None:
-        overrides["variant"] = cfg.variant
-    config = build_config(cfg.preset, **overrides)
+    config = sized_config(cfg.size, cfg.variant, **overrides)
     if cfg.seq_len > config.max_position_embeddings:
         raise TableFreeError(f"seq_len {cfg.seq_len} exceeds the model's context ({config.max_position_embeddings})")
     return config
@@ -231,12 +253,16 @@ def learning_rate(cfg: TrainConfig, step: int, total: int) -> float:
 
 def batch_rows(shards, cfg: TrainConfig, step: int) -> np.ndarray:
     """The global batch of step `step`: (batch_size, seq_len + 1) windows drawn from (data_seed, step) alone."""
+    import numpy as np
+
     counts = shards.window_starts(cfg.seq_len + 1)
     rng = np.random.Generator(np.random.PCG64([cfg.data_seed, step]))
     return shards.windows(rng.integers(0, int(counts.sum()), size=cfg.batch_size), cfg.seq_len + 1)
 
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    import torch
+
     # Decay matrices only; biases and LayerNorm gains keep their scale.
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     rest = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
@@ -254,7 +280,7 @@ def train(cfg: TrainConfig) -> dict:
 
     config = model_config(cfg)  # every setting is checked before a process group or a file is touched
     check_given(cfg)
-    world = init_world(cfg.device)
+    world = init_world(cfg.device, cfg.dtype)
     try:
         return _train(cfg, config, world)
     finally:
@@ -321,6 +347,8 @@ def diverged(step: int, what: str, out: Path, saved_step: int | None) -> TableFr
 
 
 def _train(cfg: TrainConfig, config, world) -> dict:
+    import torch
+    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     from .checkpoint import (CHECKPOINT, gather_state, load_checkpoint, refuse_legacy_checkpoint, restore_state,
@@ -330,7 +358,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
     from .evaluate import evaluate_shards, token_byte_lengths
     from .files import claim_output_dir, read_json
     from .metrics import MetricsLog, peak_flops, training_flops_per_token
-    from .presets import build_model, variant_of
+    from .presets import build_model
     from .tokenizer import load_tokenizer, tokenizer_hash
 
     out = Path(cfg.out)
@@ -348,9 +376,8 @@ def _train(cfg: TrainConfig, config, world) -> dict:
     micro = cfg.micro_batch_size or per_rank
     if per_rank % micro:
         raise TableFreeError(f"micro_batch_size {micro} does not divide the {per_rank} sequences per process")
-    dtype = {"auto": torch.bfloat16 if world.device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    autocast = (torch.autocast(world.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext())
+    dtype = world.runtime.dtype
+    autocast = world.runtime.autocast()
 
     def claim() -> None:
         refuse_legacy_checkpoint(out)
@@ -379,6 +406,8 @@ def _train(cfg: TrainConfig, config, world) -> dict:
         loss_value = state["loss"]
         if world.is_main:
             print(f"resuming {out} from its checkpoint at step {start}")
+    if world.is_main and cfg.progress:
+        print(f"training on {world.runtime.describe()}")
     forward = torch.compile(model) if cfg.compile else model
     peak, peak_source = (cfg.peak_flops, "given") if cfg.peak_flops else peak_flops(world.device, dtype)
     byte_lengths = token_byte_lengths(tokenizer, config.vocab_size)
@@ -402,7 +431,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
     def validate() -> dict:
         return evaluate_shards(forward, val_shards, cfg.seq_len, cfg.eval_tokens, byte_lengths, world.device, autocast)
 
-    bar = tqdm(total=total_steps, initial=start, desc=f"train {variant_of(config)}", disable=not (cfg.progress and world.is_main))
+    bar = tqdm(total=total_steps, initial=start, desc=f"train {cfg.variant}", disable=not (cfg.progress and world.is_main))
     tokens_per_step = cfg.batch_size * cfg.seq_len
     train_seconds = 0.0
     model.train()
@@ -452,7 +481,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
         checkpoint(total_steps)
     val = validate()
     result = {
-        "variant": variant_of(config), "preset": cfg.preset, "seed": cfg.seed, "data_seed": cfg.data_seed,
+        "size": cfg.size, "variant": cfg.variant, "seed": cfg.seed, "data_seed": cfg.data_seed,
         "steps": total_steps, "tokens": total_steps * tokens_per_step, "train_loss": loss_value,
         "val_loss": val["loss"], "val_ppl": val["ppl"], "val_bits_per_byte": val["bits_per_byte"],
         "trainable_input_params": input_params,
@@ -490,23 +519,43 @@ def _shown(value, spec: str) -> str:
 
 def train_command(args) -> int:
     from .presets import parse_overrides
+    from .runtime import process_rank
 
     overrides = parse_overrides(args.overrides)
     if args.force:
         overrides["force"] = True
-    cfg = load_config(args.config, overrides)
+    cfg = read_train_config(args.config, overrides)
     result = train(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if process_rank().is_main:
         print(
-            f"{result['variant']}: val loss {_shown(result['val_loss'], '.4f')}, ppl {_shown(result['val_ppl'], '.2f')}, "
-            f"{_shown(result['val_bits_per_byte'], '.3f')} bits/byte -> {Path(cfg.out) / 'model'}"
+            f"{result['size']}-{result['variant']}: val loss {_shown(result['val_loss'], '.4f')}, "
+            f"ppl {_shown(result['val_ppl'], '.2f')}, {_shown(result['val_bits_per_byte'], '.3f')} bits/byte "
+            f"-> {Path(cfg.out) / 'model'}"
         )
     return 0
 
 
+def settings_help() -> str:
+    """Every TrainConfig field with its default and meaning, for `tablefree train --help`."""
+    import textwrap
+
+    import yaml
+
+    lines = [f"settings {WHERE_SETTINGS_GO}:"]
+    for spec in fields(TrainConfig):
+        default = spec.default_factory() if spec.default is MISSING else spec.default
+        shown = yaml.safe_dump(default, default_flow_style=True, width=1000).removesuffix("\n...\n").strip()
+        lines.append(f"  {spec.name}={shown}")
+        lines += textwrap.wrap(spec.metadata["help"], width=90, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines.append("  preset=SIZE-VARIANT")
+    lines.append("      short for size=SIZE variant=VARIANT (e.g. preset=tiny-affine)")
+    return "\n".join(lines)
+
+
 def add_cli(subparsers) -> None:
-    train_parser = subparsers.add_parser("train", help="train a model on prepared data (CPU, or GPUs via torchrun)")
-    train_parser.add_argument("--config", help="YAML training config (see configs/)")
-    train_parser.add_argument("--force", action="store_true", help="the setting force=true: write into a non-empty out directory that is not a train output")
-    train_parser.add_argument("overrides", nargs="*", help="settings as key=value; model fields as model.KEY=value")
+    train_parser = subparsers.add_parser("train", epilog=settings_help())
+    train_parser.add_argument("--config", help="YAML file of settings that differ from the defaults (see configs/)")
+    train_parser.add_argument("--force", action="store_true", help="the same as force=true")
+    train_parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                              help="settings (listed below); model fields as model.KEY=value")
     train_parser.set_defaults(run=train_command)

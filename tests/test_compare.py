@@ -22,6 +22,10 @@ def test_toy_matched_comparison_writes_table_json_and_plot(prepared_data, tmp_pa
     # Same data seed: both variants saw identical batches; different model seeds gave different models.
     runs = results["runs"]
     assert len(runs) == 4 and runs[0]["val_loss"] != runs[1]["val_loss"]
+    # Each run names its size and variant as given; no preset name that could contradict the variant.
+    assert [(r["size"], r["variant"], r["seed"]) for r in runs] == [
+        ("tiny", "learned", 0), ("tiny", "learned", 1), ("tiny", "affine", 0), ("tiny", "affine", 1)]
+    assert not any("preset" in r for r in runs) and "| learned |" in table
     # An interrupted or repeated comparison does not retrain finished runs.
     stamp = (out / "affine-seed1" / CHECKPOINT).stat().st_mtime_ns
     again = compare(base, ["learned", "affine"], [0, 1], out)
@@ -53,3 +57,21 @@ def test_compare_cli_with_yaml_config(prepared_data, tmp_path, capsys):
     assert {p.name for p in (tmp_path / "runs").iterdir()} >= {"minimal-seed3", "learned-seed3", "results.md", "results.json", "loss_curves.png"}
     assert main(["compare", "--config", str(config), "--variants", "affin"]) == 2
     assert "unknown variant(s) affin" in capsys.readouterr().err
+
+
+def test_compare_passes_device_and_dtype_to_training(prepared_data, tmp_path, capsys):
+    import pytest
+    import torch
+    import yaml
+
+    from tablefree.cli import main
+
+    config = tmp_path / "toy.yaml"
+    config.write_text(yaml.safe_dump({**train_overrides(prepared_data, tmp_path / "runs", max_steps=1), "device": "cpu"}))
+    assert main(["compare", "--config", str(config), "--variants", "affine", "--seeds", "0", "--dtype", "float64"]) == 2
+    assert "dtype 'float64' is not one of auto, float32, bfloat16" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        pytest.skip("the refusal below needs a machine without CUDA")
+    # The flag wins over the config's device: cpu in the file, cuda asked for.
+    assert main(["compare", "--config", str(config), "--variants", "affine", "--seeds", "0", "--device", "cuda"]) == 2
+    assert "device cuda: no CUDA device is available" in capsys.readouterr().err

@@ -47,10 +47,12 @@ def test_random_overrides_to_verify_never_give_a_traceback(capsys, pairs):
 
 
 @pytest.mark.parametrize("pair,message", [
-    ("hidden_size=abc", "hidden_size must be a positive integer, got 'abc'"),
+    ("hidden_size=abc", "hidden_size must be a positive integer up to 2,147,483,647, got 'abc'"),
+    ("hidden_size=18446744073709551616", "hidden_size must be a positive integer up to 2,147,483,647"),
+    ("hidden_act=inf", "hidden_act 'inf' is not one of .*gelu"),
     ("hidden_size=65", "hidden_size 65 is not divisible by num_attention_heads 2"),
     ("num_attention_heads=3", "hidden_size 64 is not divisible by num_attention_heads 3"),
-    ("num_hidden_layers=0", "num_hidden_layers must be a positive integer, got 0"),
+    ("num_hidden_layers=0", "num_hidden_layers must be a positive integer up to 2,147,483,647, got 0"),
     ("code_seed=x", "Field 'code_seed' expected int, got str"),
     ("code_scale=.nan", "code_scale must be a finite non-zero number"),
     ("code_family=[1]", "unknown code family [1]"),
@@ -66,3 +68,15 @@ def test_a_model_too_large_for_this_machine_is_refused_before_allocating():
 
     with pytest.raises(TableFreeError, match=r"cannot build the model: .*(GiB|overflow)"):
         build_model(build_config("tiny-affine", hidden_size=2**17, num_attention_heads=1))
+
+
+def test_a_preset_names_a_size_and_a_variant_and_the_variant_is_no_model_field():
+    from tablefree.presets import sized_config, split_preset
+
+    assert split_preset("paper-gray") == ("paper", "gray")
+    config = sized_config("tiny", "gray")
+    assert (config.num_hidden_layers, config.hidden_size, config.affine_preset) == (2, 64, "gray")
+    with pytest.raises(TableFreeError, match="variant is not a model field"):
+        build_config("tiny-affine", variant="minimal")
+    with pytest.raises(TableFreeError, match="unknown size 'huge'; choose one of paper, small, tiny"):
+        sized_config("huge", "affine")

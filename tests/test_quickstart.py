@@ -24,3 +24,9 @@ def test_quickstart_end_to_end(tmp_path, capsys):
 def test_quickstart_rejects_bad_steps(capsys):
     assert main(["quickstart", "--steps", "0"]) == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+def test_quickstart_refuses_an_unknown_device_before_any_work(tmp_path, capsys):
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err
+    assert not (tmp_path / "qs").exists()

@@ -14,7 +14,7 @@ from training_data import prepared_data, train_overrides  # noqa: F401  (fixture
 
 from tablefree.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from tablefree.errors import TableFreeError
-from tablefree.train import TrainConfig, batch_rows, check_resumable, learning_rate, load_config, make_config, train
+from tablefree.train import TrainConfig, batch_rows, check_resumable, learning_rate, make_config, read_train_config, train
 
 REPO = Path(__file__).resolve().parent.parent
 # One thread in every process, so a run and its resumed twin do identical arithmetic.
@@ -46,14 +46,51 @@ def _losses(run: Path) -> list[float]:
 
 def test_config_typo_names_the_key(tmp_path):
     with pytest.raises(TableFreeError, match=r"unknown training setting 'warmup_step'.*did you mean warmup_steps"):
-        load_config(None, {"warmup_step": 10})
+        read_train_config(None, {"warmup_step": 10})
     bad = tmp_path / "bad.yaml"
     bad.write_text("preset: tiny-affine\nbatch_sise: 4\n")
     with pytest.raises(TableFreeError, match=r"'batch_sise' in .*bad.yaml.*batch_size"):
-        load_config(bad, {})
+        read_train_config(bad, {})
     with pytest.raises(TableFreeError, match="schedule 'linear'"):
         make_config({"schedule": "linear"})
-    assert load_config(None, {"lr": "1e-3", "model.hidden_size": 48}).lr == 1e-3  # YAML reads 1e-3 as a string
+    assert read_train_config(None, {"lr": "1e-3", "model.hidden_size": 48}).lr == 1e-3  # YAML reads 1e-3 as a string
+
+
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_config_files_hold_only_what_differs_from_the_defaults(path):
+    import yaml
+
+    defaults = TrainConfig()
+    values = yaml.safe_load(path.read_text())
+    same = [k for k, v in values.items() if k != "model" and getattr(defaults, k) == v]
+    assert not same, f"{path.name} restates defaults: {same}"
+    assert read_train_config(path, {}).size in ("tiny", "small", "paper")
+
+
+def test_one_paper_config_for_every_variant():
+    from tablefree.train import model_config
+
+    assert [p.name for p in CONFIGS if p.name.startswith("paper")] == ["paper.yaml"]
+    for variant in ("learned", "minimal", "affine"):
+        cfg = read_train_config(REPO / "configs" / "paper.yaml", {"variant": variant})
+        config = model_config(cfg)
+        assert (cfg.size, cfg.variant) == ("paper", variant)
+        assert (config.num_hidden_layers, config.hidden_size, config.max_position_embeddings) == (32, 1024, 1024)
+        assert config.model_type == ("gpt_neox" if variant == "learned" else "tablefree")
+
+
+def test_a_preset_is_a_size_and_a_variant_kept_apart():
+    cfg = make_config({"preset": "tiny-minimal"})
+    assert (cfg.size, cfg.variant) == ("tiny", "minimal") and not hasattr(cfg, "preset")
+    with pytest.raises(TableFreeError, match="preset and variant both set"):
+        make_config({"preset": "tiny-affine", "variant": "minimal"})
+    with pytest.raises(TableFreeError, match="variant 'minimum' is not one of learned, minimal, affine"):
+        make_config({"variant": "minimum"})
+    with pytest.raises(TableFreeError, match="size 'huge' is not one of paper, small, tiny"):
+        make_config({"size": "huge"})
 
 
 def test_schedules_and_data_order():
@@ -81,6 +118,7 @@ def test_train_saves_a_loadable_model_that_learns(prepared_data, tmp_path):
     from tablefree.hub import load_model
 
     result = train(make_config(train_overrides(prepared_data, tmp_path / "run", max_steps=12, lr=1e-2)))
+    assert (result["size"], result["variant"]) == ("tiny", "affine") and "preset" not in result
     losses = _losses(tmp_path / "run")
     assert losses[-1] < losses[0] - 0.5
     assert result["trainable_input_params"] == 0 and result["val_bits_per_byte"] > 0
