@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import TableFreeError
-from .files import new_temporary_dir
+from .files import new_temporary_dir, normal_permissions
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickle format of earlier versions: refused, never unpickled
@@ -118,6 +118,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         staging = new_temporary_dir(path)
         written = staging / path.name
         save_file(tensors, written, metadata=metadata)
+        normal_permissions(staging)  # safetensors writes 0600; the umask decides, as for every file we write
         with open(written, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(written, path)

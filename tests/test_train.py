@@ -251,6 +251,9 @@ def test_checkpoint_round_trips_without_pickle(tmp_path):
     assert list(state) == [0] and state[0]["exp_avg"].dtype == torch.bfloat16 and torch.equal(state[0]["step"], torch.tensor(3.0))
     assert torch.equal(loaded["model"]["embed_out.weight"], shared) and torch.equal(loaded["rng"]["cuda"][0], torch.get_rng_state())
     assert (tmp_path / CHECKPOINT).read_bytes()[:8] != b"PK\x03\x04"  # not torch.save's zip of pickles
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / CHECKPOINT).stat().st_mode & 0o777 == 0o666 & ~mask  # not safetensors' 0600
 
 
 def test_pickle_checkpoint_is_refused_never_unpickled(prepared_data, tmp_path):
