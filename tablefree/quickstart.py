@@ -86,17 +86,18 @@ def publish_model(trained: Path, out: Path) -> None:
 
 def untrained_score(cfg, tokenizer) -> dict:
     """Validation score of the freshly initialised affine model: the baseline that shows learning."""
-    import torch
-
     from .data import TokenShards
     from .evaluate import evaluate_shards, token_byte_lengths
     from .presets import build_model
+    from .runtime import resolve_runtime
     from .train import model_config
 
-    config = model_config(replace(cfg, variant="affine"))
-    model = build_model(config, seed=cfg.seed)
+    runtime = resolve_runtime(cfg.device, cfg.dtype)  # where the training validates: the scores compare
+    config = model_config(replace(cfg, variant="affine"), tokenizer)
+    model = build_model(config, seed=cfg.seed).to(runtime.device)
     shards = TokenShards(cfg.data, "val")
-    return evaluate_shards(model, shards, cfg.seq_len, cfg.eval_tokens, token_byte_lengths(tokenizer, config.vocab_size), torch.device("cpu"))
+    return evaluate_shards(model, shards, cfg.seq_len, cfg.eval_tokens, token_byte_lengths(tokenizer, config.vocab_size),
+                           runtime.device, runtime.autocast())
 
 
 def table(results: dict, untrained: dict) -> str:
