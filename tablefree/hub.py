@@ -97,6 +97,9 @@ def resolve_model_path(name: str | Path) -> Path:
 def load_config(path: Path) -> PretrainedConfig:
     from transformers import AutoConfig
 
+    from . import register_auto_classes
+
+    register_auto_classes()  # the package's own model type loads without remote code
     config_file = path / "config.json"
     if not config_file.is_file():
         raise TableFreeError(f"{path} has no config.json; is it a model directory?")

@@ -117,3 +117,27 @@ def test_serve_and_prepare_limits_default_to_their_owners():
     prepare = build_parser("data").parse_args(["data", "prepare", "--out", "x"])
     owner = PrepareSettings(sources=[])
     assert (prepare.val_fraction, prepare.shard_tokens, prepare.seed) == (owner.val_fraction, owner.shard_tokens, owner.seed)
+
+
+# Verbs whose modules import torch at their top; not this suite's files (see the report).
+HEAVY_MODULES = {"generate", "export"}
+
+
+def test_help_does_not_import_torch_or_transformers():
+    verbs = [verb for verb, (module, _) in VERBS.items() if module not in HEAVY_MODULES]
+    commands = [["--help"], ["--version"], *([verb, "--help"] for verb in verbs)]
+    for command, modules in zip(commands, _modules_after(*commands)):
+        assert not {"torch", "transformers"} & set(modules), command
+
+
+def test_import_tablefree_is_light_and_its_model_classes_register_the_auto_classes(saved_tiny_model):
+    script = (
+        "import sys, tablefree\n"
+        "light = 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "assert tablefree.TableFreeForCausalLM.__name__ == 'TableFreeForCausalLM'\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(saved_tiny_model[0])!r})\n"
+        "print(light, type(model).__module__)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["True", "tablefree.modeling_tablefree"], done.stderr[-2000:]
