@@ -10,26 +10,26 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-import torch
-from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-from .configuration_tablefree import TableFreeConfig
 from .errors import TableFreeError
-from .hub import load_model, save_model
 
 EXPORT_FORMATS = ("gpt-neox",)
-# What TableFreeConfig adds to GPT-NeoX's config, plus the bookkeeping that names the table-free classes.
-_CODE_FIELDS = {f.name for f in fields(TableFreeConfig)} - {f.name for f in fields(GPTNeoXConfig)} | {
-    "auto_map", "architectures", "model_type", "transformers_version",
-}
 
 
-def to_gpt_neox(model) -> GPTNeoXForCausalLM:
+def to_gpt_neox(model):
     """The same network as a stock GPTNeoXForCausalLM whose embed_in holds the code table."""
+    import torch
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from .configuration_tablefree import TableFreeConfig
+
     config = model.config
     if not isinstance(config, TableFreeConfig):
         return model
-    neox_config = GPTNeoXConfig(**{k: v for k, v in config.to_dict().items() if k not in _CODE_FIELDS})
+    # What TableFreeConfig adds to GPT-NeoX's config, plus the bookkeeping that names the table-free classes.
+    code_fields = {f.name for f in fields(TableFreeConfig)} - {f.name for f in fields(GPTNeoXConfig)} | {
+        "auto_map", "architectures", "model_type", "transformers_version",
+    }
+    neox_config = GPTNeoXConfig(**{k: v for k, v in config.to_dict().items() if k not in code_fields})
     with torch.device("meta"):
         neox = GPTNeoXForCausalLM(neox_config)
     state = dict(model.state_dict())
@@ -43,7 +43,7 @@ def to_gpt_neox(model) -> GPTNeoXForCausalLM:
 
 def export_command(model_path: str, out: str, format: str = "gpt-neox", force: bool = False) -> Path:
     from .files import claim_output_dir
-    from .hub import MODEL_KIND, resolve_model_path
+    from .hub import MODEL_KIND, load_model, resolve_model_path, save_model
 
     if format not in EXPORT_FORMATS:
         raise TableFreeError(f"unknown export format {format!r}; choose one of {', '.join(EXPORT_FORMATS)}")
