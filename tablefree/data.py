@@ -30,7 +30,7 @@ import numpy as np
 
 from . import files
 from .corpus import ReadCounts, ReadOptions, has_text, leading_text, pieces, record_text
-from .errors import TableFreeError
+from .errors import TableFreeError, summary
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -114,7 +114,7 @@ def _hub_documents(source: Source, options: ReadOptions, counts: ReadCounts) -> 
     except TableFreeError:
         raise
     except Exception as exc:  # datasets raises many types mid-stream (network, damaged files); all mean "stopped here"
-        raise TableFreeError(f"reading hf:{name} failed after row {row:,}: {_first_line(exc)}") from None
+        raise TableFreeError(f"reading hf:{name} failed after row {row:,}: {summary(exc, typed=True)}") from None
 
 
 def _streamed_dataset(name: str, config: str, split: str):
@@ -130,7 +130,7 @@ def _streamed_dataset(name: str, config: str, split: str):
     try:
         return load_dataset(name, config or None, split=split, streaming=True)
     except Exception as exc:  # datasets raises many types (no such config or split, damaged card); all mean "cannot stream it"
-        raise TableFreeError(f"cannot stream hf:{name}{f' config {config!r}' if config else ''}: {_first_line(exc)}") from None
+        raise TableFreeError(f"cannot stream hf:{name}{f' config {config!r}' if config else ''}: {summary(exc, typed=True)}") from None
 
 
 def _check_on_hub(name: str) -> None:
@@ -145,10 +145,10 @@ def _check_on_hub(name: str) -> None:
     except RepositoryNotFoundError:
         raise TableFreeError(f"no dataset hf:{name} on the Hugging Face Hub (if it is private, log in: `hf auth login`)") from None
     except HFValidationError as exc:
-        raise TableFreeError(f"hf:{name} is not a dataset name: {_first_line(exc)}") from None
+        raise TableFreeError(f"hf:{name} is not a dataset name: {summary(exc, typed=True)}") from None
     except Exception as exc:  # DNS, refused, timeout, proxy: every way of not reaching the Hub means the same here
         raise TableFreeError(
-            f"cannot reach the Hugging Face Hub to stream hf:{name} ({_first_line(exc)}); to work offline, set "
+            f"cannot reach the Hugging Face Hub to stream hf:{name} ({summary(exc, typed=True)}); to work offline, set "
             f"HF_HUB_OFFLINE=1 and pass --from-cache to read a copy in the local datasets cache"
         ) from None
 
@@ -165,14 +165,9 @@ def _cached_dataset(name: str, config: str, split: str):
         call = f"datasets.load_dataset({name!r}{f', {config!r}' if config else ''})"
         raise TableFreeError(
             f"hf:{name}{f':{config}' if config else ''} (split {split!r}) is not in the local datasets cache "
-            f"{datasets.config.HF_DATASETS_CACHE} ({_first_line(exc)}); download it once where there is network "
+            f"{datasets.config.HF_DATASETS_CACHE} ({summary(exc, typed=True)}); download it once where there is network "
             f"with {call}, or stream it without --from-cache"
         ) from None
-
-
-def _first_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split("\n")[:2]).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def is_validation(source_index: int, doc_index: int, val_fraction: float, seed: int) -> bool:

@@ -17,7 +17,7 @@ import torch
 from transformers import GenerationConfig, PretrainedConfig
 
 from .configuration_tablefree import TableFreeConfig
-from .errors import TableFreeError
+from .errors import TableFreeError, summary
 from .files import install_directory, new_temporary_dir, read_marker
 
 SOURCE_FILES = ("codes.py", "configuration_tablefree.py", "modeling_tablefree.py")
@@ -146,7 +146,7 @@ def load_model(name: str | Path, dtype: torch.dtype | None = None, device: str |
         model, info = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype or torch.float32,
                                                            use_safetensors=True, output_loading_info=True)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
-        raise TableFreeError(f"could not load the weights in {path}: {str(exc).splitlines()[0]}") from None
+        raise TableFreeError(f"could not load the weights in {path}: {summary(exc)}") from None
     _check_loaded(model, info, path)
     if device:
         model.to(device)

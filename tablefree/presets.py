@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from .errors import TableFreeError
+from .errors import TableFreeError, summary
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 if TYPE_CHECKING:  # torch and transformers load when a model is built, so `tablefree --help` stays light
@@ -153,11 +153,7 @@ def instantiate_config(cls, values: dict) -> PretrainedConfig:
         cause = exc
         while cause.__cause__ is not None:  # the strict-dataclass errors wrap the validator's own message
             cause = cause.__cause__
-        raise TableFreeError(f"invalid model config: {_one_line(cause)}") from None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+        raise TableFreeError(f"invalid model config: {summary(cause)}") from None
 
 
 def build_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
@@ -180,7 +176,7 @@ def build_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
             torch.manual_seed(seed)
             return cls(config)
     except (RuntimeError, MemoryError) as exc:  # the allocator's "can't allocate memory", or shapes past its limits
-        raise TableFreeError(f"cannot build the model: {_one_line(exc)[:200]}; choose smaller sizes") from None
+        raise TableFreeError(f"cannot build the model: {summary(exc)}; choose smaller sizes") from None
 
 
 def tokenizer_fields(tokenizer) -> dict:
@@ -205,7 +201,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         try:
             overrides[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError as exc:
-            raise TableFreeError(f"override {pair!r}: the value is not a YAML scalar or list ({_one_line(exc)[:120]})") from None
+            raise TableFreeError(f"override {pair!r}: the value is not a YAML scalar or list ({summary(exc, limit=120)})") from None
     return overrides
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from .corpus import ReadOptions
-from .errors import TableFreeError
+from .errors import TableFreeError, summary
 
 VOCAB_SIZE = 1 << 16
 SPECIAL_BASE = 0xE000
@@ -134,7 +134,7 @@ def load_tokenizer(path: str | Path):
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:  # tokenizers and transformers raise many types for a damaged file; all mean "cannot load"
-        raise TableFreeError(f"could not load the tokenizer at {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise TableFreeError(f"could not load the tokenizer at {path}: {summary(exc)}") from None
 
 
 def end_of_text_id(tokenizer, where: str) -> int:

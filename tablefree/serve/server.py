@@ -26,7 +26,7 @@ import h11
 import torch
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from ..errors import TableFreeError
+from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
 from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, resolve_runtime
 from .app import ServeSettings, create_app
@@ -168,7 +168,7 @@ def load_for_serving(model_path: str, dtype: torch.dtype, device: torch.device |
             model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=True).to(device).eval()
             tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
         except (OSError, ValueError, KeyError) as exc:
-            raise TableFreeError(f"transformers could not load {path}: {str(exc).splitlines()[0]}") from None
+            raise TableFreeError(f"transformers could not load {path}: {summary(exc)}") from None
     if tokenizer is None:
         raise TableFreeError(f"{model_path} has no tokenizer files; the server needs one to read prompts")
     return model, tokenizer
