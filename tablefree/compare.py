@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .errors import TableFreeError
-from .files import atomic_path, write_atomic, write_json
+from .files import atomic_path, claim_output_dir, write_atomic, write_json
 
 
 def parse_list(text: str, kind=str) -> list:
@@ -32,7 +32,6 @@ def run_name(variant: str, seed: int) -> str:
 
 def compare(base, variants: list[str], seeds: list[int], out: str | Path, force: bool = False) -> dict:
     """Train (or resume) every run, then summarise; returns the content of results.json."""
-    from .files import claim_output_dir
     from .presets import VARIANTS
     from .runtime import process_rank
     from .train import model_config, train

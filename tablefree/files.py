@@ -248,6 +248,25 @@ def normal_permissions(directory: Path) -> None:
             path.chmod(0o666 & ~mask)
 
 
+class Stage:
+    """A directory being built for `install_directory`: write into `path`; `extra` goes into the marker."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.extra: dict = {}
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path, kind: str) -> Iterator[Stage]:
+    """Build `out` beside itself: on success it moves into place (install_directory), on any failure it is removed."""
+    stage = Stage(new_temporary_dir(out))
+    try:
+        yield stage
+        install_directory(stage.path, out, kind, stage.extra or None)
+    finally:
+        shutil.rmtree(stage.path, ignore_errors=True)  # already gone after a move in one rename
+
+
 def new_temporary_dir(out: Path) -> Path:
     """An empty temporary directory beside `out` (normal permissions: the umask applies, as for save_pretrained)."""
     out.parent.mkdir(parents=True, exist_ok=True)

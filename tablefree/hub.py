@@ -18,7 +18,7 @@ from transformers import GenerationConfig, PretrainedConfig
 
 from .configuration_tablefree import TableFreeConfig
 from .errors import TableFreeError, summary
-from .files import install_directory, new_temporary_dir, read_marker
+from .files import read_marker, staged_directory
 
 SOURCE_FILES = ("codes.py", "configuration_tablefree.py", "modeling_tablefree.py")
 AUTO_MAP = {
@@ -38,33 +38,33 @@ def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
     there are never removed or overwritten.
     """
     out = Path(out_dir)
-    tmp = new_temporary_dir(out)
     try:
-        config = model.config
-        if isinstance(config, TableFreeConfig):
-            config.auto_map = dict(AUTO_MAP)
-        config.architectures = [type(model).__name__]
-        model.generation_config = GenerationConfig(
-            bos_token_id=config.bos_token_id,
-            eos_token_id=config.eos_token_id,
-            pad_token_id=config.pad_token_id,
-        )
-        model.save_pretrained(str(tmp))
-        if isinstance(config, TableFreeConfig):
-            here = Path(__file__).parent
-            for name in SOURCE_FILES:
-                shutil.copyfile(here / name, tmp / name)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp))
-        checksums = {p.name: file_sha256(p) for p in sorted(tmp.glob("*.safetensors"))}
-        install_directory(tmp, out, MODEL_KIND, extra={"sha256": checksums})
+        with staged_directory(out, MODEL_KIND) as stage:
+            _write_model_files(model, stage.path, tokenizer)
+            stage.extra["sha256"] = {p.name: file_sha256(p) for p in sorted(stage.path.glob("*.safetensors"))}
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise TableFreeError(f"could not write the model to {out}: {exc.strerror or exc}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _write_model_files(model, tmp: Path, tokenizer) -> None:
+    """The model directory's files, written into `tmp`."""
+    config = model.config
+    if isinstance(config, TableFreeConfig):
+        config.auto_map = dict(AUTO_MAP)
+    config.architectures = [type(model).__name__]
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+    )
+    model.save_pretrained(str(tmp))
+    if isinstance(config, TableFreeConfig):
+        here = Path(__file__).parent
+        for name in SOURCE_FILES:
+            shutil.copyfile(here / name, tmp / name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(tmp))
 
 
 def file_sha256(path: Path) -> str:

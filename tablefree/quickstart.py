@@ -70,18 +70,14 @@ def publish_model(trained: Path, out: Path) -> None:
     """A copy of the trained model directory at `out` (the run keeps its own, so a rerun finds it finished)."""
     import shutil
 
-    from .files import install_directory, new_temporary_dir, read_marker
+    from .files import read_marker, staged_directory
     from .hub import MODEL_KIND
 
     if not trained.is_dir():
         return
-    tmp = new_temporary_dir(out)
-    try:
-        shutil.copytree(trained, tmp, dirs_exist_ok=True)
-        install_directory(tmp, out, MODEL_KIND, extra={"sha256": (read_marker(trained) or {}).get("sha256", {})})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_directory(out, MODEL_KIND) as stage:
+        shutil.copytree(trained, stage.path, dirs_exist_ok=True)
+        stage.extra["sha256"] = (read_marker(trained) or {}).get("sha256", {})
 
 
 def untrained_score(cfg, tokenizer) -> dict:

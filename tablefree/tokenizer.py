@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -189,15 +188,11 @@ def build_command(corpus: list[str], out: str | Path, limit_chars: int | None = 
             yield text
 
     fast = as_transformers(build_tokenizer(counted()))
-    staging = files.new_temporary_dir(out)
     try:
-        fast.save_pretrained(str(staging))
-        files.install_directory(staging, out, "tokenizer")
+        with files.staged_directory(out, "tokenizer") as stage:
+            fast.save_pretrained(str(stage.path))
     except OSError as exc:
         raise TableFreeError(f"could not write the tokenizer to {out}: {exc.strerror or exc}") from None
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     left_out = [f"{n:,} {what}" for n, what in ((read.replaced_characters, "characters replaced by U+FFFD"),
                                                (read.skipped_records, "records skipped")) if n]
     print(
