@@ -7,8 +7,9 @@ One definition serves `tablefree eval` and the training loop's validation (`eval
 val split cut into consecutive windows of seq_len + 1 tokens, the first `max_tokens` predicted tokens,
 up to 16 windows per forward pass, float32 weights under the runtime's autocast. So `tablefree eval
 MODEL --data DIR --seq-len S --max-tokens N` repeats a run's validation with its seq_len and eval_tokens.
-The backbone runs once per batch and the output head a few positions at a time, so no more than
-`max_logits` logits exist at once, never windows x seq_len x V.
+The backbone runs once per batch and the output head a few positions at a time (`tablefree.loss`,
+the same loss as training's), so no more than `max_logits` logits exist at once, never windows x
+seq_len x V.
 
 Benchmarks beyond this run through lm-evaluation-harness, which loads any saved model as
 `lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True`.
@@ -26,7 +27,6 @@ from .corpus import ReadOptions
 from .errors import TableFreeError
 
 EVAL_TOKENS = 262_144  # predicted tokens scored by `tablefree eval` unless --max-tokens says otherwise
-MAX_LOGITS = 1 << 25  # logits held at once: 128 MiB in float32, 512 positions of a 65,536-token vocabulary
 BATCH_WINDOWS = 16
 
 
@@ -41,25 +41,27 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
 
 
 def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=None,
-                     batch_windows: int = BATCH_WINDOWS, max_logits: int = MAX_LOGITS) -> dict:
+                     batch_windows: int = BATCH_WINDOWS, max_logits: int | None = None) -> dict:
     """Loss (nats/token), perplexity and bits per byte over (T+1)-token windows of ids.
 
-    `model` is a GPT-NeoX causal LM, bare or inside DDP, FSDP2 or torch.compile.
+    `model` is a GPT-NeoX causal LM, bare or inside DDP, FSDP2 or torch.compile; `max_logits` caps the
+    logits held at once (default: `tablefree.loss.MAX_LOGITS`).
     """
     import torch
 
-    causal_lm = _causal_lm(model)
+    from .loss import MAX_LOGITS, causal_lm, summed_next_token_loss
+
+    lm = causal_lm(model)
     was_training = model.training
     model.eval()
     nats, tokens, n_bytes = 0.0, 0, 0
     try:
-        with torch.no_grad(), _gathered_root(causal_lm):
+        with torch.no_grad(), _gathered_root(lm):
             for batch in same_length_batches(windows, batch_windows):
                 rows = np.stack(batch)
                 ids = torch.as_tensor(rows, device=device)
                 with autocast or contextlib.nullcontext():
-                    hidden = causal_lm.base_model(input_ids=ids[:, :-1], use_cache=False).last_hidden_state
-                nats += summed_token_loss(causal_lm.get_output_embeddings(), hidden, ids[:, 1:], autocast, max_logits).item()
+                    nats += summed_next_token_loss(lm, ids[:, :-1], ids[:, 1:], max_logits or MAX_LOGITS).item()
                 tokens += ids[:, 1:].numel()
                 n_bytes += int(byte_lengths[rows[:, 1:]].sum())
     finally:
@@ -71,39 +73,9 @@ def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=
     return {"loss": loss, "ppl": ppl, "bits_per_byte": nats / math.log(2) / max(1, n_bytes), "tokens": tokens}
 
 
-def summed_token_loss(head, hidden, targets, autocast=None, max_logits: int = MAX_LOGITS):
-    """Summed cross-entropy of `head(hidden)` against `targets`, `max_logits` logits at a time (a float32 tensor)."""
-    import torch
-    import torch.nn.functional as F
-
-    hidden, targets = hidden.flatten(0, 1), targets.flatten()
-    positions = max(1, max_logits // head.weight.shape[0])
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, targets.numel(), positions):
-        with autocast or contextlib.nullcontext():
-            logits = head(hidden[start : start + positions])
-        total += F.cross_entropy(logits.float(), targets[start : start + positions], reduction="sum")
-    return total
-
-
-def _causal_lm(model):
-    """The GPT-NeoX causal LM inside torch.compile and DDP wrappers (FSDP2 keeps the model's own class)."""
-    import torch
-    from transformers import GPTNeoXForCausalLM
-
-    for wrapper_field in ("_orig_mod", "module"):  # torch.compile's, then DDP's
-        inner = getattr(model, wrapper_field, None)
-        if isinstance(inner, torch.nn.Module):
-            model = inner
-    if not isinstance(model, GPTNeoXForCausalLM):
-        raise TableFreeError(f"tablefree eval scores GPT-NeoX causal LMs (tablefree's own and stock ones), not "
-                             f"{type(model).__name__}; score other models with lm-evaluation-harness")
-    return model
-
-
 @contextlib.contextmanager
 def _gathered_root(model):
-    """FSDP2 gathers the root's own parameters (head, final norm) around the root's forward only; the split forward needs them too."""
+    """FSDP2 gathers the root's own parameters (head, final norm) around the root's forward; the chunked head runs after it."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):

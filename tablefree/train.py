@@ -348,7 +348,6 @@ def diverged(step: int, what: str, out: Path, saved_step: int | None) -> TableFr
 
 def _train(cfg: TrainConfig, config, world) -> dict:
     import torch
-    import torch.nn.functional as F
     from tqdm.auto import tqdm
 
     from .checkpoint import (CHECKPOINT, gather_state, load_checkpoint, refuse_legacy_checkpoint, restore_state,
@@ -357,6 +356,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
     from .distributed import all_reduce_sum, on_main, unwrap, wrap_model
     from .evaluate import evaluate_shards, token_byte_lengths
     from .files import claim_output_dir, read_json
+    from .loss import summed_next_token_loss
     from .metrics import MetricsLog, peak_flops, training_flops_per_token
     from .presets import build_model
     from .tokenizer import load_tokenizer, tokenizer_hash
@@ -448,9 +448,8 @@ def _train(cfg: TrainConfig, config, world) -> dict:
             last = first + micro >= per_rank
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
-                with autocast:
-                    logits = forward(input_ids=chunk[:, :-1]).logits
-                token_loss = F.cross_entropy(logits.float().flatten(0, 1), chunk[:, 1:].flatten(), reduction="sum")
+                with autocast:  # the head and cross-entropy a chunk of positions at a time (docs/architecture.md)
+                    token_loss = summed_next_token_loss(forward, chunk[:, :-1], chunk[:, 1:])
                 # DDP and FSDP average gradients over processes; scale so the result is the global-batch mean.
                 (token_loss * world.size / tokens_per_step).backward()
             loss_sum += token_loss.detach()
