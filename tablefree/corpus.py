@@ -312,9 +312,9 @@ def read_corpus(sources: list[str], limit_chars: int | None = None, text_field: 
 def add_reading_options(parser) -> None:
     """The options of every command that reads local text files, defined once."""
     parser.add_argument("--text-field", default="text", help="the field (.jsonl) or column (.parquet) that holds the text")
-    parser.add_argument("--bad-text", choices=BAD_TEXT, default="error",
+    parser.add_argument("--bad-text", choices=BAD_TEXT, default=ReadOptions.bad_text,
                         help="undecodable bytes and lone surrogates: stop with an error that names them (default), "
                              "or replace each with U+FFFD and count them")
-    parser.add_argument("--bad-records", choices=BAD_RECORDS, default="error",
+    parser.add_argument("--bad-records", choices=BAD_RECORDS, default=ReadOptions.bad_records,
                         help="malformed JSON lines and records without a string text field: stop with an error that "
                              "names them (default), or skip and count them")

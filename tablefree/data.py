@@ -184,8 +184,8 @@ class PrepareSettings:
     shard_tokens: int = 1 << 24
     seed: int = 0
     batch_documents: int = 256
-    bad_text: str = "error"  # see corpus.ReadOptions
-    bad_records: str = "error"
+    bad_text: str = ReadOptions.bad_text
+    bad_records: str = ReadOptions.bad_records
 
     def read_options(self) -> ReadOptions:
         return ReadOptions(bad_text=self.bad_text, bad_records=self.bad_records)

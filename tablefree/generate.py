@@ -16,7 +16,7 @@ COMMAND_DEFAULTS = {"max_tokens": 64, "temperature": 0.0, "seed": 0}
 FLAG_OF_FIELD = {"max_tokens": "--max-new-tokens"}
 
 
-def generate_command(model_path: str, prompt: str, *, device: str = "auto", dtype: str = "auto", stream=None,
+def generate_text(model_path: str, prompt: str, *, device: str = "auto", dtype: str = "auto", stream=None,
                      **sampling) -> str:
     """Generate a continuation of `prompt`, printing it to `stream` as it comes; returns the new text.
 
@@ -26,7 +26,7 @@ def generate_command(model_path: str, prompt: str, *, device: str = "auto", dtyp
     from .hub import load_model
     from .runtime import resolve_runtime
     from .serve.engine import Engine, Sequence, end_of_sequence_ids
-    from .serve.sampling import SamplingFieldError, SamplingParams
+    from .serve.params import SamplingFieldError, SamplingParams
 
     params = SamplingParams(**{**COMMAND_DEFAULTS, **sampling})
     try:
@@ -87,7 +87,7 @@ def check_unicode(flag: str, text: str) -> None:
 
 
 def add_cli(subparsers) -> None:
-    from .serve.sampling import SamplingParams  # light: no torch model code runs at import
+    from .serve.params import SamplingParams  # torch-free, so --help stays light
 
     gen = subparsers.add_parser("generate", help="generate text from a model, streamed to the terminal")
     gen.add_argument("model", help="model directory or cached hub id")
@@ -109,11 +109,11 @@ def add_cli(subparsers) -> None:
     gen.add_argument("--seed", type=int, default=COMMAND_DEFAULTS["seed"],
                      help="fixes the sampling: the same seed repeats the same text (default %(default)s)")
     add_runtime_flags(gen)
-    gen.set_defaults(run=_generate_cli)
+    gen.set_defaults(run=generate_command)
 
 
-def _generate_cli(args) -> int:
-    generate_command(args.model, args.prompt, device=args.device, dtype=args.dtype, max_tokens=args.max_new_tokens,
+def generate_command(args) -> int:
+    generate_text(args.model, args.prompt, device=args.device, dtype=args.dtype, max_tokens=args.max_new_tokens,
                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                      repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
     return 0

@@ -167,7 +167,7 @@ def unknown_characters(text: str) -> dict[str, int]:
     return counts
 
 
-def build_command(corpus: list[str], out: str | Path, limit_chars: int | None = None, force: bool = False,
+def build_tokenizer_dir(corpus: list[str], out: str | Path, limit_chars: int | None = None, force: bool = False,
                   text_field: str = "text", options: ReadOptions = ReadOptions()) -> Path:
     """`tablefree tokenizer build`: learn the n-gram slots from a corpus and save the tokenizer directory."""
     from . import files
@@ -202,9 +202,9 @@ def build_command(corpus: list[str], out: str | Path, limit_chars: int | None = 
     return out
 
 
-def build_cli(args) -> int:
+def tokenizer_build_command(args) -> int:
     options = ReadOptions(bad_text=args.bad_text, bad_records=args.bad_records)
-    out = build_command(args.corpus, args.out, limit_chars=args.limit_chars, force=args.force,
+    out = build_tokenizer_dir(args.corpus, args.out, limit_chars=args.limit_chars, force=args.force,
                         text_field=args.text_field, options=options)
     print(f"code-point tokenizer (V = {VOCAB_SIZE:,}) -> {out}")
     return 0
@@ -222,5 +222,5 @@ def add_cli(subparsers) -> None:
     build.add_argument("--force", action="store_true",
                        help="write into an existing non-empty --out (files tablefree did not write are never touched)")
     add_reading_options(build)
-    build.set_defaults(run=build_cli)
+    build.set_defaults(run=tokenizer_build_command)
 

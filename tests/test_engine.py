@@ -21,7 +21,8 @@ from tablefree.serve.engine import Engine, Sequence, output_logits
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
-from tablefree.serve.sampling import NonFiniteLogits, SamplingParams, TokenSampler
+from tablefree.serve.params import SamplingParams
+from tablefree.serve.sampling import NonFiniteLogits, TokenSampler
 from tablefree.serve.server import context_length, load_for_serving
 from tablefree.serve.text import IncrementalText
 

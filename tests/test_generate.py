@@ -7,14 +7,14 @@ import torch
 
 from tablefree.cli import main
 from tablefree.errors import TableFreeError
-from tablefree.generate import generate_command
+from tablefree.generate import generate_text
 from tablefree.hub import load_model
 
 
 def test_greedy_generation_streams_the_same_text_it_returns(saved_tiny_model):
     path, _ = saved_tiny_model
     stream = io.StringIO()
-    text = generate_command(str(path), "Question: What is the capital of UK?\nAnswer:", max_tokens=6, stream=stream)
+    text = generate_text(str(path), "Question: What is the capital of UK?\nAnswer:", max_tokens=6, stream=stream)
     assert stream.getvalue() == text + "\n" and text
 
 
@@ -27,14 +27,14 @@ def test_greedy_generation_equals_transformers_generate(saved_tiny_model):
     reference = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                                pad_token_id=model.config.pad_token_id)
     expected = tokenizer.decode(reference[0, ids.shape[1]:], skip_special_tokens=True)
-    assert generate_command(str(path), prompt, max_tokens=10, stream=io.StringIO()) == expected
+    assert generate_text(str(path), prompt, max_tokens=10, stream=io.StringIO()) == expected
 
 
 def test_sampling_is_fixed_by_the_seed(saved_tiny_model):
     path, _ = saved_tiny_model
 
     def run(seed):
-        return generate_command(str(path), "Once upon a time,", max_tokens=12, temperature=1.0, top_k=50, top_p=0.95,
+        return generate_text(str(path), "Once upon a time,", max_tokens=12, temperature=1.0, top_k=50, top_p=0.95,
                                 seed=seed, stream=io.StringIO())
 
     assert run(7) == run(7)
@@ -45,13 +45,13 @@ def test_sampling_is_fixed_by_the_seed(saved_tiny_model):
 def test_any_integer_seed_samples(saved_tiny_model, seed):
     """Seeds reduce modulo 2**64 (as the API's do), so an extreme one is a seed, not an overflow."""
     path, _ = saved_tiny_model
-    run = lambda s: generate_command(str(path), "Hi", max_tokens=4, temperature=1.0, seed=s, stream=io.StringIO())  # noqa: E731
+    run = lambda s: generate_text(str(path), "Hi", max_tokens=4, temperature=1.0, seed=s, stream=io.StringIO())  # noqa: E731
     assert run(seed) == run(seed % 2**64)
 
 
 def test_sampling_fields_mean_what_the_api_says(saved_tiny_model):
     path, _ = saved_tiny_model
-    run = lambda **sampling: generate_command(str(path), "Once upon a time,", stream=io.StringIO(), **sampling)  # noqa: E731
+    run = lambda **sampling: generate_text(str(path), "Once upon a time,", stream=io.StringIO(), **sampling)  # noqa: E731
     greedy = run(max_tokens=12)
     assert run(max_tokens=12, temperature=1.0, top_k=1, seed=5) == greedy
     assert run(max_tokens=12, temperature=1.0, min_p=1.0, seed=5) == greedy
@@ -80,7 +80,7 @@ def test_bad_generation_settings_are_clear_errors(saved_tiny_model, kwargs, mess
     path, _ = saved_tiny_model
     prompt = kwargs.pop("prompt", "hi")
     with pytest.raises(TableFreeError, match=message):
-        generate_command(str(path), prompt, stream=io.StringIO(), **kwargs)
+        generate_text(str(path), prompt, stream=io.StringIO(), **kwargs)
 
 
 def test_cli_says_where_it_runs_and_streams_to_stdout(saved_tiny_model, capsys):
@@ -90,7 +90,7 @@ def test_cli_says_where_it_runs_and_streams_to_stdout(saved_tiny_model, capsys):
     assert main(argv) == 0
     out, err = capsys.readouterr()
     assert "generating on cpu (" in err and "float32" in err
-    assert out.endswith("\n") and out[:-1] == generate_command(
+    assert out.endswith("\n") and out[:-1] == generate_text(
         str(path), "Once upon a time,", max_tokens=12, temperature=0.8, top_k=20, seed=3, stop=["\n\n"],
         stream=io.StringIO())
 

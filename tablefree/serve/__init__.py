@@ -1,9 +1,10 @@
 """`tablefree serve`: an OpenAI-compatible HTTP server with continuous batching.
 
-Modules: engine (the batch scheduler and KV cache), sampling (next-token choice), text (incremental
-decoding, stop strings), protocol (request bodies, errors), app (routes, tokenising off the event
-loop), responses (response bodies and stream chunks), gate (API key, body size and encoding, metrics
-per request), metrics (Prometheus), server (flags, the listening socket, connection bounds, model
+Modules: engine (the batch scheduler and KV cache), params (what a request asks of the sampler), sampling
+(next-token choice), text (incremental decoding, stop strings), protocol (the typed request and response
+bodies, the one error type), app (routes, tokenising off the event loop), responses (a request's engine
+events made into protocol's response bodies and stream chunks), gate (API key, body size and encoding,
+metrics per request), metrics (Prometheus), server (flags, the listening socket, connection bounds, model
 loading and uvicorn). What the server bounds and what bad input gets: docs/safety.md.
 """
 
@@ -52,7 +53,9 @@ def add_cli(subparsers) -> None:
                             "open-file limit, ulimit -n, leaves less room)")
     serve.add_argument("--threads", type=int, default=None,
                        help="CPU threads for the model (default: torch's, one per core; on a shared machine fewer is faster)")
-    serve.add_argument("--seed", type=int, default=None, help="seed for requests without their own 'seed' (default: none)")
+    serve.add_argument("--seed", type=int, default=None,
+                       help="seed of the generator shared by requests without their own 'seed': the same requests in the "
+                            "same order then sample the same text (default: a random seed)")
     serve.add_argument("--trust-remote-code", action="store_true", help="serve any causal LM that transformers loads")
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                        help="uvicorn's log level")

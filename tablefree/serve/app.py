@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import ServeLimits
 from .engine import Engine, QueueFull, Sequence
 from .gate import RequestGate
 from .metrics import ServerMetrics
@@ -52,7 +53,7 @@ class ServeSettings:
     max_model_len: int
     vocab_size: int
     api_key: str | None = None
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = ServeLimits.max_body_bytes
     eos_ids: frozenset[int] = frozenset()
     end_of_turn_ids: frozenset[int] = frozenset()  # tokens that close a chat turn (e.g. [EOT]); chat stops there too
     # The sampling fields this sets are the server's defaults for requests that leave them out (see protocol).

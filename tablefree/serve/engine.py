@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .sampling import NonFiniteLogits, SamplingParams, TokenSampler, finite_rows, top_logprobs
+from . import ServeLimits
+from .params import SamplingParams
+from .sampling import NonFiniteLogits, TokenSampler, finite_rows, top_logprobs
 from .text import IncrementalText
 
 log = logging.getLogger("tablefree.serve")
@@ -127,7 +129,8 @@ class Engine:
     that fails is retried row by row to find whose it is, and every other row goes on as if alone.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_model_len: int, max_queue: int = 512,
+    def __init__(self, model, tokenizer, *, max_batch_size: int = ServeLimits.max_batch_size, max_model_len: int,
+                 max_queue: int = ServeLimits.max_queue,
                  max_prefill_tokens: int = 4096, seed: int | None = None, threads: int | None = None):
         self.model = model
         self.tokenizer = tokenizer

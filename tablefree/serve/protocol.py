@@ -16,7 +16,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag
 from pydantic_core import PydanticCustomError
 
-from .sampling import SamplingParams
+from .params import SamplingParams
 
 MAX_N = 16
 MAX_LOGPROBS = 20
