@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tablefree.runtime import DEVICE_HELP
+
 IMPORTS = "import tablefree, tablefree.evaluate, tablefree.hub; tablefree.register_auto_classes()"  # what `tablefree eval` imports
 
 
@@ -36,9 +38,10 @@ def full_logits_scores(model_dir: str, data_dir: str, device: str) -> None:
     from tablefree.data import TokenShards
     from tablefree.evaluate import BATCH_WINDOWS, EVAL_TOKENS, same_length_batches, token_byte_lengths
     from tablefree.hub import load_model
+    from tablefree.runtime import resolve_runtime
 
     register_auto_classes()
-    model, tokenizer = load_model(model_dir, device=device)
+    model, tokenizer = load_model(model_dir, device=resolve_runtime(device, "float32").device)
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
     windows = TokenShards(data_dir, "val").sequential(model.config.max_position_embeddings, EVAL_TOKENS)
     nats, tokens, n_bytes = 0.0, 0, 0
@@ -81,7 +84,7 @@ def build_reference(root: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quickstart", help="an existing `tablefree quickstart` output (default: build one in a temporary directory)")
-    parser.add_argument("--device", default="cpu", help="where both ways run")
+    parser.add_argument("--device", default="auto", help=f"where both ways run: {DEVICE_HELP}")
     parser.add_argument("--full-logits", nargs=2, metavar=("MODEL", "DATA"), help=argparse.SUPPRESS)  # the child's role
     args = parser.parse_args()
     if args.full_logits:
@@ -93,7 +96,8 @@ def main() -> None:
         ways = {
             "imports": [sys.executable, "-c", IMPORTS],
             "full logits": [sys.executable, __file__, "--full-logits", model, data, "--device", args.device],
-            "chunked": [sys.executable, "-m", "tablefree.cli", "eval", model, "--data", data, "--device", args.device],
+            "chunked": [sys.executable, "-m", "tablefree.cli", "eval", model, "--data", data, "--device", args.device,
+                        "--dtype", "float32"],
         }
         rows = {name: measured(command) for name, command in ways.items()}
     print(f"{'way':12s} {'seconds':>8s} {'CPU s':>7s} {'peak RSS MiB':>13s}  scores")
