@@ -2,14 +2,21 @@
 
 Trains every variant x model seed from one training config at one data seed (so all runs see
 identical batches), then writes OUT/results.json, OUT/results.md (the paper's table) and
-OUT/loss_curves.png. Each run lives in OUT/VARIANT-seedS and resumes from its checkpoint, so an
+OUT/loss_curves.png. Each run lives in OUT/NAME-seedS and resumes from its checkpoint, so an
 interrupted comparison continues where it stopped; finished runs are not retrained.
+
+A variant may carry its own settings: `affine+code_values=bipolar` is the affine variant with one model
+field changed, and is its own row of the results. Every variant's gap to a reference variant is given
+with a 95% interval over the seeds, paired by seed (the same seed and batches on both sides), so the
+table says whether a gap is larger than seed-to-seed noise.
 """
 
 from __future__ import annotations
 
+import math
+import re
 import statistics
-from dataclasses import replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from .errors import TableFreeError
@@ -26,40 +33,108 @@ def parse_list(text: str, kind=str) -> list:
         raise TableFreeError(f"{text!r} is not a comma-separated list of {kind.__name__} values") from None
 
 
-def run_name(variant: str, seed: int) -> str:
-    return f"{variant}-seed{seed}"
+DEFAULT_VARIANTS = "learned,minimal,affine"
+DEFAULT_SEEDS = "0,1,2"
+# Training settings a variant may set for itself. The others define the batches and the run (seed, data,
+# seq_len, batch_size, ...) and are shared, so that every variant sees the same data.
+PER_VARIANT_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay",
+                        "beta1", "beta2", "grad_clip")
+NAME_CHARACTERS = re.compile(r"[A-Za-z0-9_.=+-]+")
+# Two-sided 95% quantiles of Student's t by degrees of freedom (n seeds - 1); above 30, the normal's.
+T_95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042}
 
 
-def compare(base, variants: list[str], seeds: list[int], out: str | Path, force: bool = False) -> dict:
-    """Train (or resume) every run, then summarise; returns the content of results.json."""
-    from .presets import VARIANTS
+@dataclass(frozen=True)
+class Variant:
+    """One row of a comparison: a variant of `presets.VARIANTS` with its own settings, named as written."""
+
+    name: str
+    variant: str
+    model: dict  # model-field overrides (code_values, code_bits, code_seed, ...)
+    settings: dict  # per-variant training settings (PER_VARIANT_SETTINGS)
+
+    def config(self, base, seed: int, out: Path):
+        return replace(base, variant=self.variant, seed=seed, model={**base.model, **self.model},
+                       out=str(out / run_name(self.name, seed)), **self.settings)
+
+
+def parse_variant(text: str) -> Variant:
+    """`VARIANT[+KEY=VALUE...]`: a variant, then model fields or per-variant training settings (YAML values)."""
+    from .presets import VARIANTS, parse_overrides
+    from .train import TrainConfig
+
+    name = text.strip()
+    if not NAME_CHARACTERS.fullmatch(name):
+        raise TableFreeError(f"variant {name!r}: write VARIANT or VARIANT+KEY=VALUE+..., with letters, digits and "
+                             f"_ . = + - only (it names the run's directory)")
+    # "+" before KEY= separates settings; a "+" inside a value (1e+2) does not.
+    variant, *pairs = re.split(r"\+(?=[A-Za-z_][A-Za-z0-9_]*=)", name)
+    if variant not in VARIANTS:
+        raise TableFreeError(f"unknown variant {variant!r} in {name!r}; choose from {', '.join(VARIANTS)}")
+    training = {f.name for f in fields(TrainConfig)}
+    model, settings = {}, {}
+    for key, value in parse_overrides(pairs).items():
+        if key in PER_VARIANT_SETTINGS:
+            settings[key] = value
+        elif key in training:
+            raise TableFreeError(f"variant {name!r}: {key} is shared by every variant (it defines the runs or their "
+                                 f"batches); set it in the config. A variant may set model fields and "
+                                 f"{', '.join(PER_VARIANT_SETTINGS)}")
+        else:
+            model[key] = value
+    return Variant(name, variant, model, settings)
+
+
+def parse_variants(text: str | list) -> list[Variant]:
+    items = parse_list(text) if isinstance(text, str) else [str(item) for item in text]
+    variants = [parse_variant(item) for item in items]
+    names = [v.name for v in variants]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise TableFreeError(f"variant {repeated[0]!r} is listed twice; each variant is one row of the results")
+    return variants
+
+
+def run_name(name: str, seed: int) -> str:
+    return f"{name}-seed{seed}"
+
+
+def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Path, force: bool = False,
+            reference: str | None = None) -> dict:
+    """Train (or resume) every run, then summarise; returns the content of results.json.
+
+    `reference` names the variant the others are measured against (default: learned when compared, else the first).
+    """
     from .runtime import process_rank
-    from .train import model_config, train
+    from .train import make_config, model_config, train
 
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        raise TableFreeError(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    variants = [v if isinstance(v, Variant) else parse_variant(v) for v in variants]
+    names = [v.name for v in variants]
+    reference = reference or ("learned" if "learned" in names else names[0])
+    if reference not in names:
+        raise TableFreeError(f"the reference {reference!r} is not among the variants compared ({', '.join(names)})")
     out = Path(out)
+    configs = {(v.name, s): v.config(base, s, out) for v in variants for s in seeds}
+    for cfg in configs.values():  # every config is checked before hours of training start
+        model_config(make_config({f.name: getattr(cfg, f.name) for f in fields(cfg)}, where="a variant"))
     is_main = process_rank().is_main
     if is_main:
         claim_output_dir(out, "compare", resumable=True, force=force, inputs=[base.data, base.tokenizer],
-                         writes=("results.json", "results.md", "loss_curves.png",
-                                 *(run_name(v, s) for v in variants for s in seeds)))
-    configs = {(v, s): replace(base, variant=v, seed=s, out=str(out / run_name(v, s))) for v in variants for s in seeds}
-    for cfg in configs.values():
-        model_config(cfg)  # every config is checked before hours of training start
+                         writes=("results.json", "results.md", "loss_curves.png", *(run_name(*key) for key in configs)))
     runs = []
-    for (variant, seed), cfg in configs.items():
-        print(f"== {run_name(variant, seed)} ==")
-        runs.append(train(cfg))
-    summary = summarise(runs, variants)
+    for (name, seed), cfg in configs.items():
+        print(f"== {run_name(name, seed)} ==")
+        runs.append({"name": name, **train(cfg)})
+    summary = summarise(runs, names, reference)
     if not is_main:
         return {"runs": runs, "summary": summary}  # under torchrun, rank 0 alone writes the outputs
     results = {"config": {k: v for k, v in vars(base).items() if k not in ("out", "variant", "seed")},
-               "variants": variants, "seeds": seeds, "runs": runs, "summary": summary}
+               "variants": [vars(v) for v in variants], "seeds": seeds, "reference": reference,
+               "runs": runs, "summary": summary}
     write_json(out / "results.json", results)
-    write_atomic(out / "results.md", markdown_table(summary, base, seeds).encode("utf-8"))
-    plot_losses(out, variants, seeds)
+    write_atomic(out / "results.md", markdown_table(summary, base, seeds, reference).encode("utf-8"))
+    plot_losses(out, names, seeds)
     return results
 
 
@@ -67,45 +142,75 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(runs: list[dict], variants: list[str]) -> dict:
-    """Per variant: mean +- std of val PPL and bits/byte, seed-to-seed spread, gap to `learned`."""
+def paired_gap(values: list[float], reference: list[float]) -> dict:
+    """Relative gap value/reference - 1, seed by seed: its mean and the half-width of its 95% interval."""
+    gaps = [v / r - 1 for v, r in zip(values, reference)]
+    mean = statistics.fmean(gaps)
+    if len(gaps) < 2:
+        return {"mean": mean, "ci95": None, "within_noise": None}
+    df = len(gaps) - 1
+    t = T_95[max(k for k in T_95 if k <= df)] if df <= 30 else 1.960
+    half = t * statistics.stdev(gaps) / math.sqrt(len(gaps))
+    return {"mean": mean, "ci95": half, "within_noise": abs(mean) <= half}
+
+
+def summarise(runs: list[dict], names: list[str], reference: str | None = None) -> dict:
+    """Per variant: mean +- std of val PPL and bits/byte, seed-to-seed spread, paired gap to the reference."""
+    reference = reference or names[0]
+    by_name = {name: sorted((r for r in runs if r.get("name", r["variant"]) == name), key=lambda r: r["seed"])
+               for name in names}
     summary = {}
-    for variant in variants:
-        mine = [r for r in runs if r["variant"] == variant]
+    for name in names:
+        mine = by_name[name]
         values = [r["val_ppl"] for r in mine]
         ppl, ppl_std = _mean_std(values)
         bpb, bpb_std = _mean_std([r["val_bits_per_byte"] for r in mine])
-        summary[variant] = {
+        summary[name] = {
+            "variant": mine[0]["variant"], "seeds": [r["seed"] for r in mine],
             "val_ppl_mean": ppl, "val_ppl_std": ppl_std, "bits_per_byte_mean": bpb, "bits_per_byte_std": bpb_std,
             "trainable_input_params": mine[0]["trainable_input_params"],
             # (max - min) / mean over seeds: the paper's "seed-to-seed variation"
             "seed_spread": (max(values) - min(values)) / ppl if len(values) > 1 else 0.0,
             "runs": len(mine),
         }
-    if "learned" in summary:
-        reference = summary["learned"]["val_ppl_mean"]
-        for entry in summary.values():
-            entry["gap_to_learned"] = entry["val_ppl_mean"] / reference - 1
+        for key in (k for k in mine[0] if k.startswith("heldout_") and k.endswith("_bits_per_byte")):
+            summary[name][f"{key}_mean"], summary[name][f"{key}_std"] = _mean_std([r[key] for r in mine])
+    ref_runs = {r["seed"]: r for r in by_name[reference]}
+    for name in names:
+        paired = [(r["val_ppl"], ref_runs[r["seed"]]["val_ppl"]) for r in by_name[name] if r["seed"] in ref_runs]
+        if paired:
+            gap = paired_gap(*map(list, zip(*paired)))
+            summary[name].update(reference=reference, gap=gap["mean"], gap_ci95=gap["ci95"],
+                                 gap_within_noise=gap["within_noise"])
     return summary
 
 
-def markdown_table(summary: dict, base, seeds: list[int]) -> str:
+def markdown_table(summary: dict, base, seeds: list[int], reference: str) -> str:
     lines = [
         f"# Matched comparison: {base.size} backbone, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
         f"data seed {base.data_seed}, {base.steps() * base.batch_size * base.seq_len:,} tokens per run",
         "",
-        "| input interface | val PPL (mean ± std) | bits per byte | trainable input params | seed-to-seed variation | gap to learned |",
-        "|---|---|---|---|---|---|",
+        f"| input interface | val PPL (mean ± std) | bits per byte | trainable input params | seed-to-seed variation "
+        f"| gap to {reference} (95% CI) | beyond noise? |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for variant, s in summary.items():
-        gap = f"{s['gap_to_learned']:+.1%}" if "gap_to_learned" in s else "n/a"
+    for name, s in summary.items():
+        gap, verdict = "n/a", "n/a"
+        if "gap" in s:
+            gap = f"{s['gap']:+.1%}" + (f" ± {s['gap_ci95']:.1%}" if s["gap_ci95"] is not None else "")
+            if name == reference:
+                verdict = "reference"
+            elif s["gap_within_noise"] is not None:
+                verdict = "no: within noise" if s["gap_within_noise"] else ("yes: worse" if s["gap"] > 0 else "yes: better")
         lines.append(
-            f"| {variant} | {s['val_ppl_mean']:.3f} ± {s['val_ppl_std']:.3f} | "
+            f"| {name} | {s['val_ppl_mean']:.3f} ± {s['val_ppl_std']:.3f} | "
             f"{s['bits_per_byte_mean']:.4f} ± {s['bits_per_byte_std']:.4f} | {s['trainable_input_params']:,} | "
-            f"{s['seed_spread']:.1%} | {gap} |"
+            f"{s['seed_spread']:.1%} | {gap} | {verdict} |"
         )
     lines += ["", "Seed-to-seed variation: (max - min) / mean validation PPL over seeds. "
-              "Gap: mean PPL relative to the learned table (negative = better)."]
+              f"Gap: validation PPL relative to {reference}, seed by seed (same seed, same batches), as mean ± the "
+              "half-width of its 95% t-interval over seeds; negative = better. A gap whose interval holds 0 is "
+              "within seed-to-seed noise."]
     return "\n".join(lines) + "\n"
 
 
@@ -143,20 +248,29 @@ def plot_losses(out: Path, variants: list[str], seeds: list[int]) -> Path:
     return path
 
 
+COMPARE_KEYS = ("variants", "seeds", "reference")  # what a compare config holds beside the training settings
+
+
 def compare_command(args) -> int:
     from .presets import parse_overrides
     from .runtime import process_rank
-    from .train import read_train_config
+    from .train import read_settings_file, train_config_from
 
+    values = read_settings_file(args.config)
+    study = {key: values.pop(key) for key in COMPARE_KEYS if key in values}
     overrides = parse_overrides(args.overrides)
     for name in ("device", "dtype"):  # given flags win over the config's settings
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    base = read_train_config(args.config, overrides)
-    variants = parse_list(args.variants)
-    seeds = parse_list(args.seeds, int)
+    base = train_config_from(values, overrides, where=str(args.config))
+    variants = parse_variants(args.variants or study.get("variants", DEFAULT_VARIANTS))
+    seeds = args.seeds or study.get("seeds", DEFAULT_SEEDS)
+    seeds = parse_list(seeds, int) if isinstance(seeds, str) else seeds
+    if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
+        raise TableFreeError(f"seeds in {args.config} must be a list of integers, got {seeds!r}")
+    reference = args.reference or study.get("reference")
     out = Path(args.out or base.out)
-    compare(base, variants, seeds, out, force=args.force)
+    compare(base, variants, seeds, out, force=args.force, reference=None if reference is None else str(reference))
     if not process_rank().is_main:
         return 0
     print((out / "results.md").read_text())
@@ -169,9 +283,18 @@ def add_cli(subparsers) -> None:
     from .runtime import add_runtime_flags
 
     cmp = subparsers.add_parser("compare")
-    cmp.add_argument("--config", required=True, help="YAML training config shared by all runs (see `tablefree train --help`)")
-    cmp.add_argument("--variants", default="learned,minimal,affine", help=f"comma-separated, from: {', '.join(VARIANTS)}")
-    cmp.add_argument("--seeds", default="0,1,2", help="model seeds (the data seed is the config's, shared)")
+    cmp.add_argument("--config", required=True,
+                     help="YAML training config shared by all runs (see `tablefree train --help`); it may also hold "
+                          "variants, seeds and reference (the flags win)")
+    cmp.add_argument("--variants", default=None,
+                     help=f"comma-separated VARIANT[+KEY=VALUE...], VARIANT from {', '.join(VARIANTS)}, KEY a model field "
+                          f"(code_values, code_bits, code_seed, code_layout, code_scale, ...) or one of "
+                          f"{', '.join(PER_VARIANT_SETTINGS)}; e.g. learned,affine,affine+code_values=bipolar "
+                          f"(default: {DEFAULT_VARIANTS})")
+    cmp.add_argument("--seeds", default=None, help=f"model seeds, crossed with every variant; the data seed is the "
+                                                   f"config's, shared (default: {DEFAULT_SEEDS})")
+    cmp.add_argument("--reference", default=None,
+                     help="the variant the others' gaps are measured against (default: learned if compared, else the first)")
     cmp.add_argument("--out", help="output directory (default: the config's out)")
     cmp.add_argument("--force", action="store_true",
                      help="write into a non-empty OUT that is not a comparison's; files tablefree did not write are never touched")

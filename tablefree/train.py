@@ -92,21 +92,31 @@ class TrainConfig:
 
 def read_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
     """A TrainConfig from YAML plus `key=value` overrides (`model.hidden_size=64` for model fields)."""
+    return train_config_from(read_settings_file(path), overrides, where=str(path) if path else "the command line")
+
+
+def read_settings_file(path: str | Path | None) -> dict:
+    """The mapping a YAML settings file holds ({} without a file)."""
     import yaml
 
-    values: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise TableFreeError(f"no config file at {path}")
-        try:
-            values = yaml.safe_load(path.read_bytes()) or {}
-        except OSError as exc:
-            raise TableFreeError(f"cannot read {path}: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:  # also text that is not UTF-8
-            raise TableFreeError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(values, dict):
-            raise TableFreeError(f"{path} must hold a mapping of training settings")
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise TableFreeError(f"no config file at {path}")
+    try:
+        values = yaml.safe_load(path.read_bytes()) or {}
+    except OSError as exc:
+        raise TableFreeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:  # also text that is not UTF-8
+        raise TableFreeError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(values, dict):
+        raise TableFreeError(f"{path} must hold a mapping of training settings")
+    return dict(values)
+
+
+def train_config_from(values: dict, overrides: dict, where: str) -> TrainConfig:
+    """A TrainConfig from settings `values` with `key=value` overrides on top (`model.KEY` for model fields)."""
     values = dict(values)
     model = values.pop("model", None)
     model = {} if model is None else model
@@ -120,7 +130,7 @@ def read_train_config(path: str | Path | None, overrides: dict) -> TrainConfig:
         else:
             values[key] = value
     values["model"] = model
-    return make_config(values, where=str(path) if path else "the command line")
+    return make_config(values, where=where)
 
 
 def make_config(values: dict, where: str = "the config") -> TrainConfig:

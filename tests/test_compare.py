@@ -1,9 +1,13 @@
 import json
+import re
+
+import pytest
 
 from training_data import prepared_data, train_overrides  # noqa: F401  (fixture)
 
 from tablefree.checkpoint import CHECKPOINT
-from tablefree.compare import compare, summarise
+from tablefree.compare import compare, paired_gap, parse_variants, summarise
+from tablefree.errors import TableFreeError
 from tablefree.train import make_config
 
 
@@ -15,10 +19,10 @@ def test_toy_matched_comparison_writes_table_json_and_plot(prepared_data, tmp_pa
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert "| learned |" in table and "| affine |" in table and " ± " in table
-    assert "| +0.0% |" in table.split("| learned |")[1].splitlines()[0]  # learned is its own reference
+    assert "| +0.0% ± 0.0% | reference |" in table.split("| learned |")[1].splitlines()[0]  # its own reference
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert summary["learned"]["trainable_input_params"] == 65536 * 32 and summary["affine"]["trainable_input_params"] == 0
-    assert summary["learned"]["gap_to_learned"] == 0
+    assert summary["learned"]["gap"] == 0 and summary["affine"]["reference"] == "learned"
     # Same data seed: both variants saw identical batches; different model seeds gave different models.
     runs = results["runs"]
     assert len(runs) == 4 and runs[0]["val_loss"] != runs[1]["val_loss"]
@@ -35,14 +39,61 @@ def test_toy_matched_comparison_writes_table_json_and_plot(prepared_data, tmp_pa
 
 def test_summary_arithmetic():
     runs = [
-        {"variant": "learned", "val_ppl": 2.4, "val_bits_per_byte": 1.0, "trainable_input_params": 10},
-        {"variant": "learned", "val_ppl": 2.6, "val_bits_per_byte": 1.2, "trainable_input_params": 10},
-        {"variant": "affine", "val_ppl": 2.45, "val_bits_per_byte": 1.05, "trainable_input_params": 0},
+        {"variant": "learned", "seed": 0, "val_ppl": 2.4, "val_bits_per_byte": 1.0, "trainable_input_params": 10},
+        {"variant": "learned", "seed": 1, "val_ppl": 2.6, "val_bits_per_byte": 1.2, "trainable_input_params": 10},
+        {"variant": "affine", "seed": 1, "val_ppl": 2.6 * 1.1, "val_bits_per_byte": 1.25, "trainable_input_params": 0},
+        {"variant": "affine", "seed": 0, "val_ppl": 2.4 * 1.3, "val_bits_per_byte": 1.05, "trainable_input_params": 0},
     ]
-    summary = summarise(runs, ["learned", "affine"])
+    summary = summarise(runs, ["learned", "affine"], "learned")
     assert abs(summary["learned"]["val_ppl_mean"] - 2.5) < 1e-12
     assert abs(summary["learned"]["seed_spread"] - 0.08) < 1e-12
-    assert abs(summary["affine"]["gap_to_learned"] - (2.45 / 2.5 - 1)) < 1e-12
+    # Paired by seed (the runs arrive in any order): gaps +30% and +10%, mean 20%, sd 0.1414, t(1) = 12.706.
+    affine = summary["affine"]
+    assert affine["seeds"] == [0, 1] and abs(affine["gap"] - 0.2) < 1e-12
+    assert abs(affine["gap_ci95"] - 12.706 * 0.1 * 2**0.5 / 2**0.5) < 1e-9 and affine["gap_within_noise"] is True
+
+
+def test_paired_gap_says_when_a_gap_is_beyond_noise():
+    same_shift = paired_gap([1.10, 1.21, 0.99], [1.0, 1.1, 0.9])  # +10% on every seed: no spread, beyond noise
+    assert abs(same_shift["mean"] - 0.1) < 1e-12 and same_shift["ci95"] < 1e-12 and same_shift["within_noise"] is False
+    noisy = paired_gap([1.2, 0.9, 1.05], [1.0, 1.0, 1.0])
+    assert noisy["within_noise"] is True and abs(noisy["ci95"] - 4.303 * 0.15 / 3**0.5) < 1e-9
+    one = paired_gap([1.2], [1.0])
+    assert abs(one["mean"] - 0.2) < 1e-12 and one["ci95"] is None and one["within_noise"] is None
+
+
+def test_variants_with_their_own_settings_are_rows_of_their_own(prepared_data, tmp_path):
+    base = make_config(train_overrides(prepared_data, tmp_path / "unused", max_steps=2))
+    out = tmp_path / "cmp"
+    names = ["affine", "affine+code_values=bipolar", "hashed+code_bits=20+lr=0.002"]
+    results = compare(base, names, [0], out, reference="affine")
+    assert list(results["summary"]) == names and results["reference"] == "affine"
+    runs = {r["name"]: r for r in results["runs"]}
+    assert runs["affine+code_values=bipolar"]["variant"] == "affine" and runs["hashed+code_bits=20+lr=0.002"]["variant"] == "hashed"
+    config = json.loads((out / "affine+code_values=bipolar-seed0" / "model" / "config.json").read_text())
+    assert config["code_values"] == "bipolar" and config["code_family"] == "affine"
+    hashed = json.loads((out / "hashed+code_bits=20+lr=0.002-seed0" / "model" / "config.json").read_text())
+    assert hashed["code_bits"] == 20 and hashed["code_family"] == "hashed"
+    # Same batches, different input codes: the losses differ.
+    assert runs["affine"]["val_loss"] != runs["affine+code_values=bipolar"]["val_loss"]
+    table = (out / "results.md").read_text()
+    assert "| affine+code_values=bipolar |" in table and "gap to affine" in table
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("affine+seed=3", "seed is shared by every variant"),
+    ("affine+batch_size=2", "batch_size is shared by every variant"),
+    ("affine+code_valus=bipolar", "unknown model field 'code_valus'"),
+    ("affine+code_values=ternary", "code_values"),
+    ("afine", "unknown variant 'afine'"),
+    ("affine+code_seed=../x", "letters, digits and _ . = + - only"),
+    ("affine,affine", "listed twice"),
+])
+def test_bad_variant_specs_are_refused_before_training(prepared_data, tmp_path, spec, message):
+    base = make_config(train_overrides(prepared_data, tmp_path / "unused", max_steps=1))
+    with pytest.raises(TableFreeError, match=re.escape(message)):
+        compare(base, parse_variants(spec), [0], tmp_path / "cmp")
+    assert not (tmp_path / "cmp").exists()
 
 
 def test_compare_cli_with_yaml_config(prepared_data, tmp_path, capsys):
@@ -56,7 +107,17 @@ def test_compare_cli_with_yaml_config(prepared_data, tmp_path, capsys):
     assert "| minimal |" in capsys.readouterr().out
     assert {p.name for p in (tmp_path / "runs").iterdir()} >= {"minimal-seed3", "learned-seed3", "results.md", "results.json", "loss_curves.png"}
     assert main(["compare", "--config", str(config), "--variants", "affin"]) == 2
-    assert "unknown variant(s) affin" in capsys.readouterr().err
+    assert "unknown variant 'affin'" in capsys.readouterr().err
+    # The config may hold the variants, seeds and reference; flags win over it.
+    config.write_text(yaml.safe_dump({**train_overrides(prepared_data, tmp_path / "study", max_steps=1),
+                                      "variants": ["affine", "affine+code_layout=interleave"], "seeds": [4],
+                                      "reference": "affine+code_layout=interleave"}))
+    assert main(["compare", "--config", str(config)]) == 0
+    assert "gap to affine+code_layout=interleave" in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / "study").iterdir()} >= {"affine-seed4", "affine+code_layout=interleave-seed4"}
+    config.write_text(yaml.safe_dump({**train_overrides(prepared_data, tmp_path / "study", max_steps=1), "seeds": "x"}))
+    assert main(["compare", "--config", str(config)]) == 2
+    assert "is not a comma-separated list of int values" in capsys.readouterr().err
 
 
 def test_compare_passes_device_and_dtype_to_training(prepared_data, tmp_path, capsys):
