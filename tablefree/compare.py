@@ -101,10 +101,12 @@ def run_name(name: str, seed: int) -> str:
 
 
 def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Path, force: bool = False,
-            reference: str | None = None) -> dict:
+            reference: str | None = None, heldout: list[str] = ()) -> dict:
     """Train (or resume) every run, then summarise; returns the content of results.json.
 
     `reference` names the variant the others are measured against (default: learned when compared, else the first).
+    `heldout` lists texts of another kind than the training data (files, or `python-notes`) that every final model
+    is also scored on, in bits per byte.
     """
     from .runtime import process_rank
     from .train import make_config, model_config, train
@@ -115,6 +117,13 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
     if reference not in names:
         raise TableFreeError(f"the reference {reference!r} is not among the variants compared ({', '.join(names)})")
     out = Path(out)
+    labels = [heldout_label(spec) for spec in heldout]
+    if len(set(labels)) < len(labels):
+        raise TableFreeError(f"two held-out texts share the name {max(labels, key=labels.count)!r}; give each once, "
+                             f"under a name of its own")
+    heldout = dict(zip(labels, heldout))
+    if heldout and not base.save_model:
+        raise TableFreeError("scoring held-out text needs the trained models: set save_model=true")
     configs = {(v.name, s): v.config(base, s, out) for v in variants for s in seeds}
     for cfg in configs.values():  # every config is checked before hours of training start
         model_config(make_config({f.name: getattr(cfg, f.name) for f in fields(cfg)}, where="a variant"))
@@ -125,17 +134,45 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
     runs = []
     for (name, seed), cfg in configs.items():
         print(f"== {run_name(name, seed)} ==")
-        runs.append({"name": name, **train(cfg)})
-    summary = summarise(runs, names, reference)
+        result = {"name": name, **train(cfg)}
+        if is_main and heldout:
+            result["heldout"] = score_heldout(Path(cfg.out) / "model", heldout, cfg)
+        runs.append(result)
     if not is_main:
-        return {"runs": runs, "summary": summary}  # under torchrun, rank 0 alone writes the outputs
+        return {"runs": runs}  # under torchrun, rank 0 alone scores and writes the outputs
+    summary = summarise(runs, names, reference)
     results = {"config": {k: v for k, v in vars(base).items() if k not in ("out", "variant", "seed")},
                "variants": [vars(v) for v in variants], "seeds": seeds, "reference": reference,
+               "heldout": heldout,
                "runs": runs, "summary": summary}
     write_json(out / "results.json", results)
     write_atomic(out / "results.md", markdown_table(summary, base, seeds, reference).encode("utf-8"))
     plot_losses(out, names, seeds)
     return results
+
+
+def heldout_label(spec: str) -> str:
+    from .corpus import PYTHON_NOTES
+
+    if spec == PYTHON_NOTES:
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise TableFreeError(f"held-out text {spec!r}: no such file; give .txt/.jsonl/.parquet files or {PYTHON_NOTES}")
+    return path.name
+
+
+def score_heldout(model_dir: Path, heldout: dict, cfg) -> dict:
+    """Bits per byte (and tokens) of one trained model on each held-out text, windows of the run's seq_len."""
+    from .evaluate import evaluate_model
+    from .runtime import resolve_runtime
+
+    runtime = resolve_runtime(cfg.device, cfg.dtype)
+    scores = {}
+    for label, spec in heldout.items():
+        result = evaluate_model(str(model_dir), spec, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens, runtime=runtime)
+        scores[label] = {"bits_per_byte": result["bits_per_byte"], "tokens": result["tokens"]}
+    return scores
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -173,8 +210,9 @@ def summarise(runs: list[dict], names: list[str], reference: str | None = None) 
             "seed_spread": (max(values) - min(values)) / ppl if len(values) > 1 else 0.0,
             "runs": len(mine),
         }
-        for key in (k for k in mine[0] if k.startswith("heldout_") and k.endswith("_bits_per_byte")):
-            summary[name][f"{key}_mean"], summary[name][f"{key}_std"] = _mean_std([r[key] for r in mine])
+        for label in mine[0].get("heldout", {}):
+            mean, std = _mean_std([r["heldout"][label]["bits_per_byte"] for r in mine])
+            summary[name].setdefault("heldout", {})[label] = {"bits_per_byte_mean": mean, "bits_per_byte_std": std}
     ref_runs = {r["seed"]: r for r in by_name[reference]}
     for name in names:
         paired = [(r["val_ppl"], ref_runs[r["seed"]]["val_ppl"]) for r in by_name[name] if r["seed"] in ref_runs]
@@ -186,13 +224,15 @@ def summarise(runs: list[dict], names: list[str], reference: str | None = None) 
 
 
 def markdown_table(summary: dict, base, seeds: list[int], reference: str) -> str:
+    labels = list(next(iter(summary.values())).get("heldout", {}))
     lines = [
         f"# Matched comparison: {base.size} backbone, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
         f"data seed {base.data_seed}, {base.steps() * base.batch_size * base.seq_len:,} tokens per run",
         "",
-        f"| input interface | val PPL (mean ± std) | bits per byte | trainable input params | seed-to-seed variation "
-        f"| gap to {reference} (95% CI) | beyond noise? |",
-        "|---|---|---|---|---|---|---|",
+        f"| input interface | val PPL (mean ± std) | val bits per byte | "
+        + "".join(f"{label} bits per byte | " for label in labels)
+        + f"trainable input params | seed-to-seed variation | gap to {reference} (95% CI) | beyond noise? |",
+        "|---|---|---|" + "---|" * len(labels) + "---|---|---|---|",
     ]
     for name, s in summary.items():
         gap, verdict = "n/a", "n/a"
@@ -204,7 +244,9 @@ def markdown_table(summary: dict, base, seeds: list[int], reference: str) -> str
                 verdict = "no: within noise" if s["gap_within_noise"] else ("yes: worse" if s["gap"] > 0 else "yes: better")
         lines.append(
             f"| {name} | {s['val_ppl_mean']:.3f} ± {s['val_ppl_std']:.3f} | "
-            f"{s['bits_per_byte_mean']:.4f} ± {s['bits_per_byte_std']:.4f} | {s['trainable_input_params']:,} | "
+            f"{s['bits_per_byte_mean']:.4f} ± {s['bits_per_byte_std']:.4f} | "
+            + "".join(f"{h['bits_per_byte_mean']:.4f} ± {h['bits_per_byte_std']:.4f} | " for h in s.get("heldout", {}).values())
+            + f"{s['trainable_input_params']:,} | "
             f"{s['seed_spread']:.1%} | {gap} | {verdict} |"
         )
     lines += ["", "Seed-to-seed variation: (max - min) / mean validation PPL over seeds. "
@@ -248,7 +290,7 @@ def plot_losses(out: Path, variants: list[str], seeds: list[int]) -> Path:
     return path
 
 
-COMPARE_KEYS = ("variants", "seeds", "reference")  # what a compare config holds beside the training settings
+COMPARE_KEYS = ("variants", "seeds", "reference", "heldout")  # what a compare config holds beside the training settings
 
 
 def compare_command(args) -> int:
@@ -269,8 +311,13 @@ def compare_command(args) -> int:
     if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
         raise TableFreeError(f"seeds in {args.config} must be a list of integers, got {seeds!r}")
     reference = args.reference or study.get("reference")
+    heldout = args.heldout or study.get("heldout", [])
+    heldout = [heldout] if isinstance(heldout, str) else heldout
+    if not (isinstance(heldout, list) and all(isinstance(x, str) for x in heldout)):
+        raise TableFreeError(f"heldout in {args.config} must be a list of file paths or python-notes, got {heldout!r}")
     out = Path(args.out or base.out)
-    compare(base, variants, seeds, out, force=args.force, reference=None if reference is None else str(reference))
+    compare(base, variants, seeds, out, force=args.force, reference=None if reference is None else str(reference),
+            heldout=heldout)
     if not process_rank().is_main:
         return 0
     print((out / "results.md").read_text())
@@ -295,6 +342,9 @@ def add_cli(subparsers) -> None:
                                                    f"config's, shared (default: {DEFAULT_SEEDS})")
     cmp.add_argument("--reference", default=None,
                      help="the variant the others' gaps are measured against (default: learned if compared, else the first)")
+    cmp.add_argument("--heldout", action="append", default=None, metavar="TEXT",
+                     help="also score every final model on this text, in bits per byte: a .txt/.jsonl/.parquet file, "
+                          "or python-notes (IDLE's change logs and Python's licence, on every machine); repeatable")
     cmp.add_argument("--out", help="output directory (default: the config's out)")
     cmp.add_argument("--force", action="store_true",
                      help="write into a non-empty OUT that is not a comparison's; files tablefree did not write are never touched")

@@ -83,6 +83,30 @@ def embedded_documents(max_docstring_files: int | None = None) -> Iterator[str]:
         pool.shutdown(cancel_futures=True)  # a reader that stops early does not wait for the rest
 
 
+# Held-out text of another kind than the embedded corpus (reference docstrings and help topics), on every
+# machine with Python: IDLE's change logs, history and readme, and Python's licence. The corpus never reads them.
+PYTHON_NOTES = "python-notes"
+PYTHON_NOTES_FILES = ("idlelib/NEWS.txt", "idlelib/NEWS2x.txt", "idlelib/HISTORY.txt", "idlelib/README.txt",
+                      "LICENSE.txt")
+
+
+def python_notes_documents() -> list[str]:
+    """The `python-notes` held-out text: one document per file of PYTHON_NOTES_FILES that this Python has."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    documents = []
+    for name in PYTHON_NOTES_FILES:
+        try:
+            text = (stdlib / name).read_text(encoding="utf-8", errors="replace").strip()
+        except OSError:
+            continue
+        if text:
+            documents.append(text)
+    if not documents:
+        raise TableFreeError(f"this Python has none of the {PYTHON_NOTES} files ({', '.join(PYTHON_NOTES_FILES)} "
+                             f"under {stdlib}); evaluate on a text file instead")
+    return documents
+
+
 def file_docstrings(path: Path) -> list[str]:
     """Docstrings of at least 80 characters of one source file, in `ast.walk` order."""
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .corpus import ReadOptions
+from .corpus import PYTHON_NOTES, ReadOptions, python_notes_documents
 from .errors import TableFreeError
 
 EVAL_TOKENS = 262_144  # predicted tokens scored by `tablefree eval` unless --max-tokens says otherwise
@@ -108,23 +108,31 @@ def evaluate_shards(model, shards, seq_len: int, max_tokens: int | None, byte_le
 def text_windows(path: Path, tokenizer, seq_len: int, max_tokens: int | None, text_field: str = "text",
                  options: ReadOptions = ReadOptions()):
     """Windows over a local text file's documents, tokenised with the model's tokenizer, its end-of-text id between them."""
-    from .corpus import pieces, read_local_file
+    from .corpus import read_local_file
+
+    return document_windows(read_local_file(path, text_field=text_field, options=options), tokenizer, seq_len,
+                            max_tokens, str(path))
+
+
+def document_windows(documents, tokenizer, seq_len: int, max_tokens: int | None, where: str):
+    """Windows over `documents` (strings), tokenised with the model's tokenizer, its end-of-text id between them."""
+    from .corpus import pieces
     from .tokenizer import end_of_text_id
 
     separator = end_of_text_id(tokenizer, "of the model")
     ids: list[int] = []
-    documents = 0
-    for doc in read_local_file(path, text_field=text_field, options=options):
-        documents += 1
+    count = 0
+    for doc in documents:
+        count += 1
         for piece in pieces(doc):
             ids.extend(tokenizer.encode(piece, add_special_tokens=False))
         ids.append(separator)
         if max_tokens is not None and len(ids) > max_tokens:
             break
-    if documents == 0:
-        raise TableFreeError(f"{path} holds no text to evaluate: it is empty or only whitespace")
-    if len(ids) == documents:
-        raise TableFreeError(f"the model's tokenizer turns the text of {path} into no tokens at all")
+    if count == 0:
+        raise TableFreeError(f"{where} holds no text to evaluate: it is empty or only whitespace")
+    if len(ids) == count:
+        raise TableFreeError(f"the model's tokenizer turns the text of {where} into no tokens at all")
     array = np.asarray(ids[: None if max_tokens is None else max_tokens + 1], dtype=np.int64)
     for start in range(0, max(0, array.size - 1), seq_len):
         yield array[start : start + seq_len + 1]
@@ -153,6 +161,9 @@ def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_t
         set_end_of_text(tokenizer, eos_token)
     seq_len = seq_len or model.config.max_position_embeddings
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    if data == PYTHON_NOTES:
+        windows = document_windows(python_notes_documents(), tokenizer, seq_len, max_tokens, PYTHON_NOTES)
+        return evaluate_windows(model, windows, byte_lengths, runtime.device, runtime.autocast())
     path = Path(data)
     if path.is_dir():
         shards = TokenShards(path, "val", expected_tokenizer_hash=tokenizer_hash(tokenizer))
@@ -160,7 +171,7 @@ def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_t
     if path.is_file():
         windows = text_windows(path, tokenizer, seq_len, max_tokens, text_field, options)
         return evaluate_windows(model, windows, byte_lengths, runtime.device, runtime.autocast())
-    raise TableFreeError(f"no data at {data}: give a prepared directory or a .txt/.jsonl/.parquet file")
+    raise TableFreeError(f"no data at {data}: give a prepared directory, a .txt/.jsonl/.parquet file or {PYTHON_NOTES}")
 
 
 def eval_command(args) -> int:
@@ -182,7 +193,10 @@ def add_cli(subparsers) -> None:
 
     ev = subparsers.add_parser("eval", help="validation loss, perplexity and bits per byte of a saved model")
     ev.add_argument("model", help="model directory or cached hub id")
-    ev.add_argument("--data", required=True, help="a prepared data directory (its val split) or a .txt/.jsonl/.parquet file")
+    ev.add_argument("--data", required=True,
+                    help=f"a prepared data directory (its val split), a .txt/.jsonl/.parquet file, or {PYTHON_NOTES} "
+                         f"(held-out text every Python has: IDLE's change logs and Python's licence; ./{PYTHON_NOTES} "
+                         f"is a file of that name)")
     ev.add_argument("--seq-len", type=int, default=None,
                     help="window length (default: the model's context; a training run's seq_len repeats its validation)")
     ev.add_argument("--max-tokens", type=int, default=EVAL_TOKENS,

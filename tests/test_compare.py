@@ -136,3 +136,30 @@ def test_compare_passes_device_and_dtype_to_training(prepared_data, tmp_path, ca
     # The flag wins over the config's device: cpu in the file, cuda asked for.
     assert main(["compare", "--config", str(config), "--variants", "affine", "--seeds", "0", "--device", "cuda"]) == 2
     assert "device cuda: no CUDA device is available" in capsys.readouterr().err
+
+
+def test_every_final_model_is_scored_on_held_out_text(prepared_data, tmp_path):
+    from tablefree.corpus import python_notes_documents
+    from tablefree.evaluate import evaluate_model
+    from tablefree.runtime import resolve_runtime
+
+    base = make_config(train_overrides(prepared_data, tmp_path / "unused", max_steps=2, eval_tokens=2048))
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in python_notes_documents()))
+    out = tmp_path / "cmp"
+    results = compare(base, ["learned", "affine"], [0], out, heldout=["python-notes", str(notes)])
+    run = results["runs"][1]
+    assert set(run["heldout"]) == {"python-notes", "notes.jsonl"} and run["heldout"]["python-notes"]["tokens"] == 2048
+    # The built-in text is the same documents as the file: the same score, and the one `tablefree eval` gives.
+    assert run["heldout"]["python-notes"] == run["heldout"]["notes.jsonl"]
+    again = evaluate_model(str(out / "affine-seed0" / "model"), "python-notes", seq_len=base.seq_len, max_tokens=2048,
+                           runtime=resolve_runtime("cpu", "float32"))
+    assert again["bits_per_byte"] == run["heldout"]["python-notes"]["bits_per_byte"]
+    summary = results["summary"]["affine"]["heldout"]["python-notes"]
+    assert summary["bits_per_byte_mean"] == run["heldout"]["python-notes"]["bits_per_byte"]
+    header = (out / "results.md").read_text().splitlines()[2]
+    assert "| python-notes bits per byte | notes.jsonl bits per byte |" in header
+    with pytest.raises(TableFreeError, match="no such file"):
+        compare(base, ["affine"], [0], tmp_path / "other", heldout=[str(tmp_path / "missing.txt")])
+    with pytest.raises(TableFreeError, match="share the name"):
+        compare(base, ["affine"], [0], tmp_path / "other", heldout=[str(notes), str(notes)])
