@@ -101,10 +101,12 @@ def run_name(name: str, seed: int) -> str:
 
 
 def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Path, force: bool = False,
-            reference: str | None = None, heldout: list[str] = ()) -> dict:
+            reference: str | list[str] | None = None, heldout: list[str] = ()) -> dict:
     """Train (or resume) every run, then summarise; returns the content of results.json.
 
-    `reference` names the variant the others are measured against (default: learned when compared, else the first).
+    `reference` names the variant(s) the others are measured against (default: learned when compared, else the
+    first); with several, each gets its own gap columns (the paper's comparison against learned, ablations against
+    affine, in one table).
     `heldout` lists texts of another kind than the training data (files, or `python-notes`) that every final model
     is also scored on, in bits per byte.
     """
@@ -113,9 +115,11 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
 
     variants = [v if isinstance(v, Variant) else parse_variant(v) for v in variants]
     names = [v.name for v in variants]
-    reference = reference or ("learned" if "learned" in names else names[0])
-    if reference not in names:
-        raise TableFreeError(f"the reference {reference!r} is not among the variants compared ({', '.join(names)})")
+    references = parse_list(reference) if isinstance(reference, str) else list(reference or [])
+    references = references or ["learned" if "learned" in names else names[0]]
+    outside = [r for r in references if r not in names]
+    if outside:
+        raise TableFreeError(f"the reference {outside[0]!r} is not among the variants compared ({', '.join(names)})")
     out = Path(out)
     labels = [heldout_label(spec) for spec in heldout]
     if len(set(labels)) < len(labels):
@@ -140,13 +144,13 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
         runs.append(result)
     if not is_main:
         return {"runs": runs}  # under torchrun, rank 0 alone scores and writes the outputs
-    summary = summarise(runs, names, reference)
+    summary = summarise(runs, names, references)
     results = {"config": {k: v for k, v in vars(base).items() if k not in ("out", "variant", "seed")},
-               "variants": [vars(v) for v in variants], "seeds": seeds, "reference": reference,
+               "variants": [vars(v) for v in variants], "seeds": seeds, "references": references,
                "heldout": heldout,
                "runs": runs, "summary": summary}
     write_json(out / "results.json", results)
-    write_atomic(out / "results.md", markdown_table(summary, base, seeds, reference).encode("utf-8"))
+    write_atomic(out / "results.md", markdown_table(summary, base, seeds, references).encode("utf-8"))
     plot_losses(out, names, seeds)
     return results
 
@@ -191,9 +195,9 @@ def paired_gap(values: list[float], reference: list[float]) -> dict:
     return {"mean": mean, "ci95": half, "within_noise": abs(mean) <= half}
 
 
-def summarise(runs: list[dict], names: list[str], reference: str | None = None) -> dict:
-    """Per variant: mean +- std of val PPL and bits/byte, seed-to-seed spread, paired gap to the reference."""
-    reference = reference or names[0]
+def summarise(runs: list[dict], names: list[str], references: list[str] | None = None) -> dict:
+    """Per variant: mean +- std of val PPL and bits/byte, seed-to-seed spread, paired gaps to each reference."""
+    references = references or [names[0]]
     by_name = {name: sorted((r for r in runs if r.get("name", r["variant"]) == name), key=lambda r: r["seed"])
                for name in names}
     summary = {}
@@ -208,51 +212,53 @@ def summarise(runs: list[dict], names: list[str], reference: str | None = None) 
             "trainable_input_params": mine[0]["trainable_input_params"],
             # (max - min) / mean over seeds: the paper's "seed-to-seed variation"
             "seed_spread": (max(values) - min(values)) / ppl if len(values) > 1 else 0.0,
-            "runs": len(mine),
+            "runs": len(mine), "gaps": {},
         }
         for label in mine[0].get("heldout", {}):
             mean, std = _mean_std([r["heldout"][label]["bits_per_byte"] for r in mine])
             summary[name].setdefault("heldout", {})[label] = {"bits_per_byte_mean": mean, "bits_per_byte_std": std}
-    ref_runs = {r["seed"]: r for r in by_name[reference]}
-    for name in names:
-        paired = [(r["val_ppl"], ref_runs[r["seed"]]["val_ppl"]) for r in by_name[name] if r["seed"] in ref_runs]
-        if paired:
-            gap = paired_gap(*map(list, zip(*paired)))
-            summary[name].update(reference=reference, gap=gap["mean"], gap_ci95=gap["ci95"],
-                                 gap_within_noise=gap["within_noise"])
+    for reference in references:
+        ref_runs = {r["seed"]: r for r in by_name[reference]}
+        for name in names:
+            paired = [(r["val_ppl"], ref_runs[r["seed"]]["val_ppl"]) for r in by_name[name] if r["seed"] in ref_runs]
+            if paired:
+                summary[name]["gaps"][reference] = paired_gap(*map(list, zip(*paired)))
     return summary
 
 
-def markdown_table(summary: dict, base, seeds: list[int], reference: str) -> str:
+def markdown_table(summary: dict, base, seeds: list[int], references: list[str]) -> str:
     labels = list(next(iter(summary.values())).get("heldout", {}))
     lines = [
         f"# Matched comparison: {base.size} backbone, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
         f"data seed {base.data_seed}, {base.steps() * base.batch_size * base.seq_len:,} tokens per run",
         "",
-        f"| input interface | val PPL (mean ± std) | val bits per byte | "
+        "| input interface | val PPL (mean ± std) | val bits per byte | "
         + "".join(f"{label} bits per byte | " for label in labels)
-        + f"trainable input params | seed-to-seed variation | gap to {reference} (95% CI) | beyond noise? |",
-        "|---|---|---|" + "---|" * len(labels) + "---|---|---|---|",
+        + "trainable input params | seed-to-seed variation | "
+        + "".join(f"gap to {reference} (95% CI) | beyond noise? | " for reference in references),
+        "|---|---|---|" + "---|" * len(labels) + "---|---|" + "---|---|" * len(references),
     ]
     for name, s in summary.items():
-        gap, verdict = "n/a", "n/a"
-        if "gap" in s:
-            gap = f"{s['gap']:+.1%}" + (f" ± {s['gap_ci95']:.1%}" if s["gap_ci95"] is not None else "")
+        cells = [name, f"{s['val_ppl_mean']:.3f} ± {s['val_ppl_std']:.3f}",
+                 f"{s['bits_per_byte_mean']:.4f} ± {s['bits_per_byte_std']:.4f}"]
+        cells += [f"{h['bits_per_byte_mean']:.4f} ± {h['bits_per_byte_std']:.4f}" for h in s.get("heldout", {}).values()]
+        cells += [f"{s['trainable_input_params']:,}", f"{s['seed_spread']:.1%}"]
+        for reference in references:
+            gap = s["gaps"].get(reference)
+            if gap is None:
+                cells += ["n/a", "n/a"]
+                continue
+            cells.append(f"{gap['mean']:+.1%}" + (f" ± {gap['ci95']:.1%}" if gap["ci95"] is not None else ""))
             if name == reference:
-                verdict = "reference"
-            elif s["gap_within_noise"] is not None:
-                verdict = "no: within noise" if s["gap_within_noise"] else ("yes: worse" if s["gap"] > 0 else "yes: better")
-        lines.append(
-            f"| {name} | {s['val_ppl_mean']:.3f} ± {s['val_ppl_std']:.3f} | "
-            f"{s['bits_per_byte_mean']:.4f} ± {s['bits_per_byte_std']:.4f} | "
-            + "".join(f"{h['bits_per_byte_mean']:.4f} ± {h['bits_per_byte_std']:.4f} | " for h in s.get("heldout", {}).values())
-            + f"{s['trainable_input_params']:,} | "
-            f"{s['seed_spread']:.1%} | {gap} | {verdict} |"
-        )
-    lines += ["", "Seed-to-seed variation: (max - min) / mean validation PPL over seeds. "
-              f"Gap: validation PPL relative to {reference}, seed by seed (same seed, same batches), as mean ± the "
-              "half-width of its 95% t-interval over seeds; negative = better. A gap whose interval holds 0 is "
-              "within seed-to-seed noise."]
+                cells.append("reference")
+            elif gap["within_noise"] is None:
+                cells.append("n/a: one seed")
+            else:
+                cells.append("no: within noise" if gap["within_noise"] else ("yes: worse" if gap["mean"] > 0 else "yes: better"))
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Seed-to-seed variation: (max - min) / mean validation PPL over seeds. Gap: validation PPL relative "
+              "to the reference, seed by seed (same seed, same batches), as mean ± the half-width of its 95% "
+              "t-interval over seeds; negative = better. A gap whose interval holds 0 is within seed-to-seed noise."]
     return "\n".join(lines) + "\n"
 
 
@@ -311,12 +317,14 @@ def compare_command(args) -> int:
     if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
         raise TableFreeError(f"seeds in {args.config} must be a list of integers, got {seeds!r}")
     reference = args.reference or study.get("reference")
+    if reference is not None and not isinstance(reference, (str, list)):
+        raise TableFreeError(f"reference in {args.config} must be a variant name or a list of them, got {reference!r}")
     heldout = args.heldout or study.get("heldout", [])
     heldout = [heldout] if isinstance(heldout, str) else heldout
     if not (isinstance(heldout, list) and all(isinstance(x, str) for x in heldout)):
         raise TableFreeError(f"heldout in {args.config} must be a list of file paths or python-notes, got {heldout!r}")
     out = Path(args.out or base.out)
-    compare(base, variants, seeds, out, force=args.force, reference=None if reference is None else str(reference),
+    compare(base, variants, seeds, out, force=args.force, reference=reference,
             heldout=heldout)
     if not process_rank().is_main:
         return 0
@@ -341,7 +349,8 @@ def add_cli(subparsers) -> None:
     cmp.add_argument("--seeds", default=None, help=f"model seeds, crossed with every variant; the data seed is the "
                                                    f"config's, shared (default: {DEFAULT_SEEDS})")
     cmp.add_argument("--reference", default=None,
-                     help="the variant the others' gaps are measured against (default: learned if compared, else the first)")
+                     help="the variant(s) the others' gaps are measured against, comma-separated, each with its own "
+                          "columns (default: learned if compared, else the first)")
     cmp.add_argument("--heldout", action="append", default=None, metavar="TEXT",
                      help="also score every final model on this text, in bits per byte: a .txt/.jsonl/.parquet file, "
                           "or python-notes (IDLE's change logs and Python's licence, on every machine); repeatable")

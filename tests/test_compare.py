@@ -22,7 +22,7 @@ def test_toy_matched_comparison_writes_table_json_and_plot(prepared_data, tmp_pa
     assert "| +0.0% ± 0.0% | reference |" in table.split("| learned |")[1].splitlines()[0]  # its own reference
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert summary["learned"]["trainable_input_params"] == 65536 * 32 and summary["affine"]["trainable_input_params"] == 0
-    assert summary["learned"]["gap"] == 0 and summary["affine"]["reference"] == "learned"
+    assert summary["learned"]["gaps"]["learned"]["mean"] == 0 and list(summary["affine"]["gaps"]) == ["learned"]
     # Same data seed: both variants saw identical batches; different model seeds gave different models.
     runs = results["runs"]
     assert len(runs) == 4 and runs[0]["val_loss"] != runs[1]["val_loss"]
@@ -44,13 +44,15 @@ def test_summary_arithmetic():
         {"variant": "affine", "seed": 1, "val_ppl": 2.6 * 1.1, "val_bits_per_byte": 1.25, "trainable_input_params": 0},
         {"variant": "affine", "seed": 0, "val_ppl": 2.4 * 1.3, "val_bits_per_byte": 1.05, "trainable_input_params": 0},
     ]
-    summary = summarise(runs, ["learned", "affine"], "learned")
+    summary = summarise(runs, ["learned", "affine"], ["learned", "affine"])
     assert abs(summary["learned"]["val_ppl_mean"] - 2.5) < 1e-12
     assert abs(summary["learned"]["seed_spread"] - 0.08) < 1e-12
     # Paired by seed (the runs arrive in any order): gaps +30% and +10%, mean 20%, sd 0.1414, t(1) = 12.706.
-    affine = summary["affine"]
-    assert affine["seeds"] == [0, 1] and abs(affine["gap"] - 0.2) < 1e-12
-    assert abs(affine["gap_ci95"] - 12.706 * 0.1 * 2**0.5 / 2**0.5) < 1e-9 and affine["gap_within_noise"] is True
+    affine = summary["affine"]["gaps"]["learned"]
+    assert summary["affine"]["seeds"] == [0, 1] and abs(affine["mean"] - 0.2) < 1e-12
+    assert abs(affine["ci95"] - 12.706 * 0.1 * 2**0.5 / 2**0.5) < 1e-9 and affine["within_noise"] is True
+    # A second reference: its own gaps, the first one's unchanged.
+    assert summary["affine"]["gaps"]["affine"]["mean"] == 0 and summary["learned"]["gaps"]["affine"]["mean"] < 0
 
 
 def test_paired_gap_says_when_a_gap_is_beyond_noise():
@@ -67,7 +69,7 @@ def test_variants_with_their_own_settings_are_rows_of_their_own(prepared_data, t
     out = tmp_path / "cmp"
     names = ["affine", "affine+code_values=bipolar", "hashed+code_bits=20+lr=0.002"]
     results = compare(base, names, [0], out, reference="affine")
-    assert list(results["summary"]) == names and results["reference"] == "affine"
+    assert list(results["summary"]) == names and results["references"] == ["affine"]
     runs = {r["name"]: r for r in results["runs"]}
     assert runs["affine+code_values=bipolar"]["variant"] == "affine" and runs["hashed+code_bits=20+lr=0.002"]["variant"] == "hashed"
     config = json.loads((out / "affine+code_values=bipolar-seed0" / "model" / "config.json").read_text())
@@ -111,9 +113,10 @@ def test_compare_cli_with_yaml_config(prepared_data, tmp_path, capsys):
     # The config may hold the variants, seeds and reference; flags win over it.
     config.write_text(yaml.safe_dump({**train_overrides(prepared_data, tmp_path / "study", max_steps=1),
                                       "variants": ["affine", "affine+code_layout=interleave"], "seeds": [4],
-                                      "reference": "affine+code_layout=interleave"}))
+                                      "reference": ["affine+code_layout=interleave", "affine"]}))
     assert main(["compare", "--config", str(config)]) == 0
-    assert "gap to affine+code_layout=interleave" in capsys.readouterr().out
+    header = capsys.readouterr().out.split("| input interface |")[1].splitlines()[0]
+    assert "| gap to affine+code_layout=interleave (95% CI) | beyond noise? | gap to affine (95% CI) |" in header
     assert {p.name for p in (tmp_path / "study").iterdir()} >= {"affine-seed4", "affine+code_layout=interleave-seed4"}
     config.write_text(yaml.safe_dump({**train_overrides(prepared_data, tmp_path / "study", max_steps=1), "seeds": "x"}))
     assert main(["compare", "--config", str(config)]) == 2
