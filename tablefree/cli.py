@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import shlex
 import sys
 
 from . import __version__, register_auto_classes
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser(chosen_verb(argv))
     args = parser.parse_args(argv)
+    args.command_line = "tablefree " + shlex.join(argv)  # what a published result says made it
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
