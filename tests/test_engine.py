@@ -17,12 +17,12 @@ from serve_process import ServerProcess
 from starlette.requests import Request
 
 from tablefree.hub import load_model
-from tablefree.serve.engine import Engine, Sequence, output_logits
+from tablefree.serve.engine import Engine, Sequence, head_layouts, output_logits
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
 from tablefree.serve.params import SamplingParams
-from tablefree.serve.sampling import NonFiniteLogits, TokenSampler
+from tablefree.serve.sampling import NonFiniteLogits, TokenSampler, draw, filter_logits, first_argmax
 from tablefree.serve.server import context_length, load_for_serving
 from tablefree.serve.text import IncrementalText
 
@@ -337,6 +337,94 @@ def test_sampler_penalty_overflow_fails_only_that_row():
 def test_top_p_zero_is_greedy():
     logits = torch.randn(1, 50)
     assert TokenSampler(0).sample(logits.clone(), [row(top_p=0.0)]) == [int(logits.argmax())]
+
+
+@pytest.mark.parametrize("vocab", [65536, 1000, 7])
+def test_blockwise_argmax_is_argmax(vocab):
+    """Ties (the first id wins), -inf, and widths that are no multiple of the block."""
+    logits = torch.randint(0, 4, (9, vocab)).float()
+    logits[1] = float("-inf")
+    logits[1, vocab - 1] = 0.0
+    logits[2, vocab // 2 :] = 9.0
+    assert torch.equal(first_argmax(logits), logits.argmax(-1))
+
+
+def test_two_level_draw_picks_the_first_id_past_its_target():
+    """With integer weights every sum is exact, so the draw must equal a full-width inverse CDF, and an id of zero
+    weight (the zero tail here) is never drawn, even for a uniform number just below 1."""
+    weights = torch.randint(0, 4, (4, 1000)).float()
+    weights[:, 700:] = 0
+    weights[3, 1:] = 0
+    weights[3, 0] = 1
+    totals = weights.sum(-1)
+    cdf = weights.cumsum(-1)
+    for step in range(0, int(totals[:3].min()), 13):
+        uniform = ((step + 0.5) / totals).clamp(max=0.999)
+        expected = torch.searchsorted(cdf, (uniform * totals)[:, None], right=True)[:, 0]
+        assert torch.equal(draw(weights, uniform)[:3], expected[:3])
+    last = draw(weights, torch.full((4,), 1 - 2**-24))
+    assert all(weights[i, last[i]] > 0 for i in range(4)) and last[3] == 0
+
+
+@pytest.mark.parametrize("fields", [dict(top_k=40), dict(top_k=40, top_p=0.6), dict(top_k=40, min_p=0.2, temperature=0.7)])
+def test_top_k_candidates_give_the_full_row_distribution(fields):
+    """Top-k keeps its k candidates only; their probabilities are those of the whole row cut the plain way."""
+    torch.manual_seed(0)
+    line = torch.randn(5000) * 3
+    params = SamplingParams(**fields)
+    logits, ids = filter_logits(line.clone(), params)
+    assert ids is not None and len(ids) == 40
+    full = (line - line.max()) / params.temperature
+    full = full.masked_fill(full < torch.topk(full, 40).values[-1], float("-inf"))
+    if params.top_p < 1 or params.min_p > 0:  # the reference cut: every id, sorted, as before candidates existed
+        ordered, order = torch.sort(full, descending=True)
+        probs = torch.softmax(ordered, -1)
+        drop = (probs.cumsum(-1) - probs) >= params.top_p
+        drop[0] = False
+        full = full.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(full, -1)
+        full = full.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    reference = torch.softmax(full, -1)
+    assert torch.allclose(torch.softmax(logits, -1), reference[ids], atol=1e-6)
+    assert reference.sum() - reference[ids].sum() < 1e-6  # nothing outside the candidates had any mass
+
+
+def test_top_k_tie_at_the_cut_keeps_every_tied_id():
+    line = torch.zeros(100)
+    line[:3] = torch.tensor([5.0, 4.0, 4.0])
+    logits, ids = filter_logits(line, SamplingParams(top_k=2))
+    assert ids is None and torch.isfinite(logits).sum() == 3
+
+
+def test_batched_sampling_draws_what_each_row_would():
+    """The batched paths (greedy: blockwise argmax; temperature only: one softmax and one draw for all rows) pick what
+    a plain per-row computation picks with the same uniform numbers (full-width float64 inverse CDF)."""
+    torch.manual_seed(1)
+    logits = torch.randn(6, 65536) * 4
+    rows = [row(temperature=0.0), row(temperature=0.5), row(temperature=1.3), row(temperature=0.0), row(temperature=0.8),
+            row(temperature=2.0)]
+    chosen = TokenSampler(7).sample(logits.clone(), rows)
+    uniform = torch.rand(4, generator=torch.Generator().manual_seed(7)).double()
+    sampled = [1, 2, 4, 5]
+    for i in (0, 3):
+        assert chosen[i] == int(logits[i].argmax())
+    for j, i in enumerate(sampled):
+        weights = torch.softmax((logits[i].double() - logits[i].max()) / rows[i].params.temperature, -1)
+        cdf = weights.cumsum(-1)
+        assert chosen[i] == int(torch.searchsorted(cdf, uniform[j] * cdf[-1], right=True))
+
+
+def test_single_row_head_layout_holds_the_same_weights(engine, served):
+    """A CPU engine keeps the head's weights twice (one row reads a transposed copy faster); the values are the same,
+    and a batched forward runs on the model's own parameter."""
+    model, tokenizer = served
+    head, usual, transposed = head_layouts(model)
+    assert head is model.get_output_embeddings() and torch.equal(usual, transposed) and not transposed.is_contiguous()
+    x = torch.randn(1, usual.shape[1])
+    assert torch.allclose(torch.nn.functional.linear(x, usual), torch.nn.functional.linear(x, transposed), atol=1e-5)
+    text = prompt(tokenizer, "two rows")
+    run(engine, {0: [sequence(engine, text, **GREEDY), sequence(engine, text[:3], **GREEDY)]})
+    assert model.get_output_embeddings().weight is usual
 
 
 def test_engine_thread_keeps_serving_after_faults(engine, served, hooks):
