@@ -115,15 +115,17 @@ def test_eval_repeats_the_training_validation_exactly(trained, prepared_data, ca
     from tablefree.cli import main
     from tablefree.evaluate import evaluate_model
     from tablefree.files import read_json
+    from tablefree.runtime import resolve_runtime
 
     model_dir, _ = trained
     run = read_json(model_dir.parent / "result.json", "result")
     scores = evaluate_model(str(model_dir), str(prepared_data), seq_len=32, max_tokens=512)
     assert (scores["loss"], scores["ppl"], scores["bits_per_byte"]) == (run["val_loss"], run["val_ppl"], run["val_bits_per_byte"])
+    dtype = str(resolve_runtime("cpu").dtype).removeprefix("torch.")  # the run's: auto's choice on this CPU
     assert main(["eval", str(model_dir), "--data", str(prepared_data), "--seq-len", "32", "--max-tokens", "512",
-                 "--device", "cpu", "--dtype", "float32"]) == 0
+                 "--device", "cpu", "--dtype", dtype]) == 0
     printed = capsys.readouterr().out
-    assert printed.startswith("evaluating on cpu (") and "threads), float32\n" in printed
+    assert printed.startswith(f"evaluating on {resolve_runtime('cpu', dtype).describe()}\n")
     assert f"val loss {run['val_loss']:.4f}  ppl {run['val_ppl']:.3f}  bits/byte {run['val_bits_per_byte']:.4f}  (512 tokens)" in printed
 
 

@@ -1,0 +1,56 @@
+"""Where device and dtype are decided (tablefree/runtime.py): the CPU's bfloat16 choice and how it is said."""
+
+import contextlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from tablefree.errors import TableFreeError
+from tablefree.runtime import native_bf16, resolve_runtime
+
+
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def test_native_bf16_is_the_cpu_feature_that_has_it():
+    flags = _cpu_flags()
+    expected = "amx_bf16" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else None
+    assert native_bf16() == expected
+
+
+def test_auto_on_the_cpu_is_bfloat16_where_it_is_native_and_float32_elsewhere():
+    runtime = resolve_runtime("cpu", "auto")
+    feature = native_bf16()
+    assert runtime.dtype == (torch.bfloat16 if feature else torch.float32)
+    described = runtime.describe()
+    assert described.startswith(f"cpu ({torch.get_num_threads()} threads), ")
+    assert described.endswith(f"bfloat16 (native bf16: {feature})" if feature else "float32")
+
+
+def test_an_explicit_dtype_overrides_auto_and_says_what_bfloat16_runs_on():
+    fp32 = resolve_runtime("cpu", "float32")
+    assert fp32.dtype == torch.float32 and fp32.describe().endswith(", float32")
+    assert isinstance(fp32.autocast(), contextlib.nullcontext)
+    bf16 = resolve_runtime("cpu", "bfloat16")
+    feature = native_bf16()
+    assert bf16.describe().endswith(f"bfloat16 (native bf16: {feature})" if feature
+                                    else "bfloat16 (emulated: no amx_bf16 or avx512_bf16 on this CPU)")
+    with bf16.autocast():
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_unknown_dtypes_name_the_choices():
+    with pytest.raises(TableFreeError, match="unknown dtype 'half'; choose auto .* float32, bfloat16 or float16"):
+        resolve_runtime("cpu", "half")
+    with pytest.raises(TableFreeError, match="float16 is not supported on the CPU"):
+        resolve_runtime("cpu", "float16")
+
+
+def test_commands_that_cast_the_weights_keep_float32_on_the_cpu_under_auto():
+    assert resolve_runtime("cpu", "auto", weights=True).dtype == torch.float32
+    assert resolve_runtime("cpu", "bfloat16", weights=True).dtype == torch.bfloat16  # an explicit choice still wins
