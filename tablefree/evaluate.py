@@ -45,11 +45,11 @@ def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=
     """Loss (nats/token), perplexity and bits per byte over (T+1)-token windows of ids.
 
     `model` is a GPT-NeoX causal LM, bare or inside DDP, FSDP2 or torch.compile; `max_logits` caps the
-    logits held at once (default: `tablefree.loss.MAX_LOGITS`).
+    logits held at once (default: `tablefree.loss.default_max_logits` of the device).
     """
     import torch
 
-    from .loss import MAX_LOGITS, causal_lm, summed_next_token_loss
+    from .loss import causal_lm, summed_next_token_loss
 
     lm = causal_lm(model)
     was_training = model.training
@@ -61,7 +61,7 @@ def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=
                 rows = np.stack(batch)
                 ids = torch.as_tensor(rows, device=device)
                 with autocast or contextlib.nullcontext():
-                    nats += summed_next_token_loss(lm, ids[:, :-1], ids[:, 1:], max_logits or MAX_LOGITS).item()
+                    nats += summed_next_token_loss(lm, ids[:, :-1], ids[:, 1:], max_logits).item()
                 tokens += ids[:, 1:].numel()
                 n_bytes += int(byte_lengths[rows[:, 1:]].sum())
     finally:

@@ -19,7 +19,14 @@ import torch.nn.functional as F
 
 from .errors import TableFreeError
 
-MAX_LOGITS = 1 << 25  # logits held at once: 128 MiB in float32, 512 positions of a 65,536-token vocabulary
+# Logits held at once. On an accelerator 128 MiB of float32, 512 positions of a 65,536-token vocabulary;
+# on a CPU 16 MiB, 64 positions: a chunk then stays in cache, which runs faster (docs/architecture.md).
+MAX_LOGITS = 1 << 25
+CPU_MAX_LOGITS = 1 << 22
+
+
+def default_max_logits(device) -> int:
+    return CPU_MAX_LOGITS if torch.device(device).type == "cpu" else MAX_LOGITS
 
 
 def causal_lm(model):
@@ -36,7 +43,7 @@ def causal_lm(model):
     return model
 
 
-def summed_next_token_loss(model, input_ids, targets, max_logits: int = MAX_LOGITS):
+def summed_next_token_loss(model, input_ids, targets, max_logits: int | None = None):
     """Summed cross-entropy of `model`'s predictions at `input_ids` against `targets` (a float32 scalar).
 
     `model` is a GPT-NeoX causal LM, bare or inside DDP, FSDP2 or torch.compile; it is called as a
@@ -49,8 +56,8 @@ def summed_next_token_loss(model, input_ids, targets, max_logits: int = MAX_LOGI
     return summed_cross_entropy(head, hidden, targets, max_logits)
 
 
-def summed_cross_entropy(head, hidden, targets, max_logits: int = MAX_LOGITS):
-    """Summed cross-entropy of `head(hidden)` against `targets`, `max_logits` logits at a time.
+def summed_cross_entropy(head, hidden, targets, max_logits: int | None = None):
+    """Summed cross-entropy of `head(hidden)` against `targets`, `max_logits` logits at a time (default: by device).
 
     `head` is a bias-free linear layer (V x d weight); `hidden` (..., d), `targets` (...) ids in [0, V).
     Differentiable in `hidden` and `head.weight`; no chunk's logits are kept for the backward pass.
@@ -60,7 +67,7 @@ def summed_cross_entropy(head, hidden, targets, max_logits: int = MAX_LOGITS):
         raise TableFreeError(f"the chunked loss takes a bias-free output head; this {type(head).__name__} has a bias")
     if hidden.shape[:-1] != targets.shape:
         raise TableFreeError(f"hidden states {tuple(hidden.shape)} and targets {tuple(targets.shape)} do not match")
-    positions = max(1, max_logits // weight.shape[0])
+    positions = max(1, (max_logits or default_max_logits(hidden.device)) // weight.shape[0])
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _ChunkedCrossEntropy.apply(flat_hidden, weight, flat_targets, head, positions)
@@ -74,17 +81,21 @@ def _chunked(head, hidden, targets, positions: int, grad_hidden: bool, grad_weig
     d_weight = torch.zeros(head.weight.shape, dtype=torch.float32, device=hidden.device) if grad_weight else None
     for start in range(0, targets.numel(), positions):
         rows, ids = hidden[start : start + positions], targets[start : start + positions]
-        log_probs = F.log_softmax(head(rows).float(), dim=-1)
+        logits = head(rows)
+        log_probs = F.log_softmax(logits.float(), dim=-1)
         loss -= log_probs.gather(1, ids[:, None]).sum()
         if d_hidden is None and d_weight is None:
             continue
         d_logits = log_probs.exp_()  # softmax - one_hot(ids): the loss's gradient in the logits
         d_logits[torch.arange(ids.numel(), device=ids.device), ids] -= 1
-        del log_probs
-        # Under autocast these products run in its dtype, as the plain loss's backward would.
+        # In the logits' dtype (autocast's), as the plain loss's backward would multiply them; cast once.
+        d_logits = d_logits.to(logits.dtype)
+        del log_probs, logits
         if d_hidden is not None:
             d_hidden[start : start + positions] = d_logits @ head.weight
-        if d_weight is not None:
+        if d_weight is not None and d_logits.dtype == d_weight.dtype:
+            d_weight.addmm_(d_logits.t(), rows)
+        elif d_weight is not None:  # a lower-precision product, summed in float32
             d_weight += (d_logits.t() @ rows).float()
     return loss, d_hidden, d_weight
 
