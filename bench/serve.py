@@ -1,12 +1,15 @@
-"""Serving throughput: `tablefree serve` against `transformers serve`, same network, same machine, one run.
+"""Serving throughput: `tablefree serve` against `transformers serve` and llama.cpp's server, same network, one run.
 
-Both servers get the same streamed requests (the model card's completion: "Once upon a time,",
+Every server gets the same streamed requests (the model card's completion: "Once upon a time,",
 temperature 0.5, N new tokens) from 1, 8 and 32 concurrent clients. Aggregate generated tokens/s
-counts the `usage.completion_tokens` each server reports; time to first token is request start to
-the first chunk with text. The network is the small-affine preset (4 layers, width
-256, V = 65,536); `transformers serve` gets its stock GPT-NeoX export (`tablefree export --format
-gpt-neox`: same weights, same logits), since it has no table-free model class.
-Goals: our c8 >= 3x our c1, and >= 1.5x transformers serve's c8; no failed request.
+counts the `usage.completion_tokens` each server reports (llama_cpp.server sends no usage in a
+stream: its chunks with text are counted, one per token); time to first token is request start to
+the first chunk with text. The network is the small-affine preset (4 layers, width 256,
+V = 65,536); `transformers serve` gets its stock GPT-NeoX export (`tablefree export --format
+gpt-neox`: same weights, same logits), since it has no table-free model class, and
+`python -m llama_cpp.server` (llama-cpp-python) its GGUF export in f32 and q8_0 (`--format gguf`).
+Goals: our c8 >= 3x our c1, and >= 1.5x transformers serve's c8; against llama.cpp f32: our c1 >=
+0.5x its c1 and our c8 >= 1.5x its c8; no failed request.
 Last line: ratio = our c8 tokens/s / transformers serve's c8 tokens/s.
 """
 
@@ -27,6 +30,8 @@ from pathlib import Path
 
 import httpx
 
+from tablefree.runtime import add_runtime_flags, resolve_runtime
+
 PROMPT = "Once upon a time,"
 
 
@@ -36,7 +41,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(command: list[str], port: int, log: Path, threads: int | None) -> subprocess.Popen:
+def start(command: list[str], port: int, log: Path, threads: int | None, ready: str = "/health") -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     if threads:
         # Both servers get the same thread count the same way (transformers serve has no flag for it).
@@ -47,7 +52,7 @@ def start(command: list[str], port: int, log: Path, threads: int | None) -> subp
         if proc.poll() is not None:
             raise SystemExit(f"{command[0]} exited:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}{ready}", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
@@ -65,12 +70,12 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-async def one_request(client: httpx.AsyncClient, model: str, max_tokens: int) -> tuple[int, float]:
+async def one_request(client: httpx.AsyncClient, model: str, max_tokens: int, count_chunks: bool) -> tuple[int, float]:
     """(generated tokens, seconds to first text) for one streamed completion; raises on any failure."""
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0.5, "stream": True,
             "stream_options": {"include_usage": True}}
     started = time.perf_counter()
-    first, usage = None, None
+    first, usage, text_chunks = None, None, 0
     async with client.stream("POST", "/v1/completions", json=body) as response:
         if response.status_code != 200:
             raise RuntimeError(f"HTTP {response.status_code}: {(await response.aread())[:200]!r}")
@@ -80,15 +85,17 @@ async def one_request(client: httpx.AsyncClient, model: str, max_tokens: int) ->
             chunk = json.loads(line[6:])
             if "error" in chunk:
                 raise RuntimeError(str(chunk["error"])[:200])
-            if first is None and any(c.get("text") for c in chunk.get("choices", [])):
-                first = time.perf_counter() - started
+            if any(c.get("text") for c in chunk.get("choices", [])):
+                text_chunks += 1
+                if first is None:
+                    first = time.perf_counter() - started
             usage = chunk.get("usage") or usage
-    if usage is None or first is None:
+    if first is None or (usage is None and not count_chunks):
         raise RuntimeError("the stream ended without text or without usage")
-    return usage["completion_tokens"], first
+    return (text_chunks if usage is None else usage["completion_tokens"]), first
 
 
-async def level(url: str, model: str, concurrency: int, requests: int, max_tokens: int) -> dict:
+async def level(url: str, model: str, concurrency: int, requests: int, max_tokens: int, count_chunks: bool = False) -> dict:
     results, failures = [], []
     todo = list(range(requests))
 
@@ -96,7 +103,7 @@ async def level(url: str, model: str, concurrency: int, requests: int, max_token
         while todo:
             todo.pop()
             try:
-                results.append(await one_request(client, model, max_tokens))
+                results.append(await one_request(client, model, max_tokens, count_chunks))
             except Exception as exc:  # a failed request is a result here: counted and shown
                 failures.append(str(exc))
 
@@ -110,14 +117,15 @@ async def level(url: str, model: str, concurrency: int, requests: int, max_token
             "errors": failures[:3]}
 
 
-def measure(name: str, command: list[str], port: int, model: str, args, workdir: Path) -> list[dict]:
-    proc = start(command, port, workdir / f"{name.replace(' ', '_')}.log", args.threads)
+def measure(name: str, command: list[str], port: int, model: str, args, workdir: Path, ready: str = "/health",
+            count_chunks: bool = False) -> list[dict]:
+    proc = start(command, port, workdir / f"{name.replace(' ', '_')}.log", args.threads, ready)
     try:
         url = f"http://127.0.0.1:{port}"
-        asyncio.run(level(url, model, 2, 2, 8))  # warm-up: first-call allocations and lazy loads
+        asyncio.run(level(url, model, 2, 2, 8, count_chunks))  # warm-up: first-call allocations and lazy loads
         rows = []
         for c in args.concurrency:
-            row = level(url, model, c, max(args.min_requests, args.requests_per_client * c), args.max_tokens)
+            row = level(url, model, c, max(args.min_requests, args.requests_per_client * c), args.max_tokens, count_chunks)
             rows.append({"server": name, **asyncio.run(row)})
             print(f"  {name} c{c}: {rows[-1]['tokens_per_s']:.0f} tokens/s", file=sys.stderr, flush=True)
         return rows
@@ -134,8 +142,11 @@ def main() -> None:
     parser.add_argument("--min-requests", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for both servers (default: torch's; on a busy shared machine 1 avoids OpenMP spin contention)")
-    parser.add_argument("--skip-transformers", action="store_true", help="measure tablefree serve alone (no ratio line)")
+    parser.add_argument("--skip-transformers", action="store_true", help="leave transformers serve out (no ratio line)")
+    parser.add_argument("--skip-llama", action="store_true", help="leave llama_cpp.server out")
+    add_runtime_flags(parser)
     args = parser.parse_args()
+    args.runtime = resolve_runtime(args.device, args.dtype, args.threads)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     cli = [sys.executable, "-m", "tablefree.cli"]
@@ -148,10 +159,28 @@ def main() -> None:
 
     ours_port, theirs_port = free_port(), free_port()
     rows = measure("tablefree serve", cli + ["serve", model, "--port", str(ours_port), "--served-model-name", "bench",
-                                             "--log-level", "warning"], ours_port, "bench", args, workdir)
+                                             "--log-level", "warning", "--device", str(args.runtime.device),
+                                             "--dtype", str(args.runtime.dtype).removeprefix("torch.")],
+                   ours_port, "bench", args, workdir)
     if not args.skip_transformers:
         rows += measure_transformers(neox, theirs_port, args, workdir)
+    if not args.skip_llama:
+        for outtype in ("f32", "q8_0"):
+            rows += measure_llama(cli, model, outtype, args, workdir)
     report(rows, args)
+
+
+def measure_llama(cli: list[str], model: str, outtype: str, args, workdir: Path) -> list[dict]:
+    """llama_cpp.server on the GGUF export; one request at a time (it has no batching of its own), never interrupted."""
+    out = workdir / f"gguf-{outtype}"
+    subprocess.run(cli + ["export", model, str(out), "--format", "gguf", "--outtype", outtype], check=True, capture_output=True)
+    port = free_port()
+    threads = str(args.threads or os.cpu_count())
+    command = [sys.executable, "-m", "llama_cpp.server", "--model", str(out / "model.gguf"), "--model_alias", "bench",
+               "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048", "--n_threads", threads,
+               "--n_threads_batch", threads, "--logits_all", "False", "--interrupt_requests", "False",
+               "--n_gpu_layers", "-1" if args.runtime.device.type == "cuda" else "0"]
+    return measure(f"llama.cpp {outtype}", command, port, "bench", args, workdir, ready="/v1/models", count_chunks=True)
 
 
 def measure_transformers(neox: str, port: int, args, workdir: Path) -> list[dict]:
@@ -159,13 +188,13 @@ def measure_transformers(neox: str, port: int, args, workdir: Path) -> list[dict
     if not transformers_cli.is_file():
         raise SystemExit(f"no `transformers` command next to {sys.executable}; install transformers[serving] and accelerate")
     command = [str(transformers_cli), "serve", neox, "--port", str(port), "--host", "127.0.0.1",
-               "--device", "cuda" if _cuda() else "cpu"]
+               "--device", str(args.runtime.device)]
     return measure("transformers serve", command, port, neox, args, workdir)
 
 
 def report(rows: list[dict], args) -> None:
     print(f"\nstreamed completions, {args.max_tokens} new tokens each, temperature 0.5, prompt {PROMPT!r}; "
-          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, {'CUDA' if _cuda() else 'CPU'}")
+          f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, {args.runtime.describe()}")
     print(f"{'server':<20}{'clients':>8}{'requests':>10}{'failed':>8}{'tokens':>8}{'tokens/s':>10}{'median TTFT ms':>16}")
     for r in rows:
         print(f"{r['server']:<20}{r['concurrency']:>8}{r['requests']:>10}{r['failed']:>8}{r['tokens']:>8}"
@@ -177,16 +206,16 @@ def report(rows: list[dict], args) -> None:
     if ("tablefree serve", 8) in by and ("tablefree serve", 1) in by:
         print(f"tablefree serve c8 / c1: {by['tablefree serve', 8] / by['tablefree serve', 1]:.2f} (goal >= 3)")
     print(f"failed tablefree requests: {failed} (goal 0)")
+    for outtype in ("f32", "q8_0"):
+        if (f"llama.cpp {outtype}", 1) in by and ("tablefree serve", 1) in by:
+            ones = by["tablefree serve", 1] / by[f"llama.cpp {outtype}", 1]
+            eights = by.get(("tablefree serve", 8), float("nan")) / by.get((f"llama.cpp {outtype}", 8), float("nan"))
+            goal = " (goals >= 0.5 and >= 1.5)" if outtype == "f32" else ""
+            print(f"tablefree serve / llama.cpp {outtype}: c1 {ones:.2f}, c8 {eights:.2f}{goal}")
     if ("transformers serve", 8) in by:
         ratio = by["tablefree serve", 8] / by["transformers serve", 8]
         print("c8 tokens/s, tablefree serve / transformers serve (goal >= 1.5):")
         print(f"ratio {ratio:.2f}")
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

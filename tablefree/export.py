@@ -67,6 +67,9 @@ def export_gguf(source: Path, out: Path, outtype: str | None, force: bool) -> Pa
     outtype = outtype or OUTTYPES[0]
     if outtype not in OUTTYPES:
         raise TableFreeError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if out.suffix == ".gguf":
+        raise TableFreeError(f"OUT is a directory that receives {GGUF_NAME} and its model card {CARD_NAME}; "
+                             f"give a directory name instead of {out}")
     import_gguf()  # a missing package is said before the model loads
     claim_output_dir(out, GGUF_KIND, resumable=False, force=force, inputs=[source], writes=[GGUF_NAME, CARD_NAME])
     model, tokenizer = load_model(source)

@@ -169,6 +169,8 @@ def test_export_refuses_bad_outtype_and_keeps_output_rules(saved_tiny_model, tmp
         export_command(str(path), str(tmp_path / "a"), "gguf", outtype="q4_0")
     with pytest.raises(TableFreeError, match="--outtype applies to --format gguf only"):
         export_command(str(path), str(tmp_path / "b"), "gpt-neox", outtype="f16")
+    with pytest.raises(TableFreeError, match="OUT is a directory that receives model.gguf"):
+        export_command(str(path), str(tmp_path / "model.gguf"), "gguf")
     with pytest.raises(TableFreeError, match="inside the input"):
         export_command(str(path), str(path / "gguf"), "gguf", force=True)
     foreign = tmp_path / "foreign"
