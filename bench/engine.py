@@ -1,0 +1,160 @@
+"""Engine throughput in process (no HTTP): tokens/s of the serving engine at 1, 8 and 32 concurrent sequences.
+
+Each level starts that many sequences at once on the prompt "Once upon a time," and steps the engine until
+each has N new tokens (end-of-sequence ignored), prefill included; greedy (temperature 0) and sampled
+(temperature 0.5, as bench/serve.py asks). Networks: `tiny-affine` (2 layers, width 64) and
+`small-affine` (4 layers, width 256), both V = 65,536, fresh from `tablefree new` unless given. On
+the small network one stream is also decoded in the same run by transformers' `generate` (greedy, the
+same weights) and, when llama-cpp-python is installed, by llama.cpp (`llama_cpp.Llama`) on the f32
+GGUF export (`tablefree export --format gguf`), fed the same prompt ids, with the same thread count.
+The machine may be shared: every figure is the best of --repeats runs, interleaved.
+Goals: tiny c8/c1 >= 3; small one stream >= 0.5x llama.cpp f32's, and small c8 >= 1.5x llama.cpp's
+aggregate (llama.cpp decodes one sequence at a time, so its aggregate is its one-stream rate).
+Last line: ratio = tiny sampled c8 tokens/s / tiny sampled c1 tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tablefree.runtime import add_runtime_flags, resolve_runtime
+from tablefree.serve.engine import Engine, Sequence
+from tablefree.serve.params import SamplingParams
+from tablefree.serve.server import context_length, load_for_serving
+
+PROMPT = "Once upon a time,"
+MODES = {"greedy": 0.0, "sampled": 0.5}
+
+
+def engine_rate(engine: Engine, ids: list[int], clients: int, temperature: float, max_tokens: int) -> float:
+    """Generated tokens/s of `clients` sequences started together and run to `max_tokens` each."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
+    sequences = [Sequence(ids, params, engine.tokenizer, lambda event: None, set()) for _ in range(clients)]
+    started = time.perf_counter()
+    engine.submit(sequences)
+    while not all(s.finished for s in sequences):
+        engine.step()
+    seconds = time.perf_counter() - started
+    if any(len(s.output_ids) != max_tokens for s in sequences):
+        raise SystemExit(f"a sequence ended early: {[len(s.output_ids) for s in sequences]} of {max_tokens} tokens")
+    return clients * max_tokens / seconds
+
+
+def generate_rate(model, ids: list[int], max_tokens: int) -> float:
+    """transformers' `generate`, greedy, one stream."""
+    input_ids = torch.tensor([ids], device=model.device)
+    started = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_tokens,
+                             min_new_tokens=max_tokens, do_sample=False)
+    seconds = time.perf_counter() - started
+    assert out.shape[1] - len(ids) == max_tokens
+    return max_tokens / seconds
+
+
+def llama_model(model_dir: str, workdir: Path, threads: int, context: int):
+    """llama_cpp.Llama on the f32 GGUF export, or (None, why not)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None, "llama-cpp-python is not installed"
+    out = workdir / "gguf-f32"
+    export = subprocess.run([sys.executable, "-m", "tablefree.cli", "export", model_dir, str(out), "--format", "gguf",
+                             "--outtype", "f32"], capture_output=True, text=True)
+    if export.returncode != 0:
+        return None, f"the GGUF export failed: {export.stdout[-300:]}{export.stderr[-300:]}"
+    return llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=context, n_threads=threads,
+                           n_threads_batch=threads, verbose=False), None
+
+
+def llama_rate(llm, ids: list[int], max_tokens: int) -> float:
+    """llama.cpp, greedy (top_k 1), one stream, from the same prompt ids."""
+    started, count = time.perf_counter(), 0
+    for _ in llm.generate(ids, top_k=1, temp=0.0, reset=True):
+        count += 1
+        if count == max_tokens:
+            break
+    return count / (time.perf_counter() - started)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", help="a tiny model directory (default: a fresh tiny-affine), e.g. the quickstart's")
+    parser.add_argument("--small", help="a small model directory (default: a fresh small-affine)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is shown")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for every engine (default: torch's; on a busy shared machine 1 is steadier)")
+    add_runtime_flags(parser)
+    args = parser.parse_args()
+    runtime = resolve_runtime(args.device, args.dtype, args.threads)
+    threads = torch.get_num_threads()
+
+    workdir = Path(tempfile.mkdtemp(prefix="bench-engine-"))
+    paths = {}
+    for name, given in (("tiny", args.tiny), ("small", args.small)):
+        paths[name] = given or str(workdir / f"{name}-affine")
+        if not given:
+            subprocess.run([sys.executable, "-m", "tablefree.cli", "new", f"{name}-affine", paths[name]], check=True,
+                           capture_output=True)
+
+    best: dict[tuple, float] = {}
+    references: dict[str, float] = {}
+    reasons = []
+    for name, path in paths.items():
+        model, tokenizer = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
+        context = context_length(model.config, None)
+        engine = Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context, seed=0)
+        ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+        engine_rate(engine, ids, 2, 0.5, 8)  # warm-up: first-call allocations
+        llm = None
+        if name == "small":
+            reference, _ = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
+            generate_rate(reference, ids, 8)
+            llm, why = llama_model(path, workdir, threads, context)
+            if why:
+                reasons.append(f"llama.cpp left out: {why}")
+        for run in range(args.repeats):
+            for mode, temperature in MODES.items():
+                for clients in args.concurrency:
+                    key = (name, mode, clients)
+                    best[key] = max(best.get(key, 0.0), engine_rate(engine, ids, clients, temperature, args.max_tokens))
+            if name == "small":
+                references["generate"] = max(references.get("generate", 0.0), generate_rate(reference, ids, args.max_tokens))
+                if llm is not None:
+                    references["llama"] = max(references.get("llama", 0.0), llama_rate(llm, ids, args.max_tokens))
+            print(f"  {name}: run {run + 1} of {args.repeats} done", file=sys.stderr, flush=True)
+        del engine, model, llm
+
+    print(f"\nin-process engine, {args.max_tokens} new tokens per sequence, prompt {PROMPT!r}, best of {args.repeats}; "
+          f"{runtime.describe()}")
+    print(f"{'network':<14}{'mode':<9}" + "".join(f"{f'c{c} tok/s':>12}" for c in args.concurrency) + f"{'c8/c1':>8}")
+    for name, path in paths.items():
+        for mode in MODES:
+            rates = [best[name, mode, c] for c in args.concurrency]
+            ratio = best.get((name, mode, 8), float("nan")) / best.get((name, mode, 1), float("nan"))
+            print(f"{Path(path).name[:13]:<14}{mode:<9}" + "".join(f"{r:>12.0f}" for r in rates) + f"{ratio:>8.2f}")
+    ones = best.get(("small", "greedy", 1))
+    if "generate" in references and ones:
+        print(f"small one stream, greedy: engine {ones:.0f} tok/s, transformers generate {references['generate']:.0f} "
+              f"(engine / generate {ones / references['generate']:.2f})")
+    if "llama" in references and ones:
+        eights = best.get(("small", "sampled", 8), float("nan"))
+        print(f"small vs llama.cpp f32 one stream {references['llama']:.0f} tok/s: engine c1 {ones / references['llama']:.2f}x "
+              f"(goal >= 0.5), engine c8 sampled {eights / references['llama']:.2f}x (goal >= 1.5)")
+    for reason in reasons:
+        print(reason)
+    tiny = best.get(("tiny", "sampled", 8), float("nan")) / best.get(("tiny", "sampled", 1), float("nan"))
+    print(f"tiny sampled c8 / c1 (goal >= 3):\nratio {tiny:.2f}")
+
+
+if __name__ == "__main__":
+    main()
