@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         register_auto_classes()  # a verb runs: saved models load through the Auto classes
+        quiet_libraries()
         result = args.run(args)
     except TableFreeError as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
@@ -91,6 +92,14 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return int(result or 0)
+
+
+def quiet_libraries() -> None:
+    """transformers' and the hub's own progress bars and advice stay off: each verb says what it does, once."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # "Loading weights", "Writing model shards", hub downloads
+    transformers_logging.set_verbosity_error()
 
 
 def one_line(message: str) -> str:

@@ -349,8 +349,11 @@ def markdown_table(summary: dict, base, seeds: list[int], references: list[str])
     return "\n".join(lines) + "\n"
 
 
-def plot_losses(out: Path, variants: list[str], seeds: list[int]) -> Path:
-    """Training loss against tokens, one colour per variant, one line per seed; val loss as markers."""
+def plot_losses(out: Path, variants: list[str], seeds: list[int], run_dir=None) -> Path:
+    """Training loss against tokens, one colour per variant, one line per seed; val loss as markers.
+
+    `run_dir(variant, seed)` is where a run's metrics.jsonl lies (default: OUT/NAME-seedS).
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -363,7 +366,7 @@ def plot_losses(out: Path, variants: list[str], seeds: list[int]) -> Path:
     for index, variant in enumerate(variants):
         colour = colours[index % len(colours)]
         for seed in seeds:
-            rows = read_metrics(out / run_name(variant, seed) / "metrics.jsonl")
+            rows = read_metrics((run_dir or (lambda v, s: out / run_name(v, s)))(variant, seed) / "metrics.jsonl")
             train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
             val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
             if train:

@@ -125,7 +125,7 @@ def document_windows(documents, tokenizer, seq_len: int, max_tokens: int | None,
     for doc in documents:
         count += 1
         for piece in pieces(doc):
-            ids.extend(tokenizer.encode(piece, add_special_tokens=False))
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False, verbose=False))  # no "longer than the maximum" warning: windows cut it
         ids.append(separator)
         if max_tokens is not None and len(ids) > max_tokens:
             break

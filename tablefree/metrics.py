@@ -38,6 +38,9 @@ def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+MEASURED_PEAK = "measured matmul rate"
+
+
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """(FLOP/s, where it came from): the datasheet bf16 peak of a known GPU, else a measured matmul rate."""
     if device.type == "cuda" and dtype == torch.bfloat16:
@@ -45,7 +48,7 @@ def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
         for key, value in GPU_PEAK_BF16.items():
             if key in name:
                 return value, f"{key} bf16 peak"
-    return measured_matmul_flops(device, dtype), "measured matmul rate"
+    return measured_matmul_flops(device, dtype), MEASURED_PEAK
 
 
 class MetricsLog:

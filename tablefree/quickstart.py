@@ -2,68 +2,86 @@
 
 Builds the code-point tokenizer from the embedded corpus (Python's own documentation), prepares the
 data, trains a small table-free `affine` model and the `learned`-table baseline of the same size on
-identical batches, prints the comparison table, saves both in the Hugging Face form as DIR/affine and
-DIR/learned, and answers the model card's prompt through AutoModelForCausalLM.
+identical batches, and prints what a person wants to see: bits per byte on the validation split and
+on held-out text of another kind, beside the uniform, unigram and untrained baselines that give them
+meaning; the gap between the two models; the loss curves (OUT/loss_curves.png, and in the terminal);
+and a sampled continuation through AutoModelForCausalLM from the saved DIR/affine.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from .errors import TableFreeError
 
-PROMPT = "Question: What is the capital of UK?\nAnswer:"
+PROMPT = "This module provides"  # how many of the corpus's module docstrings begin
+SAMPLING = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 60}
 VARIANTS = ("affine", "learned")
 # The `tiny` size: about a minute of training per model on 2 CPU cores; the 65,536-way output head dominates.
 SIZE = "tiny"
 MODEL = {"max_position_embeddings": 1024}  # the paper's context: rotary positions cost no parameters
 STEPS = 80  # optimizer steps per model
+TRAINING = dict(seq_len=64, batch_size=8, lr=1e-2, warmup_steps=10, eval_tokens=8192, checkpoint_every=40, log_every=5)
+VAL_FRACTION = 0.02
+ABILITY = ("What a minutes-old model can do: it has learned spelling, common words and the look of Python's "
+           "documentation, not facts or instructions, so it will not answer questions. What the quickstart measures is "
+           "the paper's question: how close fixed codes with no input parameter come to a trained table (the gap above).")
 
 
 def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: bool = True, force: bool = False,
                device: str = "auto", dtype: str = "auto") -> dict:
+    from .corpus import PYTHON_NOTES
     from .data import PrepareSettings, Source, mixture_text, prepare
     from .files import claim_output_dir
     from .tokenizer import as_transformers, build_tokenizer, load_tokenizer
     from .train import TrainConfig, train
 
     began = time.perf_counter()
-    out = claim_output_dir(out, "quickstart", resumable=True, force=force, writes=("data", "runs", *VARIANTS))
+    out = claim_output_dir(out, "quickstart", resumable=True, force=force,
+                           writes=("data", "runs", "loss_curves.png", *VARIANTS))
     data_dir = out / "data"
     sources = [Source("embedded")]
-    print(f"[1/4] code-point tokenizer and data from the embedded corpus -> {data_dir}")
+    print(f"[1/5] code-point tokenizer and data from the embedded corpus (Python's documentation) -> {data_dir}")
     if (data_dir / "tokenizer" / "tokenizer.json").is_file():
         tokenizer = load_tokenizer(data_dir / "tokenizer")  # an earlier (maybe interrupted) run's tokenizer
     else:
         tokenizer = as_transformers(build_tokenizer(mixture_text(sources, 1_000_000)))
-    manifest = prepare(PrepareSettings(sources=sources, val_fraction=0.02, shard_tokens=1 << 22), data_dir, tokenizer, progress=progress)
+    manifest = prepare(PrepareSettings(sources=sources, val_fraction=VAL_FRACTION, shard_tokens=1 << 22), data_dir,
+                       tokenizer, progress=progress)
     print(f"      {manifest['train_tokens']:,} train / {manifest['val_tokens']:,} val tokens "
           f"({manifest['train_bytes'] / manifest['train_tokens']:.2f} bytes per token)")
-    base = TrainConfig(
-        data=str(data_dir), size=SIZE, model=dict(MODEL), seed=seed, data_seed=seed,
-        seq_len=64, batch_size=8, max_steps=steps, lr=1e-2, warmup_steps=10,
-        eval_tokens=8192, checkpoint_every=40, log_every=5, progress=progress, device=device, dtype=dtype,
-    )
-    untrained = untrained_score(base, tokenizer)
+    base = TrainConfig(data=str(data_dir), size=SIZE, model=dict(MODEL), seed=seed, data_seed=seed, max_steps=steps,
+                       progress=progress, device=device, dtype=dtype, **TRAINING)
+    print(f"[2/5] baselines: uniform, unigram and untrained, on the validation split and on {PYTHON_NOTES} "
+          f"(IDLE's change logs and Python's licence: text of another kind, never trained on)")
+    scores = baseline_scores(base, tokenizer)
     results = {}
-    for number, variant in enumerate(VARIANTS, start=2):
-        print(f"[{number}/4] training {variant} ({steps} steps x {base.batch_size * base.seq_len} tokens, identical batches)")
+    for number, variant in enumerate(VARIANTS, start=3):
+        print(f"[{number}/5] training {variant} ({steps} steps x {base.batch_size * base.seq_len:,} tokens, identical batches)")
         cfg = replace(base, variant=variant, out=str(out / "runs" / variant))
         results[variant] = train(cfg)
         publish_model(Path(cfg.out) / "model", out / variant)
         if not (out / variant / "config.json").is_file():
             raise TableFreeError(f"training {variant} left no model at {out / variant}")
-    print(table(results, untrained))
-    print("[4/4] the model card's prompt through AutoModelForCausalLM:")
-    answer = answer_prompt(out / "affine")
-    print(f"      {PROMPT!r} -> {answer!r}")
-    print(f"\nchat:   tablefree generate {out / 'affine'} --prompt \"Question: What is a list?\\nAnswer:\"")
+        scores[variant] = {"val": _val_score(results[variant]), PYTHON_NOTES: heldout_score(out / variant, base)}
+    print(table(scores, results))
+    print(explain(scores))
+    curves = plot_curves(out)
+    print(f"loss curves: {curves}")
+    print(terminal_curves(out))
+    print(f"[5/5] a sampled continuation from {out / 'affine'} through AutoModelForCausalLM "
+          f"(temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}, seed {seed}):")
+    continuation = continue_prompt(out / "affine", seed)
+    print(f"      {PROMPT}{continuation}")
+    print(wrapped(ABILITY))
+    print(f"\nchat:   tablefree generate {out / 'affine'} --prompt \"{PROMPT}\" --temperature 0.8")
     print(f"serve:  tablefree serve {out / 'affine'}   # OpenAI-compatible API on port 30000")
-    print(f"eval:   tablefree eval {out / 'affine'} --data {data_dir}")
+    print(f"eval:   tablefree eval {out / 'affine'} --data {PYTHON_NOTES}")
     print(f"done in {time.perf_counter() - began:.0f} s")
-    return {"results": results, "untrained": untrained, "answer": answer}
+    return {"results": results, "scores": scores, "continuation": continuation}
 
 
 def publish_model(trained: Path, out: Path) -> None:
@@ -80,44 +98,152 @@ def publish_model(trained: Path, out: Path) -> None:
         stage.extra["sha256"] = (read_marker(trained) or {}).get("sha256", {})
 
 
-def untrained_score(cfg, tokenizer) -> dict:
-    """Validation score of the freshly initialised affine model: the baseline that shows learning."""
+def _val_score(result: dict) -> dict:
+    return {"loss": result["val_loss"], "ppl": result["val_ppl"], "bits_per_byte": result["val_bits_per_byte"]}
+
+
+def baseline_scores(cfg, tokenizer) -> dict:
+    """Uniform, unigram and untrained scores on the validation split and on the held-out text, as training scores."""
+    import numpy as np
+
+    from .corpus import PYTHON_NOTES, python_notes_documents
     from .data import TokenShards
-    from .evaluate import evaluate_shards, token_byte_lengths
+    from .evaluate import document_windows, evaluate_shards, evaluate_windows, token_byte_lengths
     from .presets import build_model
     from .runtime import resolve_runtime
     from .train import model_config
 
     runtime = resolve_runtime(cfg.device, cfg.dtype)  # where the training validates: the scores compare
     config = model_config(replace(cfg, variant="affine"), tokenizer)
+    vocab = config.vocab_size
+    byte_lengths = token_byte_lengths(tokenizer, vocab)
+    val = TokenShards(cfg.data, "val")
+
+    def heldout_windows():
+        return document_windows(python_notes_documents(), tokenizer, cfg.seq_len, cfg.eval_tokens, PYTHON_NOTES)
+
+    counts = sum(np.bincount(a, minlength=vocab)[:vocab].astype(np.float64) for a in TokenShards(cfg.data, "train").arrays)
+    unigram = np.log((counts + 0.5) / (counts.sum() + 0.5 * vocab))  # add-half smoothing: unseen ids keep some mass
+
+    def counted(windows, log_p) -> dict:
+        targets = np.concatenate([w[1:] for w in windows])
+        nats = -float(log_p(targets).sum())
+        return {"loss": nats / targets.size, "ppl": math.exp(nats / targets.size),
+                "bits_per_byte": nats / math.log(2) / max(1, int(byte_lengths[targets].sum()))}
+
+    scores = {}
+    for name, log_p in (("uniform", lambda t: np.full(t.size, -math.log(vocab))), ("unigram", lambda t: unigram[t])):
+        scores[name] = {"val": counted(val.sequential(cfg.seq_len, cfg.eval_tokens), log_p),
+                        PYTHON_NOTES: counted(heldout_windows(), log_p)}
     model = build_model(config, seed=cfg.seed).to(runtime.device)
-    shards = TokenShards(cfg.data, "val")
-    return evaluate_shards(model, shards, cfg.seq_len, cfg.eval_tokens, token_byte_lengths(tokenizer, config.vocab_size),
-                           runtime.device, runtime.autocast())
+    scores["untrained"] = {
+        "val": evaluate_shards(model, val, cfg.seq_len, cfg.eval_tokens, byte_lengths, runtime.device, runtime.autocast()),
+        PYTHON_NOTES: evaluate_windows(model, heldout_windows(), byte_lengths, runtime.device, runtime.autocast()),
+    }
+    return scores
 
 
-def table(results: dict, untrained: dict) -> str:
-    rows = [("model", "val PPL", "bits/byte", "trainable input params", "tokens/s")]
-    rows.append(("affine, untrained", f"{untrained['ppl']:,.1f}", f"{untrained['bits_per_byte']:.3f}", "0", "-"))
-    for variant, r in results.items():
-        speed = f"{r['tokens_per_s']:,.0f}" if r.get("tokens_per_s") else "-"
-        rows.append((variant, f"{r['val_ppl']:,.1f}", f"{r['val_bits_per_byte']:.3f}", f"{r['trainable_input_params']:,}", speed))
+def heldout_score(model_dir: Path, cfg) -> dict:
+    from .corpus import PYTHON_NOTES
+    from .evaluate import evaluate_model
+    from .runtime import resolve_runtime
+
+    return evaluate_model(str(model_dir), PYTHON_NOTES, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
+                          runtime=resolve_runtime(cfg.device, cfg.dtype))
+
+
+ROW_NAMES = {"uniform": "uniform over all ids", "unigram": "unigram (token frequencies)",
+             "untrained": "affine, untrained", "affine": "affine (fixed codes)", "learned": "learned (table)"}
+
+
+def table(scores: dict, results: dict) -> str:
+    from .corpus import PYTHON_NOTES
+
+    rows = [("model", "val bits/byte", f"{PYTHON_NOTES} bits/byte", "val PPL", "trainable input params", "tokens/s")]
+    for name, score in scores.items():
+        result = results.get(name, {})
+        params = f"{result['trainable_input_params']:,}" if result else ("0" if name == "untrained" else "-")
+        speed = f"{result['tokens_per_s']:,.0f}" if result.get("tokens_per_s") else "-"
+        rows.append((ROW_NAMES[name], f"{score['val']['bits_per_byte']:.3f}", f"{score[PYTHON_NOTES]['bits_per_byte']:.3f}",
+                     f"{score['val']['ppl']:,.1f}", params, speed))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n" + "\n".join(lines) + "\n"
 
 
-def answer_prompt(model_dir: Path, max_new_tokens: int = 12) -> str:
-    """Greedy answer through the stock transformers Auto classes, as the model card shows."""
+def explain(scores: dict) -> str:
+    """What the table means, in words, from its own numbers."""
+    from .corpus import PYTHON_NOTES
+
+    val = {name: s["val"]["bits_per_byte"] for name, s in scores.items()}
+    held = {name: s[PYTHON_NOTES]["bits_per_byte"] for name, s in scores.items()}
+    gap = scores["affine"]["val"]["ppl"] / scores["learned"]["val"]["ppl"] - 1
+    below = [n for n in VARIANTS if val[n] < val["unigram"]]
+    lines = [
+        "Bits per byte: the bits each model needs per byte of text (lower is better; it compares across tokenizers).",
+        f"Uniform ({val['uniform']:.2f}) is guessing among all ids; unigram ({val['unigram']:.2f}) knows only how often "
+        f"each token occurs; a model below unigram uses the context.",
+        (f"Both models are below unigram on the validation split, by {val['unigram'] - val['affine']:.2f} (affine) and "
+         f"{val['unigram'] - val['learned']:.2f} (learned) bits per byte." if len(below) == len(VARIANTS) else
+         f"Below unigram on the validation split: {', '.join(below) or 'neither model yet'}."),
+        f"On {PYTHON_NOTES}, text of another kind, affine {held['affine']:.2f} and learned {held['learned']:.2f} "
+        f"against unigram {held['unigram']:.2f}: what transfers beyond the training corpus.",
+        f"The fixed codes against the table: affine (no trainable input parameter) has a validation PPL {gap:+.1%} "
+        f"relative to learned (a trainable table). One seed each cannot say whether such a gap is noise; "
+        f"`tablefree compare` measures it over seeds.",
+    ]
+    return "\n".join(wrapped(line) for line in lines) + "\n"
+
+
+def wrapped(text: str) -> str:
+    import textwrap
+
+    return textwrap.fill(text, width=100, subsequent_indent="  ")
+
+
+def plot_curves(out: Path) -> Path:
+    from .compare import plot_losses
+
+    return plot_losses(out, list(VARIANTS), [0], run_dir=lambda variant, seed: out / "runs" / variant)
+
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def terminal_curves(out: Path, width: int = 40) -> str:
+    """The training loss of each model as one line of block characters, on a shared scale."""
+    from .metrics import read_metrics
+
+    series = {}
+    for variant in VARIANTS:
+        losses = [r["loss"] for r in read_metrics(out / "runs" / variant / "metrics.jsonl") if "loss" in r]
+        if losses:
+            step = max(1, math.ceil(len(losses) / width))
+            series[variant] = [sum(losses[i : i + step]) / len(losses[i : i + step]) for i in range(0, len(losses), step)]
+    if not series:
+        return ""
+    low = min(min(v) for v in series.values())
+    high = max(max(v) for v in series.values())
+    scale = (len(BARS) - 1) / (high - low) if high > low else 0.0
+    lines = [f"      training loss (nats/token), {low:.2f} to {high:.2f}:"]
+    for variant, values in series.items():
+        bars = "".join(BARS[round((v - low) * scale)] for v in values)
+        lines.append(f"      {variant:8s} {values[0]:6.2f} {bars} {values[-1]:.2f}")
+    return "\n".join(lines)
+
+
+def continue_prompt(model_dir: Path, seed: int) -> str:
+    """A sampled continuation through the stock transformers Auto classes, as the model card shows."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), trust_remote_code=True)
     inputs = tokenizer(PROMPT, return_tensors="pt")
+    torch.manual_seed(seed)
     with torch.no_grad():
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        output = model.generate(**inputs, **SAMPLING, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 

@@ -368,7 +368,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
     from .evaluate import evaluate_shards, token_byte_lengths
     from .files import claim_output_dir, read_json
     from .loss import summed_next_token_loss
-    from .metrics import MetricsLog, peak_flops, training_flops_per_token
+    from .metrics import MEASURED_PEAK, MetricsLog, peak_flops, training_flops_per_token
     from .presets import build_model
     from .tokenizer import load_tokenizer, tokenizer_hash
 
@@ -476,7 +476,10 @@ def _train(cfg: TrainConfig, config, world) -> dict:
         tokens_per_s = (done - start) * tokens_per_step / train_seconds
         mfu = tokens_per_s * flops_per_token / (peak * world.size)
         bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}", mfu=f"{mfu:.1%}")
+        # MFU is shown against a datasheet peak (a known GPU, or peak_flops given); against this machine's measured
+        # matmul rate (a CPU) it would read as a utilisation it is not, so it stays in metrics.jsonl alone.
+        shown = {"mfu": f"{mfu:.1%}"} if peak_source != MEASURED_PEAK else {}
+        bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tokens_per_s:,.0f}", **shown)
         if done % cfg.log_every == 0 or done == total_steps:
             norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             log.log(done, loss=loss_value, lr=lr, grad_norm=float(norm), tokens=done * tokens_per_step,

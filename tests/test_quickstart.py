@@ -12,9 +12,21 @@ def test_quickstart_end_to_end(tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "4", "--quiet"]) == 0
-    printed = capsys.readouterr().out
-    for needle in ("| affine, untrained |", "| affine ", "| learned ", "4,194,304", repr(PROMPT), "tablefree serve", "tablefree generate"):
+    captured = capsys.readouterr()
+    printed = captured.out
+    for needle in ("| uniform over all ids ", "| unigram (token frequencies) ", "| affine, untrained ",
+                   "| affine (fixed codes) ", "| learned (table) ", "4,194,304", "python-notes bits/byte",
+                   "Bits per byte:", "training loss (nats/token)", PROMPT, "tablefree serve", "tablefree generate"):
         assert needle in printed, needle
+    # The table's numbers are the run's: the untrained row is the untrained model's score, the uniform row log2(V) per token.
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in printed.splitlines()
+            if line.startswith("| ") and "bits/byte" not in line}
+    assert float(rows["uniform over all ids"][2].replace(",", "")) == 65536.0
+    assert float(rows["unigram (token frequencies)"][0]) < float(rows["uniform over all ids"][0])
+    # No library progress bars or warnings reach the terminal.
+    for stray in ("Loading weights", "Writing model shards", "[transformers]", "Token indices sequence length"):
+        assert stray not in printed + captured.err, stray
+    assert (tmp_path / "qs" / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for variant in ("affine", "learned"):
         model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "qs" / variant), trust_remote_code=True)
         assert model.config.hidden_size == 64
