@@ -165,7 +165,7 @@ def write_gguf(model, tokenizer, path: Path, outtype: str, name: str) -> None:
         if target is None:
             raise TableFreeError(f"the GGUF export has no llama.cpp name for tensor {key}")
         tensor = tensor.detach().to(torch.float32)
-        if key.endswith("attention.query_key_value.weight") or key.endswith("attention.query_key_value.bias"):
+        if key.endswith(("attention.query_key_value.weight", "attention.query_key_value.bias")):
             # transformers keeps q, k, v per head; llama.cpp splits the fused rows as all q | all k | all v.
             tensor = tensor.reshape(heads, 3, head_dim, -1).transpose(0, 1).reshape(tensor.shape)
         data = tensor.cpu().numpy()
