@@ -223,3 +223,10 @@ def test_llama_cpp_server_answers_the_model_card_curl(affine_gguf, tmp_path, cod
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_without_the_gguf_package_the_error_says_what_to_install(saved_tiny_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` meets where the package is absent
+    with pytest.raises(TableFreeError, match=r'the GGUF export needs the gguf package: pip install "tablefree\[llama\]"'):
+        export_command(str(saved_tiny_model[0]), str(tmp_path / "out"), "gguf")
+    assert not (tmp_path / "out").exists()
