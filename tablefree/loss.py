@@ -89,14 +89,16 @@ def _chunked(head, hidden, targets, positions: int, grad_hidden: bool, grad_weig
         d_logits = log_probs.exp_()  # softmax - one_hot(ids): the loss's gradient in the logits
         d_logits[torch.arange(ids.numel(), device=ids.device), ids] -= 1
         # In the logits' dtype (autocast's), as the plain loss's backward would multiply them; cast once.
-        d_logits = d_logits.to(logits.dtype)
+        low = d_logits.to(logits.dtype)
         del log_probs, logits
         if d_hidden is not None:
-            d_hidden[start : start + positions] = d_logits @ head.weight
-        if d_weight is not None and d_logits.dtype == d_weight.dtype:
-            d_weight.addmm_(d_logits.t(), rows)
-        elif d_weight is not None:  # a lower-precision product, summed in float32
-            d_weight += (d_logits.t() @ rows).float()
+            d_hidden[start : start + positions] = low @ head.weight
+        if d_weight is not None and (low.dtype == d_weight.dtype or rows.shape[0] < rows.shape[1]):
+            # Summed inside a float32 product; a lower-precision one costs a pass over V x d per chunk,
+            # more than the chunk itself when it has fewer positions than the width.
+            d_weight.addmm_(d_logits.t(), rows.float())
+        elif d_weight is not None:
+            d_weight += (low.t() @ rows).float()
     return loss, d_hidden, d_weight
 
 

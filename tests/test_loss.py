@@ -83,7 +83,8 @@ def test_every_parameter_gradient_of_a_real_model_equals_the_plain_loss(variant,
 
 
 @pytest.mark.parametrize("variant", ["learned", "affine"])
-def test_under_bfloat16_autocast_it_is_close_to_the_plain_bfloat16_loss(variant):
+@pytest.mark.parametrize("positions", [9, 40])  # fewer positions per chunk than the width (32), and more
+def test_under_bfloat16_autocast_it_is_close_to_the_plain_bfloat16_loss(variant, positions):
     model = build_model(tiny_config(variant), seed=5)
     ids = _ids(model.config.vocab_size, (2, 33))
 
@@ -93,7 +94,7 @@ def test_under_bfloat16_autocast_it_is_close_to_the_plain_bfloat16_loss(variant)
                 return loss_of(m)
         return run
 
-    lean_loss, lean = _grads(model, under_autocast(lambda m: summed_next_token_loss(m, ids[:, :-1], ids[:, 1:], 9 * m.config.vocab_size)))
+    lean_loss, lean = _grads(model, under_autocast(lambda m: summed_next_token_loss(m, ids[:, :-1], ids[:, 1:], positions * m.config.vocab_size)))
     plain_loss, plain = _grads(model, under_autocast(lambda m: _plain_loss(m, ids)))
     fp32_loss, fp32 = _grads(model, lambda m: _plain_loss(m, ids))
     assert lean_loss.item() == pytest.approx(plain_loss.item(), rel=1e-3)
