@@ -17,7 +17,7 @@ from serve_process import ServerProcess
 from starlette.requests import Request
 
 from tablefree.hub import load_model
-from tablefree.serve.engine import Engine, Sequence, head_layouts, output_logits
+from tablefree.serve.engine import Engine, LoopSink, Sequence, head_layouts, output_logits
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
@@ -458,8 +458,7 @@ def _completion_run(engine, tokenizer, events, loop, sampling=None, **body):
     params = SamplingParams(**sampling)
     sequences = []
     for index in range(request.n):
-        sink = lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event))  # noqa: E731
-        sequences.append(Sequence(ids, params, tokenizer, sink, set(), choice=index))
+        sequences.append(Sequence(ids, params, tokenizer, LoopSink(loop, events, index), set(), choice=index))
     run_ = RequestRun(tokenizer, "m", ServerMetrics(engine), request, [(ids, params)], sequences, events, False, 0.0)
     return run_, sequences
 

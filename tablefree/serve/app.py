@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import ServeLimits
-from .engine import Engine, QueueFull, Sequence
+from .engine import Engine, LoopSink, QueueFull, Sequence
 from .gate import RequestGate
 from .metrics import ServerMetrics
 from .protocol import (
@@ -294,8 +294,7 @@ class _Routes:
         for p, (ids, params) in enumerate(plans):
             for i in range(body.n):
                 index = p * body.n + i
-                sink = lambda event, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, event))  # noqa: E731
-                sequences.append(Sequence(ids, params, self.text.tokenizer, sink, eos, choice=i))
+                sequences.append(Sequence(ids, params, self.text.tokenizer, LoopSink(loop, events, index), eos, choice=i))
         try:
             self.engine.submit(sequences)
         except QueueFull as exc:

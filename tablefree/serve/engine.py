@@ -58,6 +58,25 @@ class SequenceEvent:
     error: str | None = None
 
 
+class LoopSink:
+    """A sequence's sink on an asyncio queue: each event goes on `queue` as (index, event), on the queue's loop.
+
+    The engine hands over one step's events for one loop in one call, so the loop wakes once per step, not once per
+    sequence (a wake-up is a write to the loop's socket, ~5% of a step of 8 rows of the tiny model).
+    """
+
+    def __init__(self, loop, queue, index: int):
+        self.loop, self.queue, self.index = loop, queue, index
+
+    def __call__(self, event: SequenceEvent) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, event))
+
+
+def _put_all(items: list[tuple[LoopSink, SequenceEvent]]) -> None:
+    for sink, event in items:
+        sink.queue.put_nowait((sink.index, event))
+
+
 class Sequence:
     """One choice of one request: its prompt, sampling fields, output so far and where its events go."""
 
@@ -518,12 +537,23 @@ class Engine:
         """Hands out the queued events in one burst: a consumer on another thread (the server's event loop) then
         wakes once per step, not once per row, and does not contend for the GIL while the rows are being handled."""
         outbox, self._outbox = self._outbox, []
+        by_loop: dict = {}
         for seq, event in outbox:
+            if isinstance(seq.sink, LoopSink):
+                by_loop.setdefault(seq.sink.loop, []).append((seq, event))
+                continue
             try:
                 seq.sink(event)
-            except Exception:  # the consumer is gone (say, its event loop closed): nobody is left to serve
+            except Exception:  # the consumer is gone: nobody is left to serve
                 log.exception("a sequence's consumer refused an event; ending the sequence")
                 seq.finished = True
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, [(seq.sink, event) for seq, event in items])
+            except Exception:  # the loop is closed: nobody is left to serve
+                log.exception("an event loop refused %d events; ending their sequences", len(items))
+                for seq, _ in items:
+                    seq.finished = True
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None
