@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from tablefree.corpus import embedded_documents
-from tablefree.export import export_command
+from tablefree.export import export_model
 from tablefree.hub import save_model
 from tablefree.presets import build_config, build_model
 from tablefree.runtime import resolve_runtime
@@ -69,7 +69,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
     model = build_model(build_config("small-affine"), seed=0).eval()
     source = save_model(model, work / "small-affine", tokenizer)
-    files = {t: export_command(str(source), str(work / t), "gguf", outtype=t) for t in ("f32", "q8_0")}
+    files = {t: export_model(str(source), str(work / t), "gguf", outtype=t) for t in ("f32", "q8_0")}
     threads = torch.get_num_threads()
     llamas = {t: llama_cpp.Llama(model_path=str(f), n_ctx=1024, n_batch=1024, logits_all=True, verbose=False, n_threads=threads)
               for t, f in files.items()}

@@ -42,7 +42,8 @@ def to_gpt_neox(model):
     return neox.eval()
 
 
-def export_command(model_path: str, out: str, format: str = "gpt-neox", force: bool = False, outtype: str | None = None) -> Path:
+def export_model(model_path: str, out: str, format: str = "gpt-neox", force: bool = False, outtype: str | None = None) -> Path:
+    """Export a saved model to OUT in `format`; returns what was written (the directory, or the GGUF file)."""
     from .files import claim_output_dir
     from .hub import MODEL_KIND, load_model, resolve_model_path, save_model
 
@@ -94,4 +95,9 @@ def add_cli(subparsers) -> None:
                         help="gguf weight type: f32 (default), f16, bf16 or q8_0 (norms and biases stay f32)")
     export.add_argument("--force", action="store_true",
                         help="write into a non-empty OUT; files tablefree did not write are never removed or overwritten")
-    export.set_defaults(run=lambda a: print(f"exported -> {export_command(a.model, a.out, a.format, a.force, a.outtype)}"))
+    export.set_defaults(run=export_command)
+
+
+def export_command(args) -> int:
+    print(f"exported -> {export_model(args.model, args.out, args.format, args.force, args.outtype)}")
+    return 0

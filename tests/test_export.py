@@ -9,7 +9,7 @@ from conftest import tiny_config
 from transformers import GPTNeoXForCausalLM
 
 from tablefree.errors import TableFreeError
-from tablefree.export import export_command, to_gpt_neox
+from tablefree.export import export_model, to_gpt_neox
 from tablefree.hub import save_model
 from tablefree.presets import build_model
 
@@ -21,7 +21,7 @@ from tablefree.presets import build_model
 def test_exported_gpt_neox_checkpoint_has_the_same_logits(variant, overrides, tmp_path, code_point_tokenizer):
     model = build_model(tiny_config(variant, **overrides), seed=3).eval()
     source = save_model(model, tmp_path / "model", code_point_tokenizer)
-    out = export_command(str(source), str(tmp_path / "neox"))
+    out = export_model(str(source), str(tmp_path / "neox"))
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "gpt_neox" and "auto_map" not in config
     assert not (out / "modeling_tablefree.py").exists()
@@ -63,5 +63,5 @@ def test_export_never_writes_into_over_or_above_its_input(saved_tiny_model, tmp_
     monkeypatch.chdir(source.parent)
     out = {"same": source, "parent": source.parent, "child": source / "neox", "symlink": link, "dot": "."}[relation]
     with pytest.raises(TableFreeError, match=r"(over or around|inside) the input"):
-        export_command(str(source), str(out), force=True)
+        export_model(str(source), str(out), force=True)
     assert sorted((p.name, p.stat().st_size) for p in source.iterdir()) == before

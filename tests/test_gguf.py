@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_config
 
 from tablefree.errors import TableFreeError
-from tablefree.export import export_command
+from tablefree.export import export_model
 from tablefree.hub import save_model
 from tablefree.presets import build_model
 from tablefree.tokenizer import UNK_ID, unknown_characters
@@ -40,7 +40,7 @@ NO_SLOT_SAMPLE = "emoji \U0001F600 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢 math, privat
 
 def gguf_of(model, tokenizer, tmp_path, outtype="f32", name="model"):
     source = save_model(model, tmp_path / name, tokenizer)
-    return export_command(str(source), str(tmp_path / f"{name}-{outtype}"), "gguf", outtype=outtype)
+    return export_model(str(source), str(tmp_path / f"{name}-{outtype}"), "gguf", outtype=outtype)
 
 
 def load_llama(path, **kwargs):
@@ -57,7 +57,7 @@ def llama_logits(llm, ids):
 @pytest.fixture(scope="module")
 def affine_gguf(saved_tiny_model, tmp_path_factory):
     path, model = saved_tiny_model
-    out = export_command(str(path), str(tmp_path_factory.mktemp("gguf") / "affine"), "gguf")
+    out = export_model(str(path), str(tmp_path_factory.mktemp("gguf") / "affine"), "gguf")
     return out, model
 
 
@@ -131,7 +131,7 @@ def test_q8_0_through_the_cli_agrees_on_the_top_token(saved_tiny_model, affine_g
 @pytest.mark.parametrize("outtype", ["f16", "bf16"])
 def test_half_precision_files_load_and_stay_close(outtype, saved_tiny_model, tmp_path, code_point_tokenizer):
     path, model = saved_tiny_model
-    llm = load_llama(export_command(str(path), str(tmp_path / outtype), "gguf", outtype=outtype))
+    llm = load_llama(export_model(str(path), str(tmp_path / outtype), "gguf", outtype=outtype))
     ids = code_point_tokenizer.encode(PROMPTS[0])
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
@@ -166,24 +166,24 @@ def test_gguf_metadata_says_sequential_residual_and_full_rotary(affine_llama):
 def test_export_refuses_bad_outtype_and_keeps_output_rules(saved_tiny_model, tmp_path):
     path, _ = saved_tiny_model
     with pytest.raises(TableFreeError, match="unknown --outtype 'q4_0'; choose one of f32, f16, bf16, q8_0"):
-        export_command(str(path), str(tmp_path / "a"), "gguf", outtype="q4_0")
+        export_model(str(path), str(tmp_path / "a"), "gguf", outtype="q4_0")
     with pytest.raises(TableFreeError, match="--outtype applies to --format gguf only"):
-        export_command(str(path), str(tmp_path / "b"), "gpt-neox", outtype="f16")
+        export_model(str(path), str(tmp_path / "b"), "gpt-neox", outtype="f16")
     with pytest.raises(TableFreeError, match="OUT is a directory that receives model.gguf"):
-        export_command(str(path), str(tmp_path / "model.gguf"), "gguf")
+        export_model(str(path), str(tmp_path / "model.gguf"), "gguf")
     with pytest.raises(TableFreeError, match="inside the input"):
-        export_command(str(path), str(path / "gguf"), "gguf", force=True)
+        export_model(str(path), str(path / "gguf"), "gguf", force=True)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "model.gguf").write_bytes(b"not ours")
     with pytest.raises(TableFreeError, match="not empty"):
-        export_command(str(path), str(foreign), "gguf")
+        export_model(str(path), str(foreign), "gguf")
     with pytest.raises(TableFreeError, match="was not written by tablefree"):
-        export_command(str(path), str(foreign), "gguf", force=True)
+        export_model(str(path), str(foreign), "gguf", force=True)
     assert (foreign / "model.gguf").read_bytes() == b"not ours"
-    out = export_command(str(path), str(tmp_path / "ours"), "gguf", outtype="q8_0")
+    out = export_model(str(path), str(tmp_path / "ours"), "gguf", outtype="q8_0")
     first = out.stat().st_size
-    assert export_command(str(path), str(tmp_path / "ours"), "gguf", force=True) == out  # our own file: replaced
+    assert export_model(str(path), str(tmp_path / "ours"), "gguf", force=True) == out  # our own file: replaced
     assert out.stat().st_size > first
     assert sorted(p.name for p in out.parent.iterdir()) == [".tablefree-output.json", "README.md", "model.gguf"]
 
@@ -228,5 +228,5 @@ def test_llama_cpp_server_answers_the_model_card_curl(affine_gguf, tmp_path, cod
 def test_without_the_gguf_package_the_error_says_what_to_install(saved_tiny_model, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gguf", None)  # what `import gguf` meets where the package is absent
     with pytest.raises(TableFreeError, match=r'the GGUF export needs the gguf package: pip install "tablefree\[llama\]"'):
-        export_command(str(saved_tiny_model[0]), str(tmp_path / "out"), "gguf")
+        export_model(str(saved_tiny_model[0]), str(tmp_path / "out"), "gguf")
     assert not (tmp_path / "out").exists()
