@@ -156,7 +156,7 @@ def test_every_final_model_is_scored_on_held_out_text(prepared_data, tmp_path):
     # The built-in text is the same documents as the file: the same score, and the one `tablefree eval` gives.
     assert run["heldout"]["python-notes"] == run["heldout"]["notes.jsonl"]
     again = evaluate_model(str(out / "affine-seed0" / "model"), "python-notes", seq_len=base.seq_len, max_tokens=2048,
-                           runtime=resolve_runtime("cpu", "float32"))
+                           runtime=resolve_runtime("cpu", base.dtype))  # the run's own dtype
     assert again["bits_per_byte"] == run["heldout"]["python-notes"]["bits_per_byte"]
     summary = results["summary"]["affine"]["heldout"]["python-notes"]
     assert summary["bits_per_byte_mean"] == run["heldout"]["python-notes"]["bits_per_byte"]
