@@ -17,7 +17,7 @@ from serve_process import ServerProcess
 from starlette.requests import Request
 
 from tablefree.hub import load_model
-from tablefree.serve.engine import Engine, LoopSink, Sequence, head_layouts, output_logits
+from tablefree.serve.engine import Engine, FewRowsHead, LoopSink, Sequence, output_logits
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
@@ -414,17 +414,19 @@ def test_batched_sampling_draws_what_each_row_would():
         assert chosen[i] == int(torch.searchsorted(cdf, uniform[j] * cdf[-1], right=True))
 
 
-def test_single_row_head_layout_holds_the_same_weights(engine, served):
-    """A CPU engine keeps the head's weights twice (one row reads a transposed copy faster); the values are the same,
-    and a batched forward runs on the model's own parameter."""
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_few_rows_head_gives_the_heads_logits(served, threads):
+    """The head's product for a few rows from slabs of a transposed copy (one per thread, the last one padded when
+    the threads do not divide V) equals the head's own; the engine puts the head back after each pass."""
     model, tokenizer = served
-    head, usual, transposed = head_layouts(model)
-    assert head is model.get_output_embeddings() and torch.equal(usual, transposed) and not transposed.is_contiguous()
-    x = torch.randn(1, usual.shape[1])
-    assert torch.allclose(torch.nn.functional.linear(x, usual), torch.nn.functional.linear(x, transposed), atol=1e-5)
-    text = prompt(tokenizer, "two rows")
-    run(engine, {0: [sequence(engine, text, **GREEDY), sequence(engine, text[:3], **GREEDY)]})
-    assert model.get_output_embeddings().weight is usual
+    head = model.get_output_embeddings()
+    few = FewRowsHead.of(model, threads)
+    hidden = torch.randn(3, 1, head.in_features)
+    with torch.no_grad():
+        assert torch.allclose(few(hidden), head(hidden), atol=1e-5) and few(hidden).shape == (3, 1, head.out_features)
+    engine = Engine(model, tokenizer, max_model_len=64, seed=0, threads=threads)
+    run(engine, {0: [sequence(engine, prompt(tokenizer, "one row"), **GREEDY)]})
+    assert "forward" not in vars(head)
 
 
 def test_engine_thread_keeps_serving_after_faults(engine, served, hooks):

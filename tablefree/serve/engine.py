@@ -131,21 +131,43 @@ def output_logits(output) -> torch.Tensor:
     return logits
 
 
-FEW_ROWS = 3  # the most rows the transposed head serves faster
+FEW_ROWS = 3  # the most rows FewRowsHead serves faster than the head itself
 
 
-def head_layouts(model) -> tuple[torch.nn.Linear, torch.nn.Parameter, torch.nn.Parameter] | None:
-    """(head, its weight, the same values stored transposed) for a float32 linear output head on a CPU, else None.
+class FewRowsHead:
+    """The output head's product for 1 to FEW_ROWS rows, from a copy of its float32 CPU weight stored transposed and
+    cut into one slab of the vocabulary per thread; the engine uses it for passes in which so few rows reach the head.
 
-    Measured on this project's CPU machine (torch 2.13, MKL): the logits of 1 to FEW_ROWS rows come 1.1-2.7x faster
-    from a (V, d) weight that is a view of a contiguous (d, V) one, 4 rows and more 1.2-1.6x slower than from the usual
-    layout. So the engine keeps both, at the cost of one more copy of the head, and gives the head the one that fits
-    each pass (bench/engine.py's one-stream figures show the effect).
+    Measured on this project's CPU machine (torch 2.13, MKL): MKL computes so few rows' logits on one thread, and
+    1.1-2.7x faster from a (d, V) weight than from the head's own (V, d) one; torch.bmm runs the slabs on all the
+    threads (~1.8x more with 2 idle cores). From 4 rows the head's own product is faster (bench/engine.py's
+    one-stream figures show the effect). The price is one more copy of the head's weight.
     """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
-        return None
-    return head, head.weight, torch.nn.Parameter(head.weight.detach().t().contiguous().t(), requires_grad=False)
+
+    def __init__(self, head: torch.nn.Linear, threads: int):
+        weight = head.weight.detach()
+        self.vocab, width = weight.shape
+        self.slabs = max(1, threads)
+        size = -(-self.vocab // self.slabs)
+        padded = F.pad(weight, (0, 0, 0, size * self.slabs - self.vocab))
+        self.weight = padded.view(self.slabs, size, width).transpose(1, 2).contiguous()  # (slabs, d, size)
+        self.bias = None if head.bias is None else head.bias.detach()
+
+    @classmethod
+    def of(cls, model, threads: int) -> FewRowsHead | None:
+        """The one for `model`'s head when it is a float32 linear layer on a CPU, else None."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
+            return None
+        return cls(head, threads)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        slabs = torch.bmm(rows.expand(self.slabs, *rows.shape), self.weight)  # (slabs, rows, V / slabs)
+        logits = slabs.transpose(0, 1).reshape(len(rows), -1)[:, : self.vocab]
+        if self.bias is not None:
+            logits = logits + self.bias
+        return logits.reshape(*hidden.shape[:-1], self.vocab)
 
 
 def end_of_sequence_ids(model, tokenizer) -> set[int]:
@@ -186,7 +208,7 @@ class Engine:
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
-        self._heads = head_layouts(model)
+        self._few_rows_head = FewRowsHead.of(model, threads or torch.get_num_threads())
         self._thread = threading.Thread(target=self._run, name="tablefree-engine", daemon=True)
 
     # ---- any thread ----
@@ -308,15 +330,16 @@ class Engine:
 
     def _forward(self, ids, mask, positions, cache, keep):
         kwargs = {self._cache_arg: cache}
-        few_rows = self._heads is not None and keep == 1 and ids.shape[0] <= FEW_ROWS
+        head = self.model.get_output_embeddings() if self._few_rows_head is not None else None
+        few_rows = head is not None and keep == 1 and ids.shape[0] <= FEW_ROWS
         if few_rows:
-            self._heads[0].weight = self._heads[2]
+            head.forward = self._few_rows_head  # an instance attribute: the module still runs its hooks around it
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=keep, **kwargs)
         finally:
             if few_rows:  # outside this pass the model is as it was loaded
-                self._heads[0].weight = self._heads[1]
+                del head.forward
         return out.logits, getattr(out, "cache", None) or out.past_key_values
 
     def _prefill(self, group: list[Sequence]) -> None:

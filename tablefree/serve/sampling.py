@@ -105,7 +105,7 @@ class TokenSampler:
             return int(first_argmax(line[None])[0])
         logits, ids = filter_logits(line, row.params)
         picked = draw(torch.softmax(logits, dim=-1).cpu()[None], torch.rand(1, generator=row.generator or self.shared))[0]
-        return int(picked if ids is None else ids[picked])
+        return int(picked) if ids is None else int(ids[int(picked)])
 
 
 def finite_rows(logits: torch.Tensor) -> list[bool]:
