@@ -40,7 +40,7 @@ def generate_text(model_path: str, prompt: str, *, device: str = "auto", dtype: 
         raise TableFreeError("--stop must not be empty; give the text that ends the reply")
     for flag, text in [("--prompt", prompt)] + [("--stop", stop) for stop in params.stop]:
         check_unicode(flag, text)
-    runtime = resolve_runtime(device, dtype, weights=True)
+    runtime = resolve_runtime(device, dtype)
     model, tokenizer = load_model(model_path, dtype=runtime.dtype, device=runtime.device)
     print(f"generating on {runtime.describe()}", file=sys.stderr, flush=True)
     if tokenizer is None:

@@ -2,10 +2,9 @@
 
 Every entry point (train, eval, generate, serve, compare, quickstart, the benches) asks `resolve_runtime`
 and prints `Runtime.describe()`, so the choice is made in one place and always said. `auto` means the
-best present: CUDA with bfloat16 when a GPU is visible, else the CPU in float32, except that training
-and evaluation autocast to bfloat16 on a CPU with native bfloat16 products (AVX-512 BF16 or AMX),
-where it measured faster at the same loss (docs/architecture.md). The rank comes from torchrun's
-environment here and nowhere else.
+best present: CUDA with bfloat16 when a GPU is visible, else the CPU in float32 (bfloat16 on a CPU
+with native bfloat16 products is a choice, measured in docs/architecture.md). The rank comes from
+torchrun's environment here and nowhere else.
 """
 
 from __future__ import annotations
@@ -26,8 +25,7 @@ if TYPE_CHECKING:
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 DEVICE_HELP = "auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps"
-DTYPE_HELP = ("auto (bfloat16 on CUDA; float32 on the CPU, but bfloat16 autocast to train and evaluate where the "
-              "CPU has native bfloat16), float32, bfloat16 or float16")
+DTYPE_HELP = "auto (bfloat16 on CUDA, float32 elsewhere), float32, bfloat16 or float16"
 NATIVE_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # CPU features with bfloat16 matrix instructions, best first
 
 
@@ -114,16 +112,13 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-def pick_dtype(name: str, device: torch.device, weights: bool = False) -> torch.dtype:
-    """The compute dtype `name` means on `device`; `weights`: the model's weights are cast to it (generate, serve)
-    rather than autocast over float32 weights (train, eval)."""
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     import torch
 
     if name == "auto":
-        # On a CPU with native bfloat16, autocast trains ~3x faster at the same loss; bfloat16 weights decoded only
-        # 1.05-1.15x faster in the serve engine, not worth their rounding (docs/architecture.md).
-        native_cpu = device.type == "cpu" and not weights and native_bf16() is not None
-        return torch.bfloat16 if device.type == "cuda" or native_cpu else torch.float32
+        # A CPU with native bfloat16 still gets float32: bfloat16 trained only 1.3x faster here, below the 1.5x
+        # that would pay for its rounding; `--dtype bfloat16` asks for it (docs/architecture.md).
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPE_NAMES:
         raise TableFreeError(f"unknown dtype {name!r}; choose {DTYPE_HELP}")
     if name == "float16" and device.type == "cpu":
@@ -131,11 +126,8 @@ def pick_dtype(name: str, device: torch.device, weights: bool = False) -> torch.
     return getattr(torch, name)
 
 
-def resolve_runtime(device: str = "auto", dtype: str = "auto", threads: int | None = None, weights: bool = False) -> Runtime:
-    """The device, dtype and rank a command runs with; `threads` caps the CPU threads of this process.
-
-    `weights`: the command casts the model's weights to the dtype (generate, serve) instead of autocasting.
-    """
+def resolve_runtime(device: str = "auto", dtype: str = "auto", threads: int | None = None) -> Runtime:
+    """The device, dtype and rank a command runs with; `threads` caps the CPU threads of this process."""
     import torch
 
     if threads is not None:
@@ -146,7 +138,7 @@ def resolve_runtime(device: str = "auto", dtype: str = "auto", threads: int | No
     chosen = pick_device(device, rank.local_rank)
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
-    return Runtime(chosen, pick_dtype(dtype, chosen, weights), rank)
+    return Runtime(chosen, pick_dtype(dtype, chosen), rank)
 
 
 def add_runtime_flags(parser) -> None:

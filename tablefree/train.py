@@ -74,8 +74,7 @@ class TrainConfig:
     checkpoint_every: int = setting(200, "steps between checkpoints; 0: only at the end")
     log_every: int = setting(10, "steps between metrics.jsonl lines")
     device: str = setting("auto", DEVICE_HELP)
-    dtype: str = setting("auto", "compute dtype: auto (bfloat16 autocast on CUDA and on CPUs with native bfloat16, "
-                                 "float32 elsewhere), float32, bfloat16")
+    dtype: str = setting("auto", "compute dtype: auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16")
     compile: bool = setting(False, "torch.compile the model")
     distributed: str = setting("auto", "auto (ddp under torchrun), none, ddp, fsdp")
     progress: bool = setting(True, "show a progress bar")

@@ -23,16 +23,13 @@ def test_native_bf16_is_the_cpu_feature_that_has_it():
     assert native_bf16() == expected
 
 
-def test_auto_on_the_cpu_is_bfloat16_where_it_is_native_and_float32_elsewhere():
+def test_auto_on_the_cpu_is_float32_even_where_bfloat16_is_native():
     runtime = resolve_runtime("cpu", "auto")
-    feature = native_bf16()
-    assert runtime.dtype == (torch.bfloat16 if feature else torch.float32)
-    described = runtime.describe()
-    assert described.startswith(f"cpu ({torch.get_num_threads()} threads), ")
-    assert described.endswith(f"bfloat16 (native bf16: {feature})" if feature else "float32")
+    assert runtime.dtype == torch.float32
+    assert runtime.describe() == f"cpu ({torch.get_num_threads()} threads), float32"
 
 
-def test_an_explicit_dtype_overrides_auto_and_says_what_bfloat16_runs_on():
+def test_an_explicit_bfloat16_says_what_runs_it():
     fp32 = resolve_runtime("cpu", "float32")
     assert fp32.dtype == torch.float32 and fp32.describe().endswith(", float32")
     assert isinstance(fp32.autocast(), contextlib.nullcontext)
@@ -50,7 +47,3 @@ def test_unknown_dtypes_name_the_choices():
     with pytest.raises(TableFreeError, match="float16 is not supported on the CPU"):
         resolve_runtime("cpu", "float16")
 
-
-def test_commands_that_cast_the_weights_keep_float32_on_the_cpu_under_auto():
-    assert resolve_runtime("cpu", "auto", weights=True).dtype == torch.float32
-    assert resolve_runtime("cpu", "bfloat16", weights=True).dtype == torch.bfloat16  # an explicit choice still wins

@@ -315,7 +315,7 @@ def serve_command(args) -> int:
 
     model_path = check_flags(args)
     api_key = resolve_api_key(args)
-    runtime = resolve_runtime(args.device, args.dtype, args.threads, weights=True)
+    runtime = resolve_runtime(args.device, args.dtype, args.threads)
     max_connections = connection_budget(args.max_connections)
     listener = listen(args.host, args.port)
     try:
