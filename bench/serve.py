@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--skip-llama", action="store_true", help="leave llama_cpp.server out")
     add_runtime_flags(parser)
     args = parser.parse_args()
-    args.runtime = resolve_runtime(args.device, args.dtype, args.threads, weights=True)  # the servers cast weights, as serve does
+    args.runtime = resolve_runtime(args.device, args.dtype, args.threads)  # the servers cast weights to it, as serve does
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-serve-"))
     cli = [sys.executable, "-m", "tablefree.cli"]
