@@ -95,7 +95,7 @@ def main() -> None:
                         help="CPU threads for every engine (default: torch's; on a busy shared machine 1 is steadier)")
     add_runtime_flags(parser)
     args = parser.parse_args()
-    runtime = resolve_runtime(args.device, args.dtype, args.threads, weights=True)  # loaded in it, as serve does
+    runtime = resolve_runtime(args.device, args.dtype, args.threads)
     threads = torch.get_num_threads()
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-engine-"))
