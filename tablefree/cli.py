@@ -13,6 +13,7 @@ import sys
 
 from . import __version__, register_auto_classes
 from .errors import TableFreeError
+from .runtime import SLEEPING_THREAD_VERBS, prefer_sleeping_threads
 
 # verb -> (the module whose `add_cli(subparsers)` defines it, what it does)
 VERBS = {
@@ -25,7 +26,7 @@ VERBS = {
     "compare": ("compare", "the matched comparison: variants x seeds, results table and plots"),
     "eval": ("evaluate", "validation loss, perplexity and bits per byte of a saved model"),
     "generate": ("generate", "generate text from a model, streamed to the terminal"),
-    "export": ("export", "write a stock GPT-NeoX checkpoint (code table as embed_in)"),
+    "export": ("export", "write a stock GPT-NeoX checkpoint (code table as embed_in) or a GGUF file for llama.cpp"),
     "serve": ("serve", "serve a model over an OpenAI-compatible HTTP API (port 30000)"),
 }
 
@@ -71,7 +72,10 @@ def chosen_verb(argv: list[str]) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser(chosen_verb(argv))
+    verb = chosen_verb(argv)
+    if verb in SLEEPING_THREAD_VERBS:
+        prefer_sleeping_threads()  # before anything imports torch
+    parser = build_parser(verb)
     args = parser.parse_args(argv)
     args.command_line = "tablefree " + shlex.join(argv)  # what a published result says made it
     if not getattr(args, "run", None):

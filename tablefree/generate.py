@@ -10,7 +10,7 @@ import sys
 from .errors import TableFreeError
 from .runtime import add_runtime_flags
 
-# Where the command differs from the API's defaults (tablefree.serve.sampling.SamplingParams): greedy, a fixed
+# Where the command differs from the API's defaults (tablefree.serve.params.SamplingParams): greedy, a fixed
 # seed and a longer reply. Every other sampling default is SamplingParams'.
 COMMAND_DEFAULTS = {"max_tokens": 64, "temperature": 0.0, "seed": 0}
 FLAG_OF_FIELD = {"max_tokens": "--max-new-tokens"}

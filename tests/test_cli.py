@@ -1,3 +1,4 @@
+import os
 """The command line explains itself: one verb table, every option with help and default, help without the heavy imports."""
 
 import argparse
@@ -141,3 +142,17 @@ def test_import_tablefree_is_light_and_its_model_classes_register_the_auto_class
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.stdout.split() == ["True", "tablefree.modeling_tablefree"], done.stderr[-2000:]
+
+
+def test_training_verbs_let_waiting_threads_sleep_unless_the_user_chose(monkeypatch, capsys):
+    from tablefree.cli import main
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert main(["serve", "--port", "-5", "missing-model"]) == 2  # serving keeps OpenMP's default
+    assert "OMP_WAIT_POLICY" not in os.environ
+    assert main(["train", "no_such_setting=1"]) == 2
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert main(["quickstart", "--steps", "0"]) == 2
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    capsys.readouterr()
