@@ -1,7 +1,7 @@
-import os
 """The command line explains itself: one verb table, every option with help and default, help without the heavy imports."""
 
 import argparse
+import os
 import json
 import subprocess
 import sys
