@@ -190,8 +190,9 @@ def explain(scores: dict) -> str:
         (f"Both models are below unigram on the validation split, by {val['unigram'] - val['affine']:.2f} (affine) and "
          f"{val['unigram'] - val['learned']:.2f} (learned) bits per byte." if len(below) == len(VARIANTS) else
          f"Below unigram on the validation split: {', '.join(below) or 'neither model yet'}."),
-        f"On {PYTHON_NOTES}, text of another kind, affine {held['affine']:.2f} and learned {held['learned']:.2f} "
-        f"against unigram {held['unigram']:.2f}: what transfers beyond the training corpus.",
+        f"On {PYTHON_NOTES}, text of another kind (what transfers beyond the training corpus): "
+        + "; ".join(f"{n} {held[n]:.2f}, {'below' if held[n] < held['unigram'] else 'not yet below'} unigram's "
+                    f"{held['unigram']:.2f}" for n in VARIANTS) + ".",
         f"The fixed codes against the table: affine (no trainable input parameter) has a validation PPL {gap:+.1%} "
         f"relative to learned (a trainable table). One seed each cannot say whether such a gap is noise; "
         f"`tablefree compare` measures it over seeds.",

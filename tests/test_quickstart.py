@@ -42,3 +42,18 @@ def test_quickstart_refuses_an_unknown_device_before_any_work(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--device", "tpu"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
     assert not (tmp_path / "qs").exists()
+
+
+def test_the_explanation_follows_the_numbers():
+    from tablefree.quickstart import explain
+
+    def score(val, held, ppl=100.0):
+        return {"val": {"bits_per_byte": val, "ppl": ppl}, "python-notes": {"bits_per_byte": held}}
+
+    base = {"uniform": score(4.1, 5.4), "unigram": score(2.5, 3.5), "untrained": score(4.2, 5.4)}
+    text = " ".join(explain({**base, "affine": score(2.4, 3.6, 110.0), "learned": score(2.3, 3.4, 100.0)}).split())
+    assert "Both models are below unigram on the validation split, by 0.10 (affine) and 0.20 (learned)" in text
+    assert "affine 3.60, not yet below unigram's 3.50; learned 3.40, below unigram's 3.50" in text
+    assert "validation PPL +10.0% relative to learned" in text
+    text = " ".join(explain({**base, "affine": score(2.6, 3.6, 90.0), "learned": score(2.4, 3.6, 100.0)}).split())
+    assert "Below unigram on the validation split: learned." in text and "PPL -10.0%" in text
