@@ -322,7 +322,7 @@ def markdown_table(summary: dict, base, seeds: list[int], references: list[str])
         "| input interface | val PPL (mean ± std) | val bits per byte | "
         + "".join(f"{label} bits per byte | " for label in labels)
         + "trainable input params | seed-to-seed variation | "
-        + "".join(f"gap to {reference} (95% CI) | beyond noise? | " for reference in references),
+        + "".join(f"gap to {reference} (95% CI) | beyond noise? | " for reference in references).rstrip(),
         "|---|---|---|" + "---|" * len(labels) + "---|---|" + "---|---|" * len(references),
     ]
     for name, s in summary.items():

@@ -1,8 +1,8 @@
 """The command line explains itself: one verb table, every option with help and default, help without the heavy imports."""
 
 import argparse
-import os
 import json
+import os
 import subprocess
 import sys
 from dataclasses import MISSING, fields
