@@ -17,7 +17,7 @@ import math
 import os
 import re
 import statistics
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from .errors import TableFreeError
@@ -131,7 +131,7 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
         raise TableFreeError("scoring held-out text needs the trained models: set save_model=true")
     configs = {(v.name, s): v.config(base, s, out) for v in variants for s in seeds}
     for cfg in configs.values():  # every config is checked before hours of training start
-        model_config(make_config({f.name: getattr(cfg, f.name) for f in fields(cfg)}, where="a variant"))
+        model_config(make_config(asdict(cfg), where="a variant"))
     is_main = process_rank().is_main
     if is_main:
         claim_output_dir(out, "compare", resumable=True, force=force, inputs=[base.data, base.tokenizer],
@@ -205,14 +205,9 @@ def machine() -> str:
 
     import torch
 
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from .runtime import cpu_info
+
+    model = cpu_info("model name") or platform.processor() or platform.machine()
     threads = torch.get_num_threads()
     gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{model} ({os.cpu_count()} CPUs, torch {threads} threads{gpu}), torch {torch.__version__}"
@@ -235,11 +230,7 @@ def plot_gaps(path: Path, summary: dict, reference: str) -> Path:
     ax.set_yticks(ys, names)
     ax.set_xlabel(f"validation PPL gap to {reference}, %")
     ax.set_title("mean over seeds, bars: 95% interval of the paired gap; left of the line is better", fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
-    return path
+    return save_png(fig, path)
 
 
 def heldout_label(spec: str) -> str:
@@ -378,8 +369,14 @@ def plot_losses(out: Path, variants: list[str], seeds: list[int], run_dir=None) 
     ax.set_ylabel("loss (nats / token)")
     ax.set_title("training loss (lines) and validation loss (dots)")
     ax.legend()
+    return save_png(fig, out / "loss_curves.png")
+
+
+def save_png(fig, path: Path) -> Path:
+    """`fig` written atomically as a PNG at `path`, then closed."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
-    path = out / "loss_curves.png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)

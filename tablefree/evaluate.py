@@ -161,17 +161,16 @@ def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_t
         set_end_of_text(tokenizer, eos_token)
     seq_len = seq_len or model.config.max_position_embeddings
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    path = Path(data)
     if data == PYTHON_NOTES:
         windows = document_windows(python_notes_documents(), tokenizer, seq_len, max_tokens, PYTHON_NOTES)
-        return evaluate_windows(model, windows, byte_lengths, runtime.device, runtime.autocast())
-    path = Path(data)
-    if path.is_dir():
-        shards = TokenShards(path, "val", expected_tokenizer_hash=tokenizer_hash(tokenizer))
-        return evaluate_shards(model, shards, seq_len, max_tokens, byte_lengths, runtime.device, runtime.autocast())
-    if path.is_file():
+    elif path.is_dir():  # the val split, cut as training's validation cuts it (evaluate_shards)
+        windows = TokenShards(path, "val", expected_tokenizer_hash=tokenizer_hash(tokenizer)).sequential(seq_len, max_tokens)
+    elif path.is_file():
         windows = text_windows(path, tokenizer, seq_len, max_tokens, text_field, options)
-        return evaluate_windows(model, windows, byte_lengths, runtime.device, runtime.autocast())
-    raise TableFreeError(f"no data at {data}: give a prepared directory, a .txt/.jsonl/.parquet file or {PYTHON_NOTES}")
+    else:
+        raise TableFreeError(f"no data at {data}: give a prepared directory, a .txt/.jsonl/.parquet file or {PYTHON_NOTES}")
+    return evaluate_windows(model, windows, byte_lengths, runtime.device, runtime.autocast())
 
 
 def eval_command(args) -> int:

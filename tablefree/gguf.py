@@ -37,19 +37,6 @@ def import_gguf():
     return gguf
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte-level alphabet: each byte as one printable character (llama.cpp's BPE works in it)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    table, extra = {}, 0
-    for byte in range(256):
-        if byte in printable:
-            table[byte] = chr(byte)
-        else:
-            table[byte] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def _byte_level(text: str, alphabet: dict[int, str]) -> str:
     return "".join(alphabet[b] for b in text.encode("utf-8"))
 
@@ -61,6 +48,8 @@ def code_point_vocab(tokenizer, vocab_size: int, token_type):
     byte-level pre-tokenizer (the code-point tokenizer is one); ids beyond its vocabulary up to the
     model's `vocab_size` are written as unused placeholders.
     """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte-level alphabet
+
     from .tokenizer import SPLIT_PATTERN
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())

@@ -36,6 +36,7 @@ ABILITY = ("What a minutes-old model can do: it has learned spelling, common wor
 
 def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: bool = True, force: bool = False,
                device: str = "auto", dtype: str = "auto") -> dict:
+    from .compare import score_heldout
     from .corpus import PYTHON_NOTES
     from .data import PrepareSettings, Source, mixture_text, prepare
     from .files import claim_output_dir
@@ -69,7 +70,8 @@ def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: boo
         publish_model(Path(cfg.out) / "model", out / variant)
         if not (out / variant / "config.json").is_file():
             raise TableFreeError(f"training {variant} left no model at {out / variant}")
-        scores[variant] = {"val": _val_score(results[variant]), PYTHON_NOTES: heldout_score(out / variant, base)}
+        held = score_heldout(out / variant, {PYTHON_NOTES: PYTHON_NOTES}, base)[PYTHON_NOTES]
+        scores[variant] = {"val": _val_score(results[variant]), PYTHON_NOTES: held}
     print(table(scores, results))
     print(explain(scores))
     curves = plot_curves(out)
@@ -111,7 +113,7 @@ def baseline_scores(cfg, tokenizer) -> dict:
 
     from .corpus import PYTHON_NOTES, python_notes_documents
     from .data import TokenShards
-    from .evaluate import document_windows, evaluate_shards, evaluate_windows, token_byte_lengths
+    from .evaluate import document_windows, evaluate_windows, token_byte_lengths
     from .presets import build_model
     from .runtime import resolve_runtime
     from .train import model_config
@@ -120,39 +122,26 @@ def baseline_scores(cfg, tokenizer) -> dict:
     config = model_config(replace(cfg, variant="affine"), tokenizer)
     vocab = config.vocab_size
     byte_lengths = token_byte_lengths(tokenizer, vocab)
-    val = TokenShards(cfg.data, "val")
-
-    def heldout_windows():
-        return document_windows(python_notes_documents(), tokenizer, cfg.seq_len, cfg.eval_tokens, PYTHON_NOTES)
-
+    # Each text's windows once, as training's validation and `score_heldout` cut them; every baseline scores the same.
+    windows = {"val": list(TokenShards(cfg.data, "val").sequential(cfg.seq_len, cfg.eval_tokens)),
+               PYTHON_NOTES: list(document_windows(python_notes_documents(), tokenizer, cfg.seq_len, cfg.eval_tokens,
+                                                   PYTHON_NOTES))}
     counts = sum(np.bincount(a, minlength=vocab)[:vocab].astype(np.float64) for a in TokenShards(cfg.data, "train").arrays)
     unigram = np.log((counts + 0.5) / (counts.sum() + 0.5 * vocab))  # add-half smoothing: unseen ids keep some mass
 
-    def counted(windows, log_p) -> dict:
-        targets = np.concatenate([w[1:] for w in windows])
+    def counted(text: str, log_p) -> dict:
+        targets = np.concatenate([w[1:] for w in windows[text]])
         nats = -float(log_p(targets).sum())
         return {"loss": nats / targets.size, "ppl": math.exp(nats / targets.size),
                 "bits_per_byte": nats / math.log(2) / max(1, int(byte_lengths[targets].sum()))}
 
     scores = {}
     for name, log_p in (("uniform", lambda t: np.full(t.size, -math.log(vocab))), ("unigram", lambda t: unigram[t])):
-        scores[name] = {"val": counted(val.sequential(cfg.seq_len, cfg.eval_tokens), log_p),
-                        PYTHON_NOTES: counted(heldout_windows(), log_p)}
+        scores[name] = {text: counted(text, log_p) for text in windows}
     model = build_model(config, seed=cfg.seed).to(runtime.device)
-    scores["untrained"] = {
-        "val": evaluate_shards(model, val, cfg.seq_len, cfg.eval_tokens, byte_lengths, runtime.device, runtime.autocast()),
-        PYTHON_NOTES: evaluate_windows(model, heldout_windows(), byte_lengths, runtime.device, runtime.autocast()),
-    }
+    scores["untrained"] = {text: evaluate_windows(model, cut, byte_lengths, runtime.device, runtime.autocast())
+                           for text, cut in windows.items()}
     return scores
-
-
-def heldout_score(model_dir: Path, cfg) -> dict:
-    from .corpus import PYTHON_NOTES
-    from .evaluate import evaluate_model
-    from .runtime import resolve_runtime
-
-    return evaluate_model(str(model_dir), PYTHON_NOTES, seq_len=cfg.seq_len, max_tokens=cfg.eval_tokens,
-                          runtime=resolve_runtime(cfg.device, cfg.dtype))
 
 
 ROW_NAMES = {"uniform": "uniform over all ids", "unigram": "unigram (token frequencies)",

@@ -83,13 +83,18 @@ class Runtime:
         return f"{where}, {dtype}{rank}"
 
 
-def native_bf16() -> str | None:
-    """The CPU feature that gives this machine native bfloat16 matrix products, or None (also off Linux)."""
+def cpu_info(field: str) -> str | None:
+    """The first `field` line of /proc/cpuinfo ("model name", "flags", ...), or None (also off Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text(errors="replace")
     except OSError:
         return None
-    flags = next((line.partition(":")[2].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return next((line.partition(":")[2].strip() for line in text.splitlines() if line.startswith(field)), None)
+
+
+def native_bf16() -> str | None:
+    """The CPU feature that gives this machine native bfloat16 matrix products, or None (also off Linux)."""
+    flags = (cpu_info("flags") or "").split()
     return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
 
 

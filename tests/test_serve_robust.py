@@ -12,7 +12,6 @@ import json
 import logging
 import signal
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
