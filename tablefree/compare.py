@@ -102,7 +102,7 @@ def run_name(name: str, seed: int) -> str:
 
 
 def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Path, force: bool = False,
-            reference: str | list[str] | None = None, heldout: list[str] = ()) -> dict:
+            reference: str | list[str] | None = None, heldout: list[str] = (), jobs: int = 1) -> dict:
     """Train (or resume) every run, then summarise; returns the content of results.json.
 
     `reference` names the variant(s) the others are measured against (default: learned when compared, else the
@@ -110,9 +110,12 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
     affine, in one table).
     `heldout` lists texts of another kind than the training data (files, or `python-notes`) that every final model
     is also scored on, in bits per byte.
+    `jobs` > 1 trains that many runs at once on the CPU, each in its own process with its share of the cores.
+    A run that fails does not stop the others: every run is tried, then the failures are reported together
+    (finished runs are kept and reused by the next attempt).
     """
     from .runtime import process_rank
-    from .train import make_config, model_config, train
+    from .train import make_config, model_config
 
     variants = [v if isinstance(v, Variant) else parse_variant(v) for v in variants]
     names = [v.name for v in variants]
@@ -132,28 +135,108 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
     configs = {(v.name, s): v.config(base, s, out) for v in variants for s in seeds}
     for cfg in configs.values():  # every config is checked before hours of training start
         model_config(make_config(asdict(cfg), where="a variant"))
+    if jobs > 1:
+        check_jobs(configs)
     is_main = process_rank().is_main
     if is_main:
         claim_output_dir(out, "compare", resumable=True, force=force, inputs=[base.data, base.tokenizer],
                          writes=("results.json", "results.md", "loss_curves.png", *(run_name(*key) for key in configs)))
-    runs = []
-    for (name, seed), cfg in configs.items():
-        print(f"== {run_name(name, seed)} ==")
-        result = {"name": name, **train(cfg)}
-        if is_main and heldout:
-            result["heldout"] = score_heldout(Path(cfg.out) / "model", heldout, cfg)
-        runs.append(result)
+    if jobs > 1:
+        done, failed = run_in_processes(configs, heldout, jobs)
+    else:
+        done, failed = {}, {}
+        alone = process_rank().world_size == 1  # under torchrun every rank runs every run in step: a failure stops all
+        for key, cfg in configs.items():
+            print(f"== {run_name(*key)} ==")
+            try:
+                done[key] = run_one(cfg, heldout if is_main else {})
+            except TableFreeError as exc:
+                if not alone:
+                    raise
+                failed[key] = str(exc)
+                print(f"== {run_name(*key)} failed: {exc} ==")
+    if failed:
+        lines = "\n".join(f"  {run_name(*key)}: {reason}" for key, reason in failed.items())
+        raise TableFreeError(f"{len(failed)} of {len(configs)} runs failed (the {len(done)} others are finished and "
+                             f"are reused when the command is run again):\n{lines}")
+    runs = [{"name": name, **done[(name, seed)]} for name, seed in configs]
     if not is_main:
         return {"runs": runs}  # under torchrun, rank 0 alone scores and writes the outputs
     summary = summarise(runs, names, references)
+    baselines = {"unigram": unigram_baseline(base, heldout)}
     results = {"config": {k: v for k, v in vars(base).items() if k not in ("out", "variant", "seed")},
                "variants": [vars(v) for v in variants], "seeds": seeds, "references": references,
-               "heldout": heldout,
+               "heldout": heldout, "baselines": baselines,
                "runs": runs, "summary": summary}
     write_json(out / "results.json", results)
-    write_atomic(out / "results.md", markdown_table(summary, base, seeds, references).encode("utf-8"))
+    write_atomic(out / "results.md", markdown_table(summary, base, seeds, references, baselines).encode("utf-8"))
     plot_losses(out, names, seeds)
     return results
+
+
+def run_one(cfg, heldout: dict) -> dict:
+    """Train (or resume) one run, then score its model on the held-out texts."""
+    from .train import train
+
+    result = train(cfg)
+    if heldout:
+        result["heldout"] = score_heldout(Path(cfg.out) / "model", heldout, cfg)
+    return result
+
+
+def _run_job(cfg, heldout: dict, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    return run_one(replace(cfg, progress=False), heldout)
+
+
+def check_jobs(configs: dict) -> None:
+    from .runtime import process_rank, resolve_runtime
+
+    if process_rank().world_size > 1:
+        raise TableFreeError("--jobs runs several runs at once in one machine's processes; under torchrun, leave it at 1")
+    if any(resolve_runtime(cfg.device, cfg.dtype).device.type != "cpu" for cfg in configs.values()):
+        raise TableFreeError("--jobs shares CPU cores between runs; on a GPU leave it at 1 (or spread one run over "
+                             "GPUs with torchrun)")
+
+
+def run_in_processes(configs: dict, heldout: dict, jobs: int) -> tuple[dict, dict]:
+    """Run every config, `jobs` at a time, each in a fresh process with cores // jobs threads.
+
+    Small models use two cores poorly, so on a 2-core CPU two one-thread runs train more tokens per second
+    than one two-thread run (bench/compare_jobs.py measures it). Returns (results, failures) by key.
+    """
+    import multiprocessing
+    import time
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    from .errors import summary
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cores // jobs)
+    print(f"== {len(configs)} runs, {jobs} at a time, {threads} thread{'s' * (threads > 1)} each ==", flush=True)
+    done, failed, start = {}, {}, time.monotonic()
+    # spawn, not fork: a forked child of a process whose OpenMP threads have run can hang in its first matmul
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_run_job, cfg, heldout, threads): key for key, cfg in configs.items()}
+        for future in as_completed(futures):
+            key = futures[future]
+            try:
+                done[key] = result = future.result()
+            except TableFreeError as exc:
+                failed[key] = str(exc)
+            except BrokenProcessPool:
+                failed[key] = "its process died (killed, or out of memory)"
+            except Exception as exc:  # a fault of one run is reported with the others, never spread to them
+                failed[key] = summary(exc, typed=True)
+            elapsed = time.monotonic() - start
+            status = (f"failed: {failed[key]}" if key in failed else
+                      f"val {result['val_bits_per_byte']:.3f} bits/byte")
+            print(f"== {run_name(*key)} {status} ({len(done) + len(failed)}/{len(configs)}, {elapsed:.0f} s) ==",
+                  flush=True)
+    return done, failed
 
 
 PUBLISHED = ("results.md", "results.json", "loss_curves.png", "gaps.png")
@@ -257,6 +340,27 @@ def score_heldout(model_dir: Path, heldout: dict, cfg) -> dict:
     return scores
 
 
+def unigram_baseline(base, heldout: dict) -> dict:
+    """The training split's token frequencies as a model, scored as every run is: the level a model reaches
+    without using the context, which the trained models are read against."""
+    from .evaluate import context_free_scores, data_windows, token_byte_lengths, unigram_log_probs
+    from .tokenizer import load_tokenizer
+    from .train import model_config
+
+    tokenizer = load_tokenizer(base.tokenizer or Path(base.data) / "tokenizer")
+    vocab = model_config(base, tokenizer).vocab_size
+    byte_lengths = token_byte_lengths(tokenizer, vocab)
+    log_probs = unigram_log_probs(base.data, vocab)
+
+    def scores(data: str) -> dict:
+        return context_free_scores(data_windows(data, tokenizer, base.seq_len, base.eval_tokens), log_probs, byte_lengths)
+
+    val = scores(str(base.data))
+    held = {label: scores(spec) for label, spec in heldout.items()}
+    return {"val_loss": val["loss"], "val_ppl": val["ppl"], "val_bits_per_byte": val["bits_per_byte"],
+            "heldout": {label: {"bits_per_byte": h["bits_per_byte"], "tokens": h["tokens"]} for label, h in held.items()}}
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
@@ -304,7 +408,7 @@ def summarise(runs: list[dict], names: list[str], references: list[str] | None =
     return summary
 
 
-def markdown_table(summary: dict, base, seeds: list[int], references: list[str]) -> str:
+def markdown_table(summary: dict, base, seeds: list[int], references: list[str], baselines: dict | None = None) -> str:
     labels = list(next(iter(summary.values())).get("heldout", {}))
     lines = [
         f"# Matched comparison: {base.size} backbone, {len(seeds)} seed(s) ({', '.join(map(str, seeds))}), "
@@ -334,9 +438,18 @@ def markdown_table(summary: dict, base, seeds: list[int], references: list[str])
             else:
                 cells.append("no: within noise" if gap["within_noise"] else ("yes: worse" if gap["mean"] > 0 else "yes: better"))
         lines.append("| " + " | ".join(cells) + " |")
+    unigram = (baselines or {}).get("unigram")
+    if unigram:
+        cells = ["unigram (no model)", f"{unigram['val_ppl']:.3f}", f"{unigram['val_bits_per_byte']:.4f}"]
+        cells += [f"{unigram['heldout'][label]['bits_per_byte']:.4f}" if label in unigram["heldout"] else "n/a"
+                  for label in labels]
+        lines.append("| " + " | ".join(cells + ["–"] * (2 + 2 * len(references))) + " |")
     lines += ["", "Seed-to-seed variation: (max - min) / mean validation PPL over seeds. Gap: validation PPL relative "
               "to the reference, seed by seed (same seed, same batches), as mean ± the half-width of its 95% "
               "t-interval over seeds; negative = better. A gap whose interval holds 0 is within seed-to-seed noise."]
+    if unigram:
+        lines += ["Unigram: each token's frequency in the training split (add-half smoothed) as the prediction, "
+                  "whatever came before; a model below it uses the context."]
     return "\n".join(lines) + "\n"
 
 
@@ -411,7 +524,9 @@ def compare_command(args) -> int:
     if not (isinstance(heldout, list) and all(isinstance(x, str) for x in heldout)):
         raise TableFreeError(f"heldout in {args.config} must be a list of file paths or python-notes, got {heldout!r}")
     out = Path(args.out or base.out)
-    compare(base, variants, seeds, out, force=args.force, reference=reference, heldout=heldout)
+    if not 1 <= args.jobs <= 256:
+        raise TableFreeError(f"--jobs must be between 1 and 256 runs at once, got {args.jobs}")
+    compare(base, variants, seeds, out, force=args.force, reference=reference, heldout=heldout, jobs=args.jobs)
     if not process_rank().is_main:
         return 0
     if args.publish:
@@ -442,6 +557,9 @@ def add_cli(subparsers) -> None:
     cmp.add_argument("--heldout", action="append", default=None, metavar="TEXT",
                      help="also score every final model on this text, in bits per byte: a .txt/.jsonl/.parquet file, "
                           "or python-notes (IDLE's change logs and Python's licence, on every machine); repeatable")
+    cmp.add_argument("--jobs", type=int, default=1, metavar="N",
+                     help="train N runs at once on the CPU, each in its own process with cores/N threads; small "
+                          "models train more tokens per second this way (default: 1)")
     cmp.add_argument("--out", help="output directory (default: the config's out)")
     cmp.add_argument("--publish", metavar="DIR", help="then copy the study to DIR to commit: results.md and results.json "
                                                       "with the command, commit and machine, loss_curves.png, gaps.png")

@@ -145,10 +145,9 @@ def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_t
 
     `runtime` (from `tablefree.runtime.resolve_runtime`) says where; by default the best device present.
     """
-    from .data import TokenShards
     from .hub import load_model
     from .runtime import resolve_runtime
-    from .tokenizer import set_end_of_text, tokenizer_hash
+    from .tokenizer import set_end_of_text
 
     for name, value in (("seq_len", seq_len), ("max_tokens", max_tokens)):
         if value is not None and value < 1:
@@ -161,16 +160,44 @@ def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_t
         set_end_of_text(tokenizer, eos_token)
     seq_len = seq_len or model.config.max_position_embeddings
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)
+    windows = data_windows(data, tokenizer, seq_len, max_tokens, text_field, options)
+    return evaluate_windows(model, windows, byte_lengths, runtime.device, runtime.autocast())
+
+
+def data_windows(data: str, tokenizer, seq_len: int, max_tokens: int | None, text_field: str = "text",
+                 options: ReadOptions = ReadOptions()):
+    """The windows `data` is scored on: a prepared directory's val split (cut as training's validation cuts it,
+    `evaluate_shards`), a local text file, or python-notes."""
+    from .data import TokenShards
+    from .tokenizer import tokenizer_hash
+
     path = Path(data)
     if data == PYTHON_NOTES:
-        windows = document_windows(python_notes_documents(), tokenizer, seq_len, max_tokens, PYTHON_NOTES)
-    elif path.is_dir():  # the val split, cut as training's validation cuts it (evaluate_shards)
-        windows = TokenShards(path, "val", expected_tokenizer_hash=tokenizer_hash(tokenizer)).sequential(seq_len, max_tokens)
-    elif path.is_file():
-        windows = text_windows(path, tokenizer, seq_len, max_tokens, text_field, options)
-    else:
-        raise TableFreeError(f"no data at {data}: give a prepared directory, a .txt/.jsonl/.parquet file or {PYTHON_NOTES}")
-    return evaluate_windows(model, windows, byte_lengths, runtime.device, runtime.autocast())
+        return document_windows(python_notes_documents(), tokenizer, seq_len, max_tokens, PYTHON_NOTES)
+    if path.is_dir():
+        return TokenShards(path, "val", expected_tokenizer_hash=tokenizer_hash(tokenizer)).sequential(seq_len, max_tokens)
+    if path.is_file():
+        return text_windows(path, tokenizer, seq_len, max_tokens, text_field, options)
+    raise TableFreeError(f"no data at {data}: give a prepared directory, a .txt/.jsonl/.parquet file or {PYTHON_NOTES}")
+
+
+def unigram_log_probs(data_dir: str | Path, vocab_size: int) -> np.ndarray:
+    """Each id's log-probability from its frequency in a prepared directory's train split, add-half smoothed (an id
+    never seen keeps some mass): the best a model can do that ignores the context."""
+    from .data import TokenShards
+
+    counts = sum(np.bincount(a, minlength=vocab_size)[:vocab_size].astype(np.float64)
+                 for a in TokenShards(data_dir, "train").arrays)
+    return np.log((counts + 0.5) / (counts.sum() + 0.5 * vocab_size))
+
+
+def context_free_scores(windows, log_probs: np.ndarray, byte_lengths: np.ndarray) -> dict:
+    """Loss, perplexity and bits per byte over `windows` of a model that gives every target t the log-probability
+    log_probs[t], whatever came before (uniform and unigram baselines), as `evaluate_windows` reports them."""
+    targets = np.concatenate([w[1:] for w in windows])
+    nats = -float(log_probs[targets].sum())
+    return {"loss": nats / targets.size, "ppl": math.exp(nats / targets.size),
+            "bits_per_byte": nats / math.log(2) / max(1, int(byte_lengths[targets].sum())), "tokens": int(targets.size)}
 
 
 def eval_command(args) -> int:

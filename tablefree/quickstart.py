@@ -111,9 +111,8 @@ def baseline_scores(cfg, tokenizer) -> dict:
     """Uniform, unigram and untrained scores on the validation split and on the held-out text, as training scores."""
     import numpy as np
 
-    from .corpus import PYTHON_NOTES, python_notes_documents
-    from .data import TokenShards
-    from .evaluate import document_windows, evaluate_windows, token_byte_lengths
+    from .corpus import PYTHON_NOTES
+    from .evaluate import context_free_scores, data_windows, evaluate_windows, token_byte_lengths, unigram_log_probs
     from .presets import build_model
     from .runtime import resolve_runtime
     from .train import model_config
@@ -123,21 +122,12 @@ def baseline_scores(cfg, tokenizer) -> dict:
     vocab = config.vocab_size
     byte_lengths = token_byte_lengths(tokenizer, vocab)
     # Each text's windows once, as training's validation and `score_heldout` cut them; every baseline scores the same.
-    windows = {"val": list(TokenShards(cfg.data, "val").sequential(cfg.seq_len, cfg.eval_tokens)),
-               PYTHON_NOTES: list(document_windows(python_notes_documents(), tokenizer, cfg.seq_len, cfg.eval_tokens,
-                                                   PYTHON_NOTES))}
-    counts = sum(np.bincount(a, minlength=vocab)[:vocab].astype(np.float64) for a in TokenShards(cfg.data, "train").arrays)
-    unigram = np.log((counts + 0.5) / (counts.sum() + 0.5 * vocab))  # add-half smoothing: unseen ids keep some mass
-
-    def counted(text: str, log_p) -> dict:
-        targets = np.concatenate([w[1:] for w in windows[text]])
-        nats = -float(log_p(targets).sum())
-        return {"loss": nats / targets.size, "ppl": math.exp(nats / targets.size),
-                "bits_per_byte": nats / math.log(2) / max(1, int(byte_lengths[targets].sum()))}
-
+    windows = {text: list(data_windows(data, tokenizer, cfg.seq_len, cfg.eval_tokens))
+               for text, data in (("val", str(cfg.data)), (PYTHON_NOTES, PYTHON_NOTES))}
     scores = {}
-    for name, log_p in (("uniform", lambda t: np.full(t.size, -math.log(vocab))), ("unigram", lambda t: unigram[t])):
-        scores[name] = {text: counted(text, log_p) for text in windows}
+    context_free = {"uniform": np.full(vocab, -math.log(vocab)), "unigram": unigram_log_probs(cfg.data, vocab)}
+    for name, log_probs in context_free.items():
+        scores[name] = {text: context_free_scores(cut, log_probs, byte_lengths) for text, cut in windows.items()}
     model = build_model(config, seed=cfg.seed).to(runtime.device)
     scores["untrained"] = {text: evaluate_windows(model, cut, byte_lengths, runtime.device, runtime.autocast())
                            for text, cut in windows.items()}

@@ -150,6 +150,9 @@ def make_config(values: dict, where: str = "the config") -> TrainConfig:
         value = getattr(config, name)
         if value is not None and not accepts(value):
             raise TableFreeError(f"{name} must be {what}, got {value!r}")
+    if config.max_steps is not None and config.tokens is not None:  # one would silently win over the other
+        raise TableFreeError(f"both max_steps ({config.max_steps}) and tokens ({config.tokens}) are set in {where}; "
+                             f"set one (max_steps=null clears a config's max_steps)")
     return config
 
 

@@ -1,4 +1,5 @@
 import json
+import math
 import re
 
 import pytest
@@ -23,6 +24,11 @@ def test_toy_matched_comparison_writes_table_json_and_plot(prepared_data, tmp_pa
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert summary["learned"]["trainable_input_params"] == 65536 * 32 and summary["affine"]["trainable_input_params"] == 0
     assert summary["learned"]["gaps"]["learned"]["mean"] == 0 and list(summary["affine"]["gaps"]) == ["learned"]
+    # The unigram level the models are read against: better than uniform over the 65,536 ids, scored on the same
+    # validation tokens as the runs.
+    unigram = json.loads((out / "results.json").read_text())["baselines"]["unigram"]
+    assert 0 < unigram["val_loss"] < math.log(65536) and unigram["val_ppl"] == pytest.approx(math.exp(unigram["val_loss"]))
+    assert f"| unigram (no model) | {unigram['val_ppl']:.3f} | {unigram['val_bits_per_byte']:.4f} | – |" in table
     # Same data seed: both variants saw identical batches; different model seeds gave different models.
     runs = results["runs"]
     assert len(runs) == 4 and runs[0]["val_loss"] != runs[1]["val_loss"]
@@ -121,6 +127,8 @@ def test_compare_cli_with_yaml_config(prepared_data, tmp_path, capsys):
     config.write_text(yaml.safe_dump({**train_overrides(prepared_data, tmp_path / "study", max_steps=1), "seeds": "x"}))
     assert main(["compare", "--config", str(config)]) == 2
     assert "is not a comma-separated list of int values" in capsys.readouterr().err
+    assert main(["compare", "--config", str(config), "--seeds", "0", "--jobs", "0"]) == 2
+    assert "--jobs must be between 1 and 256 runs at once, got 0" in capsys.readouterr().err
 
 
 def test_compare_passes_device_and_dtype_to_training(prepared_data, tmp_path, capsys):
@@ -196,3 +204,36 @@ def test_publish_writes_the_study_with_its_command_commit_and_machine(prepared_d
     assert "not empty" in capsys.readouterr().err and (tmp_path / "mine" / "notes.txt").read_text() == "keep"
     assert main(["compare", "--config", str(config), "--publish", str(tmp_path / "runs")]) == 2
     assert "would be written over or around the input" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_failing_run_does_not_stop_the_others_and_parallel_runs_match(prepared_data, tmp_path, jobs):
+    base = make_config(train_overrides(prepared_data, tmp_path / "unused", max_steps=3))
+    alone = compare(base, ["affine"], [0], tmp_path / "alone")["runs"][0]
+    out = tmp_path / "cmp"
+    compare(base, ["learned"], [0], out)
+    first = (out / "learned-seed0" / "result.json").stat().st_mtime_ns
+    (out / "affine-seed1").mkdir()
+    (out / "affine-seed1" / "notes.txt").write_text("the user's own file")  # train refuses a directory it did not write
+    with pytest.raises(TableFreeError, match=r"1 of 4 runs failed \(the 3 others are finished") as failure:
+        compare(base, ["learned", "affine"], [0, 1], out, jobs=jobs)
+    assert "affine-seed1: " in str(failure.value) and "learned-seed0" not in str(failure.value)
+    assert (out / "affine-seed1" / "notes.txt").read_text() == "the user's own file"
+    assert all((out / name / "result.json").is_file() for name in ("learned-seed1", "affine-seed0"))
+    assert "affine" not in (out / "results.md").read_text()  # no table from a comparison with a run missing
+    # The same run in its own process (one thread) as in this one: the same model, up to float rounding.
+    affine = json.loads((out / "affine-seed0" / "result.json").read_text())
+    assert affine["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-4)
+    # Once the user moves their file away, the rerun trains only the missing run.
+    (out / "affine-seed1" / "notes.txt").unlink()
+    results = compare(base, ["learned", "affine"], [0, 1], out, jobs=jobs)
+    assert [r["name"] for r in results["runs"]] == ["learned", "learned", "affine", "affine"]
+    assert (out / "learned-seed0" / "result.json").stat().st_mtime_ns == first
+
+
+def test_jobs_are_refused_where_runs_cannot_share_cpu_cores(prepared_data, tmp_path, monkeypatch):
+    base = make_config(train_overrides(prepared_data, tmp_path / "unused", max_steps=1))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TableFreeError, match="under torchrun, leave it at 1"):
+        compare(base, ["affine"], [0], tmp_path / "cmp", jobs=2)
+    assert not (tmp_path / "cmp").exists()

@@ -55,6 +55,12 @@ def test_config_typo_names_the_key(tmp_path):
     with pytest.raises(TableFreeError, match="schedule 'linear'"):
         make_config({"schedule": "linear"})
     assert read_train_config(None, {"lr": "1e-3", "model.hidden_size": 48}).lr == 1e-3  # YAML reads 1e-3 as a string
+    # A length given twice is refused rather than one silently winning (a config's max_steps over tokens=...).
+    steps = tmp_path / "steps.yaml"
+    steps.write_text("max_steps: 100\n")
+    with pytest.raises(TableFreeError, match=r"both max_steps \(100\) and tokens \(5000\) are set .*max_steps=null"):
+        read_train_config(steps, {"tokens": "5000"})
+    assert read_train_config(steps, {"max_steps": None, "tokens": "50000"}).steps() == 50000 // (32 * 256)
 
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
