@@ -156,9 +156,9 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
                 failed[key] = str(exc)
                 print(f"== {run_name(*key)} failed: {exc} ==")
     if failed:
-        lines = "\n".join(f"  {run_name(*key)}: {reason}" for key, reason in failed.items())
+        reasons = "; ".join(f"{run_name(*key)}: {reason}" for key, reason in failed.items())
         raise TableFreeError(f"{len(failed)} of {len(configs)} runs failed (the {len(done)} others are finished and "
-                             f"are reused when the command is run again):\n{lines}")
+                             f"are reused when the command is run again): {reasons}")
     runs = [{"name": name, **done[(name, seed)]} for name, seed in configs]
     if not is_main:
         return {"runs": runs}  # under torchrun, rank 0 alone scores and writes the outputs
@@ -184,10 +184,29 @@ def run_one(cfg, heldout: dict) -> dict:
     return result
 
 
+def _start_worker(parent: int) -> None:
+    """A run's process: Ctrl-C is the parent's to handle (it stops the runs), and it ends when the parent is gone."""
+    import signal
+    import threading
+    import time
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)  # the parent was killed: stop rather than wait forever (checkpoints are written atomically)
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+
+
 def _run_job(cfg, heldout: dict, threads: int) -> dict:
     import torch
 
+    from .cli import quiet_libraries
+
     torch.set_num_threads(threads)
+    quiet_libraries()  # runs side by side keep to the parent's one line per finished run
     return run_one(replace(cfg, progress=False), heldout)
 
 
@@ -219,7 +238,9 @@ def run_in_processes(configs: dict, heldout: dict, jobs: int) -> tuple[dict, dic
     print(f"== {len(configs)} runs, {jobs} at a time, {threads} thread{'s' * (threads > 1)} each ==", flush=True)
     done, failed, start = {}, {}, time.monotonic()
     # spawn, not fork: a forked child of a process whose OpenMP threads have run can hang in its first matmul
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(os.getpid(),))
+    try:
         futures = {pool.submit(_run_job, cfg, heldout, threads): key for key, cfg in configs.items()}
         for future in as_completed(futures):
             key = futures[future]
@@ -228,7 +249,7 @@ def run_in_processes(configs: dict, heldout: dict, jobs: int) -> tuple[dict, dic
             except TableFreeError as exc:
                 failed[key] = str(exc)
             except BrokenProcessPool:
-                failed[key] = "its process died (killed, or out of memory)"
+                failed[key] = "a run's process died (killed, or out of memory), and with it the pool of processes"
             except Exception as exc:  # a fault of one run is reported with the others, never spread to them
                 failed[key] = summary(exc, typed=True)
             elapsed = time.monotonic() - start
@@ -236,6 +257,12 @@ def run_in_processes(configs: dict, heldout: dict, jobs: int) -> tuple[dict, dic
                       f"val {result['val_bits_per_byte']:.3f} bits/byte")
             print(f"== {run_name(*key)} {status} ({len(done) + len(failed)}/{len(configs)}, {elapsed:.0f} s) ==",
                   flush=True)
+    except BaseException:  # Ctrl-C or a fault here: stop the runs now (each resumes from its checkpoint)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
     return done, failed
 
 

@@ -1,6 +1,7 @@
 import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 
@@ -237,3 +238,58 @@ def test_jobs_are_refused_where_runs_cannot_share_cpu_cores(prepared_data, tmp_p
     with pytest.raises(TableFreeError, match="under torchrun, leave it at 1"):
         compare(base, ["affine"], [0], tmp_path / "cmp", jobs=2)
     assert not (tmp_path / "cmp").exists()
+
+
+def _run_processes(parent: int) -> list[int]:
+    """The pids of `parent`'s children that run comparison runs (not multiprocessing's resource tracker)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue  # it ended while being read
+        if int(fields[1]) == parent and b"spawn_main" in command:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def test_stopping_a_parallel_comparison_stops_its_runs_and_a_rerun_finishes_them(prepared_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    out = tmp_path / "cmp"
+    config = tmp_path / "cmp.yaml"
+    config.write_text(yaml.safe_dump({**train_overrides(prepared_data, out, max_steps=120, checkpoint_every=5),
+                                      "variants": ["affine", "learned"], "seeds": [0]}))
+    command = [sys.executable, "-m", "tablefree.cli", "compare", "--config", str(config), "--jobs", "2"]
+    runs = [out / f"{name}-seed0" for name in ("affine", "learned")]
+
+    def logged(run: Path) -> int:
+        return (run / "metrics.jsonl").stat().st_size if (run / "metrics.jsonl").is_file() else 0
+
+    for stop in (signal.SIGINT, signal.SIGKILL):  # Ctrl-C of the parent alone, then a kill it cannot handle
+        before = [logged(run) for run in runs]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        # Both runs training in their own processes, each past a checkpoint.
+        while not (len(workers := _run_processes(process.pid)) == 2
+                   and all(logged(run) > size and (run / CHECKPOINT).is_file() for run, size in zip(runs, before))):
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.1)
+        process.send_signal(stop)
+        _, err = process.communicate(timeout=120)
+        if stop == signal.SIGINT:
+            assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+        deadline = time.monotonic() + 30  # orphaned runs notice within a second or two
+        while any(Path(f"/proc/{pid}").exists() for pid in workers):
+            assert time.monotonic() < deadline, f"runs still alive after {stop!r} of the comparison"
+            time.sleep(0.2)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert [r["steps"] for r in results["runs"]] == [120, 120]
