@@ -483,34 +483,49 @@ def markdown_table(summary: dict, base, seeds: list[int], references: list[str],
 
 
 def plot_losses(out: Path, variants: list[str], seeds: list[int], run_dir=None) -> Path:
-    """Training loss against tokens, one colour per variant, one line per seed; val loss as markers.
+    """Training loss against tokens, one line per variant (mean over seeds, smoothed); final val loss as dots.
 
-    `run_dir(variant, seed)` is where a run's metrics.jsonl lies (default: OUT/NAME-seedS).
+    One logged step is one batch's loss, which at small batches is noise as large as the gaps; the moving
+    average over about 1/25 of the run shows the trend. `run_dir(variant, seed)` is where a run's
+    metrics.jsonl lies (default: OUT/NAME-seedS).
     """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    import numpy as np
 
     from .metrics import read_metrics
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, ax = plt.subplots(figsize=(10, 5))
+    colours = plt.get_cmap("tab20" if len(variants) > 10 else "tab10").colors
+    window, shown = 1, []
     for index, variant in enumerate(variants):
-        colour = colours[index % len(colours)]
+        curves, finals = [], []
         for seed in seeds:
             rows = read_metrics((run_dir or (lambda v, s: out / run_name(v, s)))(variant, seed) / "metrics.jsonl")
-            train = [(r["tokens"], r["loss"]) for r in rows if "loss" in r]
-            val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-            if train:
-                ax.plot(*zip(*train), color=colour, alpha=0.8, label=variant if seed == seeds[0] else None)
-            if val and train:
-                per_step = train[-1][0] / max(1, max(r["step"] for r in rows if "loss" in r))
-                ax.scatter([s * per_step for s, _ in val], [v for _, v in val], color=colour, marker="o", s=18)
+            curves.append({r["tokens"]: r["loss"] for r in rows if "loss" in r})
+            finals += [r["val_loss"] for r in rows if "val_loss" in r][-1:]
+        tokens = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not tokens:
+            continue
+        mean = np.array([np.mean([c[t] for c in curves]) for t in tokens])
+        window = max(1, len(tokens) // 25)
+        smooth = np.convolve(mean, np.ones(window) / window, mode="valid")  # trailing mean of `window` points
+        colour = colours[index % len(colours)]
+        ax.plot(tokens[window - 1 :], smooth, color=colour, linewidth=1.4, label=variant)
+        if finals:
+            ax.scatter([tokens[-1]], [np.mean(finals)], color=colour, marker="o", s=24, zorder=3)
+        shown.append(smooth)
+    if shown:  # from the lowest curve to where the highest stands a tenth into training: the learning, not the start
+        low = min(c.min() for c in shown)
+        high = max(c[min(len(c) - 1, len(c) // 10)] for c in shown)
+        ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low) if high > low else low + 1)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("loss (nats / token)")
-    ax.set_title("training loss (lines) and validation loss (dots)")
-    ax.legend()
+    ax.set_title(f"training loss, mean over {len(seeds)} seed(s), moving average of {window} logged steps; "
+                 f"dots: final validation loss", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     return save_png(fig, out / "loss_curves.png")
 
 
