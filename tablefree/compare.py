@@ -114,8 +114,9 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
     A run that fails does not stop the others: every run is tried, then the failures are reported together
     (finished runs are kept and reused by the next attempt).
     """
+    from .data import TokenShards
     from .runtime import process_rank
-    from .train import make_config, model_config
+    from .train import check_given, make_config, model_config
 
     variants = [v if isinstance(v, Variant) else parse_variant(v) for v in variants]
     names = [v.name for v in variants]
@@ -135,6 +136,8 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
     configs = {(v.name, s): v.config(base, s, out) for v in variants for s in seeds}
     for cfg in configs.values():  # every config is checked before hours of training start
         model_config(make_config(asdict(cfg), where="a variant"))
+    check_given(base)  # and what every run shares (the data, a length): a missing directory is said once
+    TokenShards(base.data, "train")
     if jobs > 1:
         check_jobs(configs)
     is_main = process_rank().is_main
@@ -156,9 +159,7 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
                 failed[key] = str(exc)
                 print(f"== {run_name(*key)} failed: {exc} ==")
     if failed:
-        reasons = "; ".join(f"{run_name(*key)}: {reason}" for key, reason in failed.items())
-        raise TableFreeError(f"{len(failed)} of {len(configs)} runs failed (the {len(done)} others are finished and "
-                             f"are reused when the command is run again): {reasons}")
+        raise TableFreeError(failure_report(failed, len(configs)))
     runs = [{"name": name, **done[(name, seed)]} for name, seed in configs]
     if not is_main:
         return {"runs": runs}  # under torchrun, rank 0 alone scores and writes the outputs
@@ -172,6 +173,18 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
     write_atomic(out / "results.md", markdown_table(summary, base, seeds, references, baselines).encode("utf-8"))
     plot_losses(out, names, seeds)
     return results
+
+
+def failure_report(failed: dict, total: int) -> str:
+    """One line for the failed runs, each reason once with the runs it stopped."""
+    by_reason: dict[str, list[str]] = {}
+    for key, reason in failed.items():
+        by_reason.setdefault(reason, []).append(run_name(*key))
+    if len(failed) == total and len(by_reason) == 1:
+        return f"every run failed: {next(iter(by_reason))}"
+    reasons = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
+    return (f"{len(failed)} of {total} runs failed (the {total - len(failed)} others are finished and are reused when "
+            f"the command is run again): {reasons}")
 
 
 def run_one(cfg, heldout: dict) -> dict:

@@ -207,6 +207,21 @@ def test_publish_writes_the_study_with_its_command_commit_and_machine(prepared_d
     assert "would be written over or around the input" in capsys.readouterr().err
 
 
+def test_what_every_run_shares_is_checked_once_before_training(prepared_data, tmp_path):
+    from tablefree.compare import failure_report
+
+    base = make_config(train_overrides(prepared_data, tmp_path / "unused", data=str(tmp_path / "missing")))
+    with pytest.raises(TableFreeError) as missing:
+        compare(base, ["learned", "affine"], [0, 1], tmp_path / "cmp")
+    assert str(missing.value).count("no prepared data") == 1 and not (tmp_path / "cmp").exists()
+    # Failures are grouped by reason: one line however many runs a reason stopped.
+    keys = [("affine", 0), ("affine", 1), ("learned", 0)]
+    assert failure_report(dict.fromkeys(keys, "disk full"), 3) == "every run failed: disk full"
+    report = failure_report({**dict.fromkeys(keys[:2], "disk full"), keys[2]: "bad code"}, 4)
+    assert report == ("3 of 4 runs failed (the 1 others are finished and are reused when the command is run again): "
+                      "affine-seed0, affine-seed1: disk full; learned-seed0: bad code")
+
+
 @pytest.mark.parametrize("jobs", [1, 2])
 def test_a_failing_run_does_not_stop_the_others_and_parallel_runs_match(prepared_data, tmp_path, jobs):
     base = make_config(train_overrides(prepared_data, tmp_path / "unused", max_steps=3))
