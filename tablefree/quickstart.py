@@ -21,13 +21,16 @@ PROMPT = "This module provides"  # how many of the corpus's module docstrings be
 SAMPLING = {"do_sample": True, "temperature": 0.8, "top_p": 0.95, "max_new_tokens": 60}
 VARIANTS = ("affine", "learned")
 # The `tiny` size: the 65,536-way output head is most of its compute, so a wider model costs about as much more
-# per token as it is wider; at this width the budget buys the most tokens. 90 steps of 16 x 128 tokens (184,320
-# per model) take about a minute per model on 2 idle cores. lr 5e-3 was best of 2.5e-3, 5e-3, 1e-2 and 2e-2 at
-# 100 steps (validation bits per byte, affine: 2.592, 2.552, 2.575, 2.590; learned at 5e-3 and 1e-2: 2.426, 2.459).
+# per token as it is wider; at this width the budget buys the most tokens. At a budget this small the models are
+# limited by their number of updates, so many small steps beat few large ones (docs/study.md). Whole quickstart on 2
+# idle cores, held-out python-notes bits per byte of affine / learned: 90 steps of 16 x 128, 156 s, 3.541 / 3.448;
+# 330 steps of 4 x 128 (168,960 tokens per model), 142 s, 3.472 / 3.316; 540 steps of 2 x 128, 157 s, 3.492 /
+# 3.381; 600 steps of 2 x 128, 159 s, 3.424 / 3.311. 4 x 128 is the fastest and among the best. lr 5e-3 was best of
+# 2.5e-3, 5e-3, 1e-2 and 2e-2 (affine, 100 steps of 16 x 128) and better than 2.5e-3 at 2 x 128 (docs/study.md).
 SIZE = "tiny"
 MODEL = {"max_position_embeddings": 1024}  # the paper's context: rotary positions cost no parameters
-STEPS = 90  # optimizer steps per model
-TRAINING = dict(seq_len=128, batch_size=16, lr=5e-3, warmup_steps=10, eval_tokens=8192, checkpoint_every=45, log_every=5)
+STEPS = 330  # optimizer steps per model
+TRAINING = dict(seq_len=128, batch_size=4, lr=5e-3, warmup_steps=20, eval_tokens=8192, checkpoint_every=110, log_every=10)
 VAL_FRACTION = 0.02
 ABILITY = ("What a minutes-old model can do: it has learned spelling, common words and the look of Python's "
            "documentation, not facts or instructions, so it will not answer questions. What the quickstart measures is "
