@@ -289,7 +289,9 @@ def test_stopping_a_parallel_comparison_stops_its_runs_and_a_rerun_finishes_them
 
     for stop in (signal.SIGINT, signal.SIGKILL):  # Ctrl-C of the parent alone, then a kill it cannot handle
         before = [logged(run) for run in runs]
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        # Ctrl-C reaches the comparison even where this test runs with SIGINT ignored (a background job inherits that)
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 300
         # Both runs training in their own processes, each past a checkpoint.
         while not (len(workers := _run_processes(process.pid)) == 2
