@@ -69,7 +69,11 @@ def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: boo
     for number, variant in enumerate(VARIANTS, start=3):
         print(f"[{number}/5] training {variant} ({steps} steps x {base.batch_size * base.seq_len:,} tokens, identical batches)")
         cfg = replace(base, variant=variant, out=str(out / "runs" / variant))
-        results[variant] = train(cfg)
+        try:
+            results[variant] = train(cfg)
+        except TableFreeError as exc:  # e.g. a quickstart of an earlier version, with other settings, lies in OUT
+            raise TableFreeError(f"{exc} (the quickstart: `tablefree quickstart --out NEW_DIR` starts afresh "
+                                 f"elsewhere)") from None
         publish_model(Path(cfg.out) / "model", out / variant)
         if not (out / variant / "config.json").is_file():
             raise TableFreeError(f"training {variant} left no model at {out / variant}")

@@ -31,6 +31,9 @@ def test_quickstart_end_to_end(tmp_path, capsys):
         model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "qs" / variant), trust_remote_code=True)
         assert model.config.hidden_size == 64
     assert json.loads((tmp_path / "qs" / "data" / "manifest.json").read_text())["train_tokens"] > 100_000
+    # The same OUT with other settings (a shorter run, or an earlier version's): refused, and told where to go instead.
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "2", "--quiet"]) == 2
+    assert "`tablefree quickstart --out NEW_DIR` starts afresh" in capsys.readouterr().err
 
 
 def test_quickstart_rejects_bad_steps(capsys):
