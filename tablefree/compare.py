@@ -197,12 +197,19 @@ def run_one(cfg, heldout: dict) -> dict:
     return result
 
 
-def _start_worker(parent: int) -> None:
-    """A run's process: Ctrl-C is the parent's to handle (it stops the runs), and it ends when the parent is gone."""
+def _start_worker(parent: int, threads: int) -> None:
+    """A run's process, set up once: its share of the cores, the libraries' bars off (the parent prints one line
+    per finished run), Ctrl-C left to the parent (it stops the runs), and an end when the parent is gone."""
     import signal
     import threading
     import time
 
+    import torch
+
+    from .cli import quiet_libraries
+
+    torch.set_num_threads(threads)
+    quiet_libraries()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch_parent() -> None:
@@ -211,16 +218,6 @@ def _start_worker(parent: int) -> None:
         os._exit(1)  # the parent was killed: stop rather than wait forever (checkpoints are written atomically)
 
     threading.Thread(target=watch_parent, daemon=True).start()
-
-
-def _run_job(cfg, heldout: dict, threads: int) -> dict:
-    import torch
-
-    from .cli import quiet_libraries
-
-    torch.set_num_threads(threads)
-    quiet_libraries()  # runs side by side keep to the parent's one line per finished run
-    return run_one(replace(cfg, progress=False), heldout)
 
 
 def check_jobs(configs: dict) -> None:
@@ -252,9 +249,9 @@ def run_in_processes(configs: dict, heldout: dict, jobs: int) -> tuple[dict, dic
     done, failed, start = {}, {}, time.monotonic()
     # spawn, not fork: a forked child of a process whose OpenMP threads have run can hang in its first matmul
     pool = ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                               initargs=(os.getpid(),))
+                               initargs=(os.getpid(), threads))
     try:
-        futures = {pool.submit(_run_job, cfg, heldout, threads): key for key, cfg in configs.items()}
+        futures = {pool.submit(run_one, replace(cfg, progress=False), heldout): key for key, cfg in configs.items()}
         for future in as_completed(futures):
             key = futures[future]
             try:
