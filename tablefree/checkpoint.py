@@ -10,7 +10,6 @@ the next run removes the leftover directory.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
@@ -23,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import TableFreeError
-from .files import new_temporary_dir, normal_permissions
+from .files import new_temporary_dir, normal_permissions, refuse_symlink, write_error
 
 CHECKPOINT = "checkpoint.safetensors"
 LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickle format of earlier versions: refused, never unpickled
@@ -111,6 +110,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     header = json.dumps({"format": FORMAT, "structure": structure, "sha256": {name: _digest(t) for name, t in tensors.items()}})
     # The header's own checksum: a damaged number in it (a learning rate, a step) is caught as well.
     metadata = {METADATA_KEY: header, f"{METADATA_KEY}.sha256": hashlib.sha256(header.encode()).hexdigest()}
+    refuse_symlink(path)
     staging = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -124,9 +124,7 @@ def save_checkpoint(path: Path, payload: dict) -> None:
         os.replace(written, path)
     except (OSError, SafetensorError) as exc:
         kept = f"the previous checkpoint {path} is intact" if path.exists() else "no earlier checkpoint exists"
-        full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
-        reason = "the disk is full" if full else (getattr(exc, "strerror", None) or str(exc))
-        raise TableFreeError(f"could not write the checkpoint at step {payload.get('step')}: {reason}; {kept}") from None
+        raise write_error(f"the checkpoint at step {payload.get('step')}", exc, f"; {kept}") from None
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

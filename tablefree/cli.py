@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from . import __version__, register_auto_classes
-from .errors import TableFreeError
+from .errors import TableFreeError, WriteError
 from .runtime import SLEEPING_THREAD_VERBS, prefer_sleeping_threads
 
 # verb -> (the module whose `add_cli(subparsers)` defines it, what it does)
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         result = args.run(args)
     except TableFreeError as exc:
         print(f"error: {one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return 1 if isinstance(exc, WriteError) else 2
     except OSError as exc:  # the environment, not the input: a full disk, a name too long, a permission
         where = f": {exc.filename}" if exc.filename else ""
         print(f"error: {one_line(f'{exc.strerror or exc}{where}')}", file=sys.stderr)

@@ -8,25 +8,147 @@
   files the command wrote there. A command refuses a non-empty directory that is not its own
   resumable output unless given --force; even then it never removes or overwrites a file it did not
   write, and never writes into, over or above its own inputs.
+- One command at a time writes a directory: each holds `output_lock(OUT)` for its whole run, a flock on
+  `.NAME.tablefree-lock` beside OUT that the kernel releases when the process ends (a kill -9 included).
+- Nothing is written through a symlink inside an output directory: a symlink where a command would
+  write is refused, whatever the flags (OUT itself may be one, for a resumable output).
 - JSON is strict: non-finite floats are written as null, never as NaN or Infinity.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
 import re
 import secrets
+import shlex
 import shutil
+import sys
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import TableFreeError
+from .errors import TableFreeError, WriteError, summary
 
 MARKER = ".tablefree-output.json"
+LOCK_SUFFIX = ".tablefree-lock"
 _TEMPORARY = re.compile(r"^\..*\.tablefree-tmp-(\d+)-[0-9a-f]+$")
+_LOCK = re.compile(rf"^\..*{re.escape(LOCK_SUFFIX)}$")
+
+
+def write_error(what: str, exc: BaseException, kept: str = "") -> WriteError:
+    """The one-line error for a write the environment refused; a full disk is named as such."""
+    # safetensors' own error carries no errno: the words of the operating system's message are all it has
+    full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+    reason = "the disk is full" if full else (getattr(exc, "strerror", None) or summary(exc))
+    return WriteError(f"could not write {what}: {reason}{kept}")
+
+
+def refuse_symlink(path: Path) -> Path:
+    """`path`, unless it is a symbolic link: writing there would change whatever it points to."""
+    if path.is_symlink():
+        raise TableFreeError(f"{path} is a symbolic link; tablefree never writes through one (it could overwrite what "
+                             f"it points to): move it away, or choose another output directory")
+    return path
+
+
+def lock_path(out: str | Path) -> Path:
+    """Where the lock of the output directory `out` lives: beside it, so that it also covers creating it."""
+    real = Path(out).resolve()  # every name of one directory (a symlink, `.`) shares its lock
+    return real.parent / f".{real.name}{LOCK_SUFFIX}"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path) -> Iterator[Path]:
+    """Hold the output directory `out` for one command's whole run; while another holds it, refuse at once.
+
+    The lock is a flock, which the kernel releases when its process ends however it ends, so a kill
+    never leaves a directory locked. The file names the holder (pid and command line) for the refusal,
+    and is removed when the lock is given back (one left by a kill is removed by the next run there).
+    """
+    out = Path(out)
+    path = lock_path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = _take_lock(path, out)
+    except OSError as exc:
+        raise write_error(f"the lock {path} of the output directory {out}", exc) from None
+    try:
+        yield out
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()  # while holding it, so nobody holds a removed file: see _take_lock
+        os.close(handle)
+
+
+def _take_lock(path: Path, out: Path) -> int:
+    while True:
+        handle = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(handle)
+            os.close(handle)
+            raise TableFreeError(f"the output directory {out} is in use by another tablefree command ({holder}); wait "
+                                 f"until it ends, or choose another directory") from None
+        except BaseException:
+            os.close(handle)
+            raise
+        if _still_at(handle, path):
+            break
+        os.close(handle)  # its holder removed it as it ended: lock the file now at `path`
+    try:
+        holder = {"pid": os.getpid(), "command": shlex.join(getattr(sys, "orig_argv", sys.argv))}
+        os.ftruncate(handle, 0)
+        os.pwrite(handle, json_text(holder, indent=None).encode("ascii"), 0)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(handle)
+        raise
+    return handle
+
+
+def _still_at(handle: int, path: Path) -> bool:
+    try:
+        here = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(handle)
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _lock_holder(handle: int) -> str:
+    """'pid N: COMMAND LINE' of the process holding a lock, read from its file."""
+    for _ in range(100):  # its holder writes it just after taking the lock
+        try:
+            holder = json.loads(os.pread(handle, 1 << 16, 0))
+            return f"pid {int(holder['pid'])}: {holder['command']}"
+        except (ValueError, KeyError, TypeError):
+            time.sleep(0.01)
+    return "a process that has not said which yet"
+
+
+def _remove_stale_lock(path: Path) -> bool:
+    """Remove a lock file that no process holds (a killed holder's); True when removed."""
+    try:
+        handle = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if not _still_at(handle, path):
+            return False
+        path.unlink()
+        return True
+    except OSError:  # held (BlockingIOError), or not ours to remove
+        return False
+    finally:
+        os.close(handle)
 
 
 def temporary_name(target: Path) -> Path:
@@ -37,7 +159,7 @@ def temporary_name(target: Path) -> Path:
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yields a temporary path to write `target` through; on success it is fsynced and renamed over `target`."""
-    target = Path(target)
+    target = refuse_symlink(Path(target))
     tmp = temporary_name(target)
     try:
         yield tmp
@@ -59,7 +181,22 @@ def write_atomic(target: str | Path, data: bytes) -> None:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
     except OSError as exc:
-        raise TableFreeError(f"could not write {target}: {exc.strerror or exc}") from None
+        raise write_error(str(target), exc) from None
+
+
+def append_text(target: Path, text: str) -> None:
+    """Append `text` to `target` (created if missing) in one write, never through a symlink."""
+    try:
+        handle = os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            refuse_symlink(target)
+        raise write_error(str(target), exc) from None
+    try:
+        with os.fdopen(handle, "a", encoding="utf-8") as stream:
+            stream.write(text)
+    except OSError as exc:
+        raise write_error(str(target), exc) from None
 
 
 def strict(value):
@@ -104,11 +241,14 @@ def _alive(pid: int) -> bool:
 
 
 def clean_stale_temporaries(directory: Path) -> list[Path]:
-    """Remove the temporaries an interrupted write left in `directory` (only ours, only of dead processes)."""
+    """Remove the temporaries and locks an interrupted run left in `directory` (only ours, only of dead processes)."""
     removed = []
     if not directory.is_dir():
         return removed
     for entry in directory.iterdir():
+        if _LOCK.match(entry.name) and _remove_stale_lock(entry):
+            removed.append(entry)
+            continue
         match = _TEMPORARY.match(entry.name)
         if not match or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
             continue
@@ -154,7 +294,8 @@ def claim_output_dir(out: str | Path, kind: str, *, resumable: bool, force: bool
                      inputs: Iterable[str | Path | None] = (), writes: Iterable[str] = ()) -> Path:
     """Check that `out` may receive an output of `kind`, or refuse with a message naming it and --force.
 
-    A missing or empty directory is fine. One with this kind's marker is fine when the output is
+    The caller holds `output_lock(out)`. A symlink at the marker or at a name in `writes` (a path
+    below `out`) is refused, whatever the flags. A missing or empty directory is fine. One with this kind's marker is fine when the output is
     `resumable` (the command continues its own work). Anything else needs `force`, and even then a
     name in `writes` that already exists and was not written by tablefree is refused, never replaced.
     A resumable output's directory is created and marked here; a finished one (a model, a tokenizer)
@@ -166,12 +307,15 @@ def claim_output_dir(out: str | Path, kind: str, *, resumable: bool, force: bool
         raise TableFreeError(f"the output {out} is a file, not a directory; choose another path")
     marker = None
     if out.is_dir():
+        for name in (MARKER, *writes):
+            for depth in range(1, len(Path(name).parts) + 1):
+                refuse_symlink(out.joinpath(*Path(name).parts[:depth]))
         clean_stale_temporaries(out)
         marker = read_marker(out)
         own = marker is not None and marker["kind"] == kind
         if own and resumable:
             return out
-        if any(e.name != MARKER for e in out.iterdir()):
+        if any(e.name != MARKER and not _LOCK.match(e.name) for e in out.iterdir()):
             if not force:
                 what = f"it holds an earlier tablefree {marker['kind']} output" if marker else "it was not made by tablefree"
                 raise TableFreeError(
@@ -209,7 +353,7 @@ def install_directory(source: Path, out: Path, kind: str, extra: dict | None = N
     one lacks are removed; any other file is left alone, and a clash with one is refused before
     anything moves. `extra` is recorded in the marker (a model's weight checksums).
     """
-    out = Path(out)
+    out = refuse_symlink(Path(out))
     names = sorted(p.name for p in source.iterdir() if p.name != MARKER)
     normal_permissions(source)
     if out.is_dir() and not any(out.iterdir()):
@@ -220,6 +364,8 @@ def install_directory(source: Path, out: Path, kind: str, extra: dict | None = N
         return out
     if not out.is_dir():
         raise TableFreeError(f"the output {out} is a file, not a directory; choose another path")
+    for name in (MARKER, *names):
+        refuse_symlink(out / name)
     marker = read_marker(out)
     ours = set(marker.get("files") or []) if marker is not None and marker["kind"] == kind else set()
     clash = [n for n in names if (out / n).exists() and n not in ours]

@@ -14,11 +14,12 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import GenerationConfig, PretrainedConfig
 
 from .configuration_tablefree import TableFreeConfig
 from .errors import TableFreeError, summary
-from .files import read_marker, staged_directory
+from .files import read_marker, staged_directory, write_error
 
 SOURCE_FILES = ("codes.py", "configuration_tablefree.py", "modeling_tablefree.py")
 AUTO_MAP = {
@@ -42,8 +43,8 @@ def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
         with staged_directory(out, MODEL_KIND) as stage:
             _write_model_files(model, stage.path, tokenizer)
             stage.extra["sha256"] = {p.name: file_sha256(p) for p in sorted(stage.path.glob("*.safetensors"))}
-    except OSError as exc:
-        raise TableFreeError(f"could not write the model to {out}: {exc.strerror or exc}") from None
+    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
+        raise write_error(f"the model to {out}", exc) from None
     return out
 
 
