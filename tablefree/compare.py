@@ -13,6 +13,7 @@ table says whether a gap is larger than seed-to-seed noise.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -20,8 +21,8 @@ import statistics
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
-from .errors import TableFreeError
-from .files import atomic_path, claim_output_dir, write_atomic, write_json
+from .errors import TableFreeError, WriteError
+from .files import atomic_path, claim_output_dir, output_lock, write_atomic, write_error, write_json
 
 
 def parse_list(text: str, kind=str) -> list:
@@ -141,45 +142,48 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
     if jobs > 1:
         check_jobs(configs)
     is_main = process_rank().is_main
-    if is_main:
-        claim_output_dir(out, "compare", resumable=True, force=force, inputs=[base.data, base.tokenizer],
-                         writes=("results.json", "results.md", "loss_curves.png", *(run_name(*key) for key in configs)))
-    if jobs > 1:
-        done, failed = run_in_processes(configs, heldout, jobs)
-    else:
-        done, failed = {}, {}
-        alone = process_rank().world_size == 1  # under torchrun every rank runs every run in step: a failure stops all
-        for key, cfg in configs.items():
-            print(f"== {run_name(*key)} ==")
-            try:
-                done[key] = run_one(cfg, heldout if is_main else {})
-            except TableFreeError as exc:
-                if not alone:
-                    raise
-                failed[key] = str(exc)
-                print(f"== {run_name(*key)} failed: {exc} ==")
-    if failed:
-        raise TableFreeError(failure_report(failed, len(configs)))
-    runs = [{"name": name, **done[(name, seed)]} for name, seed in configs]
-    if not is_main:
-        return {"runs": runs}  # under torchrun, rank 0 alone scores and writes the outputs
-    summary = summarise(runs, names, references)
-    baselines = {"unigram": unigram_baseline(base, heldout)}
-    results = {"config": {k: v for k, v in vars(base).items() if k not in ("out", "variant", "seed")},
-               "variants": [vars(v) for v in variants], "seeds": seeds, "references": references,
-               "heldout": heldout, "baselines": baselines,
-               "runs": runs, "summary": summary}
-    write_json(out / "results.json", results)
-    write_atomic(out / "results.md", markdown_table(summary, base, seeds, references, baselines).encode("utf-8"))
-    plot_losses(out, names, seeds)
-    return results
+    # rank 0 alone writes OUT; each run takes the lock of its own directory (OUT/NAME-seedS), so none waits on this one
+    with output_lock(out, inputs=[base.data, base.tokenizer]) if is_main else contextlib.nullcontext():
+        if is_main:
+            claim_output_dir(out, "compare", resumable=True, force=force, inputs=[base.data, base.tokenizer],
+                             writes=("results.json", "results.md", "loss_curves.png", *(run_name(*key) for key in configs)))
+        if jobs > 1:
+            done, failed = run_in_processes(configs, heldout, jobs)
+        else:
+            done, failed = {}, {}
+            alone = process_rank().world_size == 1  # under torchrun every rank runs every run in step: a failure stops all
+            for key, cfg in configs.items():
+                print(f"== {run_name(*key)} ==")
+                try:
+                    done[key] = run_one(cfg, heldout if is_main else {})
+                except TableFreeError as exc:
+                    if not alone:
+                        raise
+                    failed[key] = exc
+                    print(f"== {run_name(*key)} failed: {exc} ==")
+        if failed:  # an error of the environment (a full disk) when every run stopped on one
+            environment = all(isinstance(exc, WriteError) for exc in failed.values())
+            raise (WriteError if environment else TableFreeError)(failure_report(failed, len(configs)))
+        runs = [{"name": name, **done[(name, seed)]} for name, seed in configs]
+        if not is_main:
+            return {"runs": runs}  # under torchrun, rank 0 alone scores and writes the outputs
+        summary = summarise(runs, names, references)
+        baselines = {"unigram": unigram_baseline(base, heldout)}
+        results = {"config": {k: v for k, v in vars(base).items() if k not in ("out", "variant", "seed")},
+                   "variants": [vars(v) for v in variants], "seeds": seeds, "references": references,
+                   "heldout": heldout, "baselines": baselines,
+                   "runs": runs, "summary": summary}
+        write_json(out / "results.json", results)
+        write_atomic(out / "results.md", markdown_table(summary, base, seeds, references, baselines).encode("utf-8"))
+        plot_losses(out, names, seeds)
+        return results
 
 
 def failure_report(failed: dict, total: int) -> str:
-    """One line for the failed runs, each reason once with the runs it stopped."""
+    """One line for the failed runs (their errors by key), each reason once with the runs it stopped."""
     by_reason: dict[str, list[str]] = {}
     for key, reason in failed.items():
-        by_reason.setdefault(reason, []).append(run_name(*key))
+        by_reason.setdefault(str(reason), []).append(run_name(*key))
     if len(failed) == total and len(by_reason) == 1:
         return f"every run failed: {next(iter(by_reason))}"
     reasons = "; ".join(f"{', '.join(names)}: {reason}" for reason, names in by_reason.items())
@@ -234,7 +238,7 @@ def run_in_processes(configs: dict, heldout: dict, jobs: int) -> tuple[dict, dic
     """Run every config, `jobs` at a time, each in a fresh process with cores // jobs threads.
 
     Small models use two cores poorly, so on a 2-core CPU two one-thread runs train more tokens per second
-    than one two-thread run (bench/compare_jobs.py measures it). Returns (results, failures) by key.
+    than one two-thread run (bench/compare_jobs.py measures it). Returns (results, errors) by key.
     """
     import multiprocessing
     import time
@@ -257,11 +261,12 @@ def run_in_processes(configs: dict, heldout: dict, jobs: int) -> tuple[dict, dic
             try:
                 done[key] = result = future.result()
             except TableFreeError as exc:
-                failed[key] = str(exc)
+                failed[key] = exc
             except BrokenProcessPool:
-                failed[key] = "a run's process died (killed, or out of memory), and with it the pool of processes"
+                failed[key] = TableFreeError("a run's process died (killed, or out of memory), and with it the pool of "
+                                             "processes")
             except Exception as exc:  # a fault of one run is reported with the others, never spread to them
-                failed[key] = summary(exc, typed=True)
+                failed[key] = TableFreeError(summary(exc, typed=True))
             elapsed = time.monotonic() - start
             status = (f"failed: {failed[key]}" if key in failed else
                       f"val {result['val_bits_per_byte']:.3f} bits/byte")
@@ -288,22 +293,23 @@ def publish(out: Path, dest: str | Path, command: str, force: bool = False) -> P
 
     from .files import read_json
 
-    dest = claim_output_dir(dest, "results", resumable=True, force=force, inputs=[out], writes=PUBLISHED)
-    results = read_json(out / "results.json", "the comparison's results")
-    hours = sum(r["tokens"] / r["tokens_per_s"] for r in results["runs"] if r.get("tokens_per_s")) / 3600
-    provenance = {"command": command, "commit": source_commit(), "machine": machine(),
-                  "training_hours": round(hours, 3)}
-    write_json(dest / "results.json", {"provenance": provenance, **results})
-    table = (out / "results.md").read_text(encoding="utf-8")
-    header = (f"Generated by `{command}` at commit `{provenance['commit']}` on {provenance['machine']}; "
-              f"the runs' training time adds up to {hours * 60:.0f} minutes (resumed pieces counted once each; runs "
-              f"trained at once under --jobs overlap in wall-clock time).\n\n")
-    write_atomic(dest / "results.md", (header + table).encode("utf-8"))
-    with atomic_path(dest / "loss_curves.png") as tmp:
-        shutil.copyfile(out / "loss_curves.png", tmp)
-    plot_gaps(dest / "gaps.png", results["summary"], results["references"][0])
-    print(f"published {', '.join(str(dest / name) for name in PUBLISHED)}")
-    return dest
+    with output_lock(dest, inputs=[out]):
+        dest = claim_output_dir(dest, "results", resumable=True, force=force, inputs=[out], writes=PUBLISHED)
+        results = read_json(out / "results.json", "the comparison's results")
+        hours = sum(r["tokens"] / r["tokens_per_s"] for r in results["runs"] if r.get("tokens_per_s")) / 3600
+        provenance = {"command": command, "commit": source_commit(), "machine": machine(),
+                      "training_hours": round(hours, 3)}
+        write_json(dest / "results.json", {"provenance": provenance, **results})
+        table = (out / "results.md").read_text(encoding="utf-8")
+        header = (f"Generated by `{command}` at commit `{provenance['commit']}` on {provenance['machine']}; "
+                  f"the runs' training time adds up to {hours * 60:.0f} minutes (resumed pieces counted once each; runs "
+                  f"trained at once under --jobs overlap in wall-clock time).\n\n")
+        write_atomic(dest / "results.md", (header + table).encode("utf-8"))
+        with atomic_path(dest / "loss_curves.png") as tmp:
+            shutil.copyfile(out / "loss_curves.png", tmp)
+        plot_gaps(dest / "gaps.png", results["summary"], results["references"][0])
+        print(f"published {', '.join(str(dest / name) for name in PUBLISHED)}")
+        return dest
 
 
 def source_commit() -> str:
@@ -544,9 +550,13 @@ def save_png(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=120, format="png")
+    except OSError as exc:
+        raise write_error(str(path), exc) from None
+    finally:
+        plt.close(fig)
     return path
 
 

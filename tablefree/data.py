@@ -30,7 +30,7 @@ import numpy as np
 
 from . import files
 from .corpus import ReadCounts, ReadOptions, has_text, leading_text, pieces, record_text
-from .errors import TableFreeError, summary
+from .errors import TableFreeError, WriteError, summary
 
 MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
@@ -286,7 +286,8 @@ def claim_data_dir(out: Path, settings: PrepareSettings, force: bool, inputs: It
 
 def prepare(settings: PrepareSettings, out_dir: str | Path, tokenizer, progress: bool = True, force: bool = False,
             inputs: Iterable[str | Path | None] = ()) -> dict:
-    """Tokenise the mixture into `out_dir`; resumes an interrupted run with the same settings.
+    """Tokenise the mixture into `out_dir`, whose lock (files.output_lock) the caller holds; resumes an
+    interrupted run with the same settings.
 
     `force` replaces an earlier preparation with other settings (only files it wrote); `inputs` are
     paths the output must stay clear of besides the local sources (the tokenizer's, say).
@@ -367,6 +368,8 @@ def prepare(settings: PrepareSettings, out_dir: str | Path, tokenizer, progress:
             flush()
         bar.close()
         return _finish(out, state, settings, fingerprint, tokenizer)
+    except WriteError:
+        raise  # the disk, not the input: the same command resumes once there is room
     except TableFreeError as exc:
         _mark_failed(out, str(exc))
         raise
@@ -457,6 +460,7 @@ def _mark_failed(out: Path, message: str) -> None:
 
 def _save_tokenizer(tokenizer, target: Path) -> None:
     """Save the tokenizer directory whole or not at all (built beside it, then renamed into place)."""
+    files.refuse_symlink(target)
     try:
         staging = files.new_temporary_dir(target)
         try:
@@ -466,8 +470,10 @@ def _save_tokenizer(tokenizer, target: Path) -> None:
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    except OSError as exc:
-        raise TableFreeError(f"could not write the tokenizer to {target}: {exc.strerror or exc}") from None
+    except Exception as exc:
+        if files.refused_write(exc):
+            raise files.write_error(f"the tokenizer to {target}", exc) from None
+        raise
 
 
 def _finish(out: Path, state: dict, settings: PrepareSettings, fingerprint: dict, tokenizer) -> dict:
@@ -606,17 +612,19 @@ def prepare_command(args) -> int:
     if args.tokenizer_chars < 1:
         raise TableFreeError(f"--tokenizer-chars must be positive, got {args.tokenizer_chars}")
     out = Path(args.out)
-    claim_data_dir(out, settings, args.force, inputs=[args.tokenizer])  # before the slow part: a refusal comes at once
-    earlier = _earlier_tokenizer(out, settings)
-    if args.tokenizer:
-        tokenizer = load_tokenizer(args.tokenizer)
-    elif earlier is not None:
-        tokenizer = load_tokenizer(earlier)  # a resumed run keeps the tokenizer it started with
-    else:
-        tokenizer = as_transformers(build_tokenizer(mixture_text(sources, args.tokenizer_chars, settings.read_options())))
-    if args.eos_token is not None:
-        set_end_of_text(tokenizer, args.eos_token)
-    manifest = prepare(settings, out, tokenizer, progress=not args.quiet, force=args.force, inputs=[args.tokenizer])
+    local = [Path(s.spec) for s in sources if s.kind == "file"]
+    with files.output_lock(out, inputs=[*local, args.tokenizer]):  # before the slow part: a refusal comes at once
+        claim_data_dir(out, settings, args.force, inputs=[args.tokenizer])
+        earlier = _earlier_tokenizer(out, settings)
+        if args.tokenizer:
+            tokenizer = load_tokenizer(args.tokenizer)
+        elif earlier is not None:
+            tokenizer = load_tokenizer(earlier)  # a resumed run keeps the tokenizer it started with
+        else:
+            tokenizer = as_transformers(build_tokenizer(mixture_text(sources, args.tokenizer_chars, settings.read_options())))
+        if args.eos_token is not None:
+            set_end_of_text(tokenizer, args.eos_token)
+        manifest = prepare(settings, out, tokenizer, progress=not args.quiet, force=args.force, inputs=[args.tokenizer])
     print(describe(manifest, out))
     return 0
 

@@ -44,7 +44,7 @@ def to_gpt_neox(model):
 
 def export_model(model_path: str, out: str, format: str = "gpt-neox", force: bool = False, outtype: str | None = None) -> Path:
     """Export a saved model to OUT in `format`; returns what was written (the directory, or the GGUF file)."""
-    from .files import claim_output_dir
+    from .files import claim_output_dir, output_lock
     from .hub import MODEL_KIND, load_model, resolve_model_path, save_model
 
     if format not in EXPORT_FORMATS:
@@ -54,14 +54,15 @@ def export_model(model_path: str, out: str, format: str = "gpt-neox", force: boo
     source = resolve_model_path(model_path)
     if format == "gguf":
         return export_gguf(source, Path(out), outtype, force)
-    claim_output_dir(out, MODEL_KIND, resumable=False, force=force, inputs=[source])
-    model, tokenizer = load_model(source)
-    return save_model(to_gpt_neox(model), out, tokenizer)
+    with output_lock(out, inputs=[source]):
+        claim_output_dir(out, MODEL_KIND, resumable=False, force=force, inputs=[source])
+        model, tokenizer = load_model(source)
+        return save_model(to_gpt_neox(model), out, tokenizer)
 
 
 def export_gguf(source: Path, out: Path, outtype: str | None, force: bool) -> Path:
     """OUT/model.gguf and OUT/README.md (the model card), built beside OUT and moved in (files.staged_directory)."""
-    from .files import claim_output_dir, staged_directory
+    from .files import claim_output_dir, output_lock, staged_directory
     from .gguf import CARD_NAME, GGUF_KIND, GGUF_NAME, OUTTYPES, import_gguf, model_card, write_gguf
     from .hub import load_model
 
@@ -72,17 +73,15 @@ def export_gguf(source: Path, out: Path, outtype: str | None, force: bool) -> Pa
         raise TableFreeError(f"OUT is a directory that receives {GGUF_NAME} and its model card {CARD_NAME}; "
                              f"give a directory name instead of {out}")
     import_gguf()  # a missing package is said before the model loads
-    claim_output_dir(out, GGUF_KIND, resumable=False, force=force, inputs=[source], writes=[GGUF_NAME, CARD_NAME])
-    model, tokenizer = load_model(source)
-    if tokenizer is None:
-        raise TableFreeError(f"{source} has no tokenizer; the GGUF file carries one for llama.cpp to tokenise with")
-    name = out.resolve().name
-    try:
+    with output_lock(out, inputs=[source]):
+        claim_output_dir(out, GGUF_KIND, resumable=False, force=force, inputs=[source], writes=[GGUF_NAME, CARD_NAME])
+        model, tokenizer = load_model(source)
+        if tokenizer is None:
+            raise TableFreeError(f"{source} has no tokenizer; the GGUF file carries one for llama.cpp to tokenise with")
+        name = out.resolve().name
         with staged_directory(out, GGUF_KIND) as stage:
             write_gguf(to_gpt_neox(model), tokenizer, stage.path / GGUF_NAME, outtype, name)
             (stage.path / CARD_NAME).write_text(model_card(name, outtype))
-    except OSError as exc:
-        raise TableFreeError(f"could not write the GGUF export to {out}: {exc.strerror or exc}") from None
     return out / GGUF_NAME
 
 

@@ -38,12 +38,20 @@ MARKER = ".tablefree-output.json"
 LOCK_SUFFIX = ".tablefree-lock"
 _TEMPORARY = re.compile(r"^\..*\.tablefree-tmp-(\d+)-[0-9a-f]+$")
 _LOCK = re.compile(rf"^\..*{re.escape(LOCK_SUFFIX)}$")
+_LIBRARY_IO_ERROR = re.compile(r"\(os error \d+\)$")  # how safetensors and tokenizers (Rust) report one
+
+
+def refused_write(exc: BaseException) -> bool:
+    """Whether `exc` is the file system refusing a write: an OSError, or safetensors' or tokenizers' report of one."""
+    if isinstance(exc, OSError):
+        return True
+    return isinstance(exc, Exception) and not isinstance(exc, TableFreeError) and bool(_LIBRARY_IO_ERROR.search(str(exc)))
 
 
 def write_error(what: str, exc: BaseException, kept: str = "") -> WriteError:
     """The one-line error for a write the environment refused; a full disk is named as such."""
-    # safetensors' own error carries no errno: the words of the operating system's message are all it has
-    full = getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
+    # safetensors' and tokenizers' own errors carry no errno, only the operating system's message with its number
+    full = getattr(exc, "errno", None) == errno.ENOSPC or f"(os error {errno.ENOSPC})" in str(exc)
     reason = "the disk is full" if full else (getattr(exc, "strerror", None) or summary(exc))
     return WriteError(f"could not write {what}: {reason}{kept}")
 
@@ -63,14 +71,16 @@ def lock_path(out: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def output_lock(out: str | Path) -> Iterator[Path]:
+def output_lock(out: str | Path, inputs: Iterable[str | Path | None] = ()) -> Iterator[Path]:
     """Hold the output directory `out` for one command's whole run; while another holds it, refuse at once.
 
     The lock is a flock, which the kernel releases when its process ends however it ends, so a kill
     never leaves a directory locked. The file names the holder (pid and command line) for the refusal,
     and is removed when the lock is given back (one left by a kill is removed by the next run there).
+    `inputs` are checked first (check_inputs), so not even the lock is written inside one.
     """
     out = Path(out)
+    check_inputs(out, inputs)
     path = lock_path(out)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -295,7 +305,8 @@ def claim_output_dir(out: str | Path, kind: str, *, resumable: bool, force: bool
     """Check that `out` may receive an output of `kind`, or refuse with a message naming it and --force.
 
     The caller holds `output_lock(out)`. A symlink at the marker or at a name in `writes` (a path
-    below `out`) is refused, whatever the flags. A missing or empty directory is fine. One with this kind's marker is fine when the output is
+    below `out`) is refused whatever the flags, and so is a symlink `out` for a finished output.
+    A missing or empty directory is fine. One with this kind's marker is fine when the output is
     `resumable` (the command continues its own work). Anything else needs `force`, and even then a
     name in `writes` that already exists and was not written by tablefree is refused, never replaced.
     A resumable output's directory is created and marked here; a finished one (a model, a tokenizer)
@@ -303,6 +314,8 @@ def claim_output_dir(out: str | Path, kind: str, *, resumable: bool, force: bool
     """
     out = Path(out)
     check_inputs(out, inputs)
+    if not resumable:  # a finished output moves in whole (install_directory), never through a symlink
+        refuse_symlink(out)
     if out.exists() and not out.is_dir():
         raise TableFreeError(f"the output {out} is a file, not a directory; choose another path")
     marker = None
@@ -404,13 +417,22 @@ class Stage:
 
 @contextlib.contextmanager
 def staged_directory(out: Path, kind: str) -> Iterator[Stage]:
-    """Build `out` beside itself: on success it moves into place (install_directory), on any failure it is removed."""
-    stage = Stage(new_temporary_dir(out))
+    """Build `out` beside itself: on success it moves into place (install_directory), on any failure it is removed.
+
+    A write the file system refuses (a full disk), by whichever library, is a WriteError naming `out`.
+    """
+    stage = None
     try:
+        stage = Stage(new_temporary_dir(out))
         yield stage
         install_directory(stage.path, out, kind, stage.extra or None)
+    except Exception as exc:
+        if refused_write(exc):
+            raise write_error(str(out), exc) from None
+        raise
     finally:
-        shutil.rmtree(stage.path, ignore_errors=True)  # already gone after a move in one rename
+        if stage is not None:
+            shutil.rmtree(stage.path, ignore_errors=True)  # already gone after a move in one rename
 
 
 def new_temporary_dir(out: Path) -> Path:

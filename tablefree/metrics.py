@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import TableFreeError
-from .files import json_text, write_atomic
+from .files import append_text, json_text, refuse_symlink, write_atomic
 
 # Dense bf16 peak of common accelerators (FLOP/s), for MFU; anything else: pass peak_flops explicitly.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -55,7 +55,9 @@ class MetricsLog:
     """Appends to metrics.jsonl (and TensorBoard); on resume, drops lines past the resumed step.
 
     Each line is one strict-JSON object, appended whole; a kill mid-append can only tear the last line,
-    which the next run drops (it belongs to a step past the checkpoint anyway).
+    which the next run drops (it belongs to a step past the checkpoint anyway). The trainer logs every
+    row of a step before that step's checkpoint, so the rows kept on resume are never logged again.
+    Neither file nor the TensorBoard directory is written through a symlink.
     """
 
     def __init__(self, out_dir: Path, enabled: bool, resume_step: int = 0):
@@ -65,20 +67,19 @@ class MetricsLog:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
+        if refuse_symlink(self.path).exists():
             kept = [row for row in read_metrics(self.path) if row["step"] <= resume_step]
             write_atomic(self.path, "".join(_line(row) for row in kept).encode("utf-8"))
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # TensorBoard is optional; the JSONL file is the record
             return
-        self.writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+        self.writer = SummaryWriter(str(refuse_symlink(out_dir / "tensorboard")), purge_step=resume_step + 1)
 
     def log(self, step: int, **values) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as handle:
-            handle.write(_line({"step": step, **values}))
+        append_text(self.path, _line({"step": step, **values}))
         if self.writer is not None:
             for key, value in values.items():
                 if isinstance(value, (int, float)):

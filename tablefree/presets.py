@@ -207,6 +207,13 @@ def parse_overrides(pairs: list[str]) -> dict:
 
 def new_command(args) -> int:
     """`tablefree new PRESET OUT`: a freshly initialised model, saved in the Hugging Face form."""
+    from .files import output_lock
+
+    with output_lock(args.out, inputs=[args.tokenizer]):
+        return _new(args)
+
+
+def _new(args) -> int:
     from .files import claim_output_dir
     from .hub import MODEL_KIND, check_tokenizer, save_model
     from .tokenizer import as_transformers, build_tokenizer, load_tokenizer

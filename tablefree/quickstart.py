@@ -42,58 +42,61 @@ def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: boo
     from .compare import score_heldout
     from .corpus import PYTHON_NOTES
     from .data import PrepareSettings, Source, mixture_text, prepare
-    from .files import claim_output_dir
+    from .files import claim_output_dir, output_lock
     from .tokenizer import as_transformers, build_tokenizer, load_tokenizer
     from .train import TrainConfig, train
 
     began = time.perf_counter()
-    out = claim_output_dir(out, "quickstart", resumable=True, force=force,
-                           writes=("data", "runs", "loss_curves.png", *VARIANTS))
-    data_dir = out / "data"
-    sources = [Source("embedded")]
-    print(f"[1/5] code-point tokenizer and data from the embedded corpus (Python's documentation) -> {data_dir}")
-    if (data_dir / "tokenizer" / "tokenizer.json").is_file():
-        tokenizer = load_tokenizer(data_dir / "tokenizer")  # an earlier (maybe interrupted) run's tokenizer
-    else:
-        tokenizer = as_transformers(build_tokenizer(mixture_text(sources, 1_000_000)))
-    manifest = prepare(PrepareSettings(sources=sources, val_fraction=VAL_FRACTION, shard_tokens=1 << 22), data_dir,
-                       tokenizer, progress=progress)
-    print(f"      {manifest['train_tokens']:,} train / {manifest['val_tokens']:,} val tokens "
-          f"({manifest['train_bytes'] / manifest['train_tokens']:.2f} bytes per token)")
-    base = TrainConfig(data=str(data_dir), size=SIZE, model=dict(MODEL), seed=seed, data_seed=seed, max_steps=steps,
-                       progress=progress, device=device, dtype=dtype, **TRAINING)
-    print(f"[2/5] baselines: uniform, unigram and untrained, on the validation split and on {PYTHON_NOTES} "
-          f"(IDLE's change logs and Python's licence: text of another kind, never trained on)")
-    scores = baseline_scores(base, tokenizer)
-    results = {}
-    for number, variant in enumerate(VARIANTS, start=3):
-        print(f"[{number}/5] training {variant} ({steps} steps x {base.batch_size * base.seq_len:,} tokens, identical batches)")
-        cfg = replace(base, variant=variant, out=str(out / "runs" / variant))
-        try:
-            results[variant] = train(cfg)
-        except TableFreeError as exc:  # e.g. a quickstart of an earlier version, with other settings, lies in OUT
-            raise TableFreeError(f"{exc} (the quickstart: `tablefree quickstart --out NEW_DIR` starts afresh "
-                                 f"elsewhere)") from None
-        publish_model(Path(cfg.out) / "model", out / variant)
-        if not (out / variant / "config.json").is_file():
-            raise TableFreeError(f"training {variant} left no model at {out / variant}")
-        held = score_heldout(out / variant, {PYTHON_NOTES: PYTHON_NOTES}, base)[PYTHON_NOTES]
-        scores[variant] = {"val": _val_score(results[variant]), PYTHON_NOTES: held}
-    print(table(scores, results))
-    print(explain(scores))
-    curves = plot_curves(out)
-    print(f"loss curves: {curves}")
-    print(terminal_curves(out))
-    print(f"[5/5] a sampled continuation from {out / 'affine'} through AutoModelForCausalLM "
-          f"(temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}, seed {seed}):")
-    continuation = continue_prompt(out / "affine", seed)
-    print(f"      {PROMPT}{continuation}")
-    print(wrapped(ABILITY))
-    print(f"\nchat:   tablefree generate {out / 'affine'} --prompt \"{PROMPT}\" --temperature 0.8")
-    print(f"serve:  tablefree serve {out / 'affine'}   # OpenAI-compatible API on port 30000")
-    print(f"eval:   tablefree eval {out / 'affine'} --data {PYTHON_NOTES}")
-    print(f"done in {time.perf_counter() - began:.0f} s")
-    return {"results": results, "scores": scores, "continuation": continuation}
+    with output_lock(out):
+        out = claim_output_dir(out, "quickstart", resumable=True, force=force,
+                               writes=("data", "runs", "loss_curves.png", *VARIANTS,
+                                       *(f"runs/{variant}" for variant in VARIANTS)))
+        data_dir = out / "data"
+        sources = [Source("embedded")]
+        print(f"[1/5] code-point tokenizer and data from the embedded corpus (Python's documentation) -> {data_dir}")
+        if (data_dir / "tokenizer" / "tokenizer.json").is_file():
+            tokenizer = load_tokenizer(data_dir / "tokenizer")  # an earlier (maybe interrupted) run's tokenizer
+        else:
+            tokenizer = as_transformers(build_tokenizer(mixture_text(sources, 1_000_000)))
+        with output_lock(data_dir):
+            manifest = prepare(PrepareSettings(sources=sources, val_fraction=VAL_FRACTION, shard_tokens=1 << 22),
+                               data_dir, tokenizer, progress=progress)
+        print(f"      {manifest['train_tokens']:,} train / {manifest['val_tokens']:,} val tokens "
+              f"({manifest['train_bytes'] / manifest['train_tokens']:.2f} bytes per token)")
+        base = TrainConfig(data=str(data_dir), size=SIZE, model=dict(MODEL), seed=seed, data_seed=seed, max_steps=steps,
+                           progress=progress, device=device, dtype=dtype, **TRAINING)
+        print(f"[2/5] baselines: uniform, unigram and untrained, on the validation split and on {PYTHON_NOTES} "
+              f"(IDLE's change logs and Python's licence: text of another kind, never trained on)")
+        scores = baseline_scores(base, tokenizer)
+        results = {}
+        for number, variant in enumerate(VARIANTS, start=3):
+            print(f"[{number}/5] training {variant} ({steps} steps x {base.batch_size * base.seq_len:,} tokens, identical batches)")
+            cfg = replace(base, variant=variant, out=str(out / "runs" / variant))
+            try:
+                results[variant] = train(cfg)
+            except TableFreeError as exc:  # e.g. a quickstart of an earlier version, with other settings, lies in OUT
+                raise TableFreeError(f"{exc} (the quickstart: `tablefree quickstart --out NEW_DIR` starts afresh "
+                                     f"elsewhere)") from None
+            publish_model(Path(cfg.out) / "model", out / variant)
+            if not (out / variant / "config.json").is_file():
+                raise TableFreeError(f"training {variant} left no model at {out / variant}")
+            held = score_heldout(out / variant, {PYTHON_NOTES: PYTHON_NOTES}, base)[PYTHON_NOTES]
+            scores[variant] = {"val": _val_score(results[variant]), PYTHON_NOTES: held}
+        print(table(scores, results))
+        print(explain(scores))
+        curves = plot_curves(out)
+        print(f"loss curves: {curves}")
+        print(terminal_curves(out))
+        print(f"[5/5] a sampled continuation from {out / 'affine'} through AutoModelForCausalLM "
+              f"(temperature {SAMPLING['temperature']}, top-p {SAMPLING['top_p']}, seed {seed}):")
+        continuation = continue_prompt(out / "affine", seed)
+        print(f"      {PROMPT}{continuation}")
+        print(wrapped(ABILITY))
+        print(f"\nchat:   tablefree generate {out / 'affine'} --prompt \"{PROMPT}\" --temperature 0.8")
+        print(f"serve:  tablefree serve {out / 'affine'}   # OpenAI-compatible API on port 30000")
+        print(f"eval:   tablefree eval {out / 'affine'} --data {PYTHON_NOTES}")
+        print(f"done in {time.perf_counter() - began:.0f} s")
+        return {"results": results, "scores": scores, "continuation": continuation}
 
 
 def publish_model(trained: Path, out: Path) -> None:

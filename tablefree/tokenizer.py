@@ -171,11 +171,19 @@ def build_tokenizer_dir(corpus: list[str], out: str | Path, limit_chars: int | N
                   text_field: str = "text", options: ReadOptions = ReadOptions()) -> Path:
     """`tablefree tokenizer build`: learn the n-gram slots from a corpus and save the tokenizer directory."""
     from . import files
-    from .corpus import ReadCounts, read_corpus
 
     out = Path(out)
     if limit_chars is not None and limit_chars <= 0:
         raise TableFreeError(f"--limit-chars must be positive, got {limit_chars}")
+    with files.output_lock(out, inputs=[Path(c) for c in corpus if c != "embedded"]):
+        return _build_into(out, corpus, limit_chars, force, text_field, options)
+
+
+def _build_into(out: Path, corpus: list[str], limit_chars: int | None, force: bool, text_field: str,
+                options: ReadOptions) -> Path:
+    from . import files
+    from .corpus import ReadCounts, read_corpus
+
     files.claim_output_dir(out, "tokenizer", resumable=False, force=force, writes=TOKENIZER_FILES,
                            inputs=[Path(c) for c in corpus if c != "embedded"])
     counts = {"characters": 0, "unknown": 0}
@@ -188,11 +196,8 @@ def build_tokenizer_dir(corpus: list[str], out: str | Path, limit_chars: int | N
             yield text
 
     fast = as_transformers(build_tokenizer(counted()))
-    try:
-        with files.staged_directory(out, "tokenizer") as stage:
-            fast.save_pretrained(str(stage.path))
-    except OSError as exc:
-        raise TableFreeError(f"could not write the tokenizer to {out}: {exc.strerror or exc}") from None
+    with files.staged_directory(out, "tokenizer") as stage:
+        fast.save_pretrained(str(stage.path))
     left_out = [f"{n:,} {what}" for n, what in ((read.replaced_characters, "characters replaced by U+FFFD"),
                                                (read.skipped_records, "records skipped")) if n]
     print(

@@ -295,7 +295,8 @@ def train(cfg: TrainConfig) -> dict:
     check_given(cfg)
     world = init_world(cfg.device, cfg.dtype)
     try:
-        return _train(cfg, config, world)
+        with contextlib.ExitStack() as held:
+            return _train(cfg, config, world, held)
     finally:
         close_world(world)
 
@@ -359,7 +360,8 @@ def diverged(step: int, what: str, out: Path, saved_step: int | None) -> TableFr
                           f"with a lower lr, a longer warmup_steps or a grad_clip")
 
 
-def _train(cfg: TrainConfig, config, world) -> dict:
+def _train(cfg: TrainConfig, config, world, held: contextlib.ExitStack) -> dict:
+    """The run; `held` keeps rank 0's lock on cfg.out (the only rank that writes) until the run ends."""
     import torch
     from tqdm.auto import tqdm
 
@@ -368,7 +370,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
     from .data import TokenShards
     from .distributed import all_reduce_sum, on_main, unwrap, wrap_model
     from .evaluate import evaluate_shards, token_byte_lengths
-    from .files import claim_output_dir, read_json
+    from .files import claim_output_dir, output_lock, read_json
     from .loss import summed_next_token_loss
     from .metrics import MEASURED_PEAK, MetricsLog, peak_flops, training_flops_per_token
     from .presets import build_model
@@ -393,6 +395,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
     autocast = world.runtime.autocast()
 
     def claim() -> None:
+        held.enter_context(output_lock(out, inputs=[cfg.data, cfg.tokenizer]))
         refuse_legacy_checkpoint(out)
         claim_output_dir(out, "train", resumable=True, force=cfg.force, inputs=[cfg.data, cfg.tokenizer],
                          writes=[CHECKPOINT, "metrics.jsonl", "result.json", "model", "tensorboard"])
@@ -426,7 +429,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
     byte_lengths = token_byte_lengths(tokenizer, config.vocab_size)
     log = on_main(world, lambda: MetricsLog(out, enabled=True, resume_step=start)) or MetricsLog(out, enabled=False)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, **final) -> None:
         nonlocal saved_step
         model_state, optim_state = gather_state(model, optimizer)
 
@@ -436,7 +439,7 @@ def _train(cfg: TrainConfig, config, world) -> dict:
                 raise diverged(step, f"the weights of {nonfinite} are not finite", out, saved_step)
             save_checkpoint(out / CHECKPOINT, {"step": step, "loss": loss_value, "model": model_state,
                                                "optimizer": optim_state, "rng": rng_states(),
-                                               "train_config": asdict(cfg), **run})
+                                               "train_config": asdict(cfg), **run, **final})
 
         on_main(world, write)
         saved_step = step
@@ -492,9 +495,17 @@ def _train(cfg: TrainConfig, config, world) -> dict:
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done != total_steps:
             checkpoint(done)
     bar.close()
+    # Every row of a step is logged before that step's checkpoint, so a resumed run keeps them and logs none
+    # again; the final checkpoint keeps the final validation for a run resumed after it.
     if start < total_steps:
-        checkpoint(total_steps)
-    val = validate()
+        val = validate()
+        log.log(total_steps, **{f"val_{k}": v for k, v in val.items()})
+        checkpoint(total_steps, final_val=val)
+    elif "final_val" in state:
+        val = state["final_val"]
+    else:  # a final checkpoint of an earlier version, written before its validation
+        val = validate()
+        log.log(total_steps, **{f"val_{k}": v for k, v in val.items()})
     result = {
         "size": cfg.size, "variant": cfg.variant, "seed": cfg.seed, "data_seed": cfg.data_seed,
         "steps": total_steps, "tokens": total_steps * tokens_per_step, "train_loss": loss_value,
@@ -504,7 +515,6 @@ def _train(cfg: TrainConfig, config, world) -> dict:
         "tokens_per_s": (total_steps - start) * tokens_per_step / train_seconds if train_seconds else None,
         "peak_flops": peak, "peak_flops_source": peak_source, "world_size": world.size,
     }
-    log.log(total_steps, **{f"val_{k}": v for k, v in val.items()})
     log.close()
     model_state = gather_state(model, optimizer)[0] if cfg.save_model else None
 
