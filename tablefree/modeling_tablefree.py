@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers import GPTNeoXForCausalLM, GPTNeoXModel
+from transformers.utils import logging
 from transformers.models.gpt_neox.modeling_gpt_neox import (
     GPTNeoXLayer,
     GPTNeoXPreTrainedModel,
@@ -18,6 +19,8 @@ from transformers.models.gpt_neox.modeling_gpt_neox import (
 
 from .codes import CodeLift
 from .configuration_tablefree import TableFreeConfig
+
+logger = logging.get_logger(__name__)
 
 
 def build_code_lift(config: TableFreeConfig) -> CodeLift:
@@ -50,16 +53,36 @@ class TableFreeModel(TableFreePreTrainedModel, GPTNeoXModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def forward(self, input_ids: torch.LongTensor | None = None, *args, inputs_embeds: torch.Tensor | None = None, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        # Named like GPTNeoXModel.forward, whose signature engines check (vLLM's Transformers backend); the cache
+        # and the rest pass through by keyword, as each transformers version names them.
         if input_ids is not None and inputs_embeds is None:
             # The lift has no weight to follow `model.to(dtype)`; give it the model's dtype.
             inputs_embeds, input_ids = self.embed_in(input_ids, dtype=self.final_layer_norm.weight.dtype), None
-        return super().forward(input_ids, *args, inputs_embeds=inputs_embeds, **kwargs)
+        return super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
 
     def set_input_embeddings(self, value):
-        raise NotImplementedError(
-            "a table-free model has no input embedding table to replace; its input is the fixed code "
-            "described by the config (code_family, code_layout, code_values, code_scale)"
+        # Engines that swap the input table for their own (SGLang's Transformers backend) meet the fixed code
+        # here: it stays the input, and the table they offer is not kept, so no V x d table ever takes memory.
+        if value is self.embed_in:
+            return
+        logger.warning_once(
+            "a table-free model's input is its fixed code (code_family, code_layout, code_values, code_scale); "
+            "the %s given to set_input_embeddings is not used",
+            type(value).__name__,
         )
 
 

@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from conftest import tiny_config
@@ -118,3 +120,99 @@ def test_bad_model_settings_are_clear_errors():
         build_config("tiny-affine", code_family="ternary")
     with pytest.raises(TableFreeError, match="singular"):
         build_config("tiny-affine", affine_rows=[1] * 16, affine_offset=0)
+
+
+# Every input interface, as the serving engines' tests run them.
+ENGINE_VARIANTS = {
+    "minimal": ("minimal", {}),
+    "affine": ("affine", {}),
+    "gray": ("gray", {}),
+    "hashed-16": ("hashed", {"code_bits": 16}),
+    "hashed-32": ("hashed", {"code_bits": 32}),
+    "interleave": ("affine", {"code_layout": "interleave"}),
+    "bipolar": ("affine", {"code_values": "bipolar"}),
+    "scale-0.25": ("affine", {"code_scale": 0.25}),
+    "learned": ("learned", {}),
+}
+
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Parameters made in this block land on the meta device, buffers stay real: how SGLang builds a model."""
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        register(module, name, param)
+        if param is not None:
+            module._parameters[name] = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def flattened_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, *,
+                        seq_lens, layers_seen, **kwargs):
+    """An engine's attention over sequences packed into one row: causal within each, told apart by `seq_lens`
+    (passed through the model's keyword arguments, as SGLang passes its batch), the mask ignored."""
+    layers_seen.append(module.layer_idx)
+    pieces = [
+        torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling)
+        for q, k, v in zip(*(x.split(seq_lens, dim=2) for x in (query, key, value)))
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+@pytest.mark.parametrize("name", ENGINE_VARIANTS)
+def test_sglang_transformers_backend_convention_equals_the_plain_forward(name, tmp_path, code_point_tokenizer):
+    """SGLang's Transformers fallback: the base model built from the saved directory's own source with
+    parameters on meta, its attention a registered function given the engine's keyword arguments, the input
+    embedding replaced by a table of the engine's, sequences flattened into one row with their position_ids,
+    no cache. The code lift must survive the replacement and the result equal the plain forward."""
+    from safetensors.torch import load_file
+    from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM
+
+    from tablefree.hub import save_model
+
+    variant, fields = ENGINE_VARIANTS[name]
+    path = save_model(build_model(tiny_config(variant, **fields), seed=3).eval(), tmp_path / name, code_point_tokenizer)
+    AttentionInterface.register("engine_flattened", flattened_attention)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    config._attn_implementation = "engine_flattened"
+    with parameters_on_meta():
+        base = AutoModel.from_config(config, trust_remote_code=True)
+    assert base._supports_attention_backend
+    replacement = torch.nn.Embedding(config.vocab_size, config.hidden_size)
+    base.set_input_embeddings(replacement)
+    for module in base.modules():
+        for key, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                module._parameters[key] = torch.nn.Parameter(torch.empty_like(param, device="cpu"))
+    weights = load_file(path / "model.safetensors")
+    state = {k.removeprefix("gpt_neox."): v for k, v in weights.items() if k.startswith("gpt_neox.")}
+    (head,) = [v for k, v in weights.items() if not k.startswith("gpt_neox.")]  # lm_head, or GPT-NeoX's embed_out
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    assert not unexpected and not missing
+    base.eval()
+
+    sequences = [torch.randint(0, config.vocab_size, (n,)) for n in (5, 1, 9, 3)]
+    seq_lens = [len(s) for s in sequences]
+    layers_seen: list[int] = []
+    with torch.no_grad():
+        hidden = base(
+            input_ids=torch.cat(sequences)[None],
+            position_ids=torch.cat([torch.arange(n) for n in seq_lens])[None],
+            use_cache=False,
+            return_dict=False,
+            seq_lens=seq_lens,
+            layers_seen=layers_seen,
+        )[0][0]
+        flattened = (hidden @ head.T).split(seq_lens)
+        plain = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        for sequence, logits in zip(sequences, flattened):
+            torch.testing.assert_close(logits, plain(sequence[None]).logits[0], rtol=0, atol=1e-5)
+    assert sorted(set(layers_seen)) == list(range(config.num_hidden_layers))
+    if variant != "learned":
+        assert base.get_input_embeddings() is not replacement and not list(base.get_input_embeddings().parameters())
