@@ -9,9 +9,14 @@ import hmac
 import json
 import time
 
+from starlette.routing import Match
+
 from .protocol import error_body
 
 PROTECTED_PREFIXES = ("/v1/", "/tokenize", "/detokenize")
+# The status a request is counted under when its client hung up before the response ended (nginx's): the
+# client's doing, never a 5xx.
+CLIENT_CLOSED = 499
 
 
 class RequestGate:
@@ -25,13 +30,21 @@ class RequestGate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        status = {"code": 500}
+        outcome = RequestOutcome()
         started = time.perf_counter()
 
         async def send_counted(message):
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                outcome.status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                outcome.complete = True
             await send(message)
+
+        async def receive_watched():
+            message = await receive()
+            if message["type"] == "http.disconnect" and not outcome.complete:
+                outcome.client_closed = True
+            return message
 
         try:
             if self.api_key and path.startswith(PROTECTED_PREFIXES) and not self._authorized(scope):
@@ -43,7 +56,7 @@ class RequestGate:
                                          "invalid_request_error")
             chunks, size, more = [], 0, True
             while more:
-                message = await receive()
+                message = await receive_watched()
                 if message["type"] == "http.disconnect":
                     return
                 chunks.append(message.get("body", b""))
@@ -65,14 +78,12 @@ class RequestGate:
                 if not replayed:
                     replayed = True
                     return {"type": "http.request", "body": body, "more_body": False}
-                return await receive()
+                return await receive_watched()
 
             await self.app(scope, replay, send_counted)
         finally:
-            route = scope.get("route")
-            # Unmatched paths share one label so that a scan of random URLs cannot grow the metrics without bound.
-            endpoint = getattr(route, "path", "other")
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
+            endpoint = endpoint_of(scope)
+            self.metrics.requests.labels(endpoint, str(outcome.counted_status())).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
 
     def _authorized(self, scope) -> bool:
@@ -86,3 +97,27 @@ class RequestGate:
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())] + (extra or [])
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
+
+
+class RequestOutcome:
+    """What became of one request: the status it was answered with, whether its response ended, whether its client
+    hung up first."""
+
+    def __init__(self):
+        self.status: int | None = None
+        self.complete = False
+        self.client_closed = False
+
+    def counted_status(self) -> int:
+        if self.client_closed:
+            return CLIENT_CLOSED
+        return 500 if self.status is None else self.status  # no answer and no hang-up: the route raised
+
+
+def endpoint_of(scope) -> str:
+    """The route a request is for, as its path template, known before the body arrives (a hang-up mid-body still
+    names it); unmatched paths share one label so that a scan of random URLs cannot grow the metrics without bound."""
+    for route in scope["app"].router.routes:
+        if route.matches(scope)[0] is not Match.NONE:
+            return route.path
+    return "other"

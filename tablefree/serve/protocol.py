@@ -152,19 +152,23 @@ class SamplingFields(BaseModel):
         )
 
 
-def room_to_generate(prompt_tokens: int, requested: int | None, max_model_len: int) -> int:
-    """New tokens a prompt of `prompt_tokens` may have: `requested` if the context holds it, all the room left if None."""
+def room_to_generate(prompt_tokens: int, requested: int | None, max_model_len: int, prompt_field: str = "prompt",
+                     requested_field: str = "max_tokens") -> int:
+    """New tokens a prompt of `prompt_tokens` may have: `requested` if the context holds it, all the room left if None.
+
+    The fields are the request's own names for the prompt and the number asked for, which its errors name.
+    """
     if prompt_tokens == 0:
-        raise APIError(400, "the prompt is empty; give at least one token", "prompt")
+        raise APIError(400, "the prompt is empty; give at least one token", prompt_field)
     if prompt_tokens > max_model_len or (prompt_tokens == max_model_len and requested != 0):
         raise APIError(400, f"the prompt has {prompt_tokens} tokens, the model's context is {max_model_len}: no room to "
-                            "generate", "prompt")
+                            "generate", prompt_field)
     room = max_model_len - prompt_tokens
     if requested is None:
         return room
     if requested > room:
         raise APIError(400, f"this model's maximum context length is {max_model_len} tokens; the prompt has "
-                            f"{prompt_tokens} and max_tokens asks for {requested} more", "max_tokens")
+                            f"{prompt_tokens} and {requested_field} asks for {requested} more", requested_field)
     return requested
 
 
@@ -225,9 +229,10 @@ class ChatCompletionRequest(SamplingFields):
     def sampling_params(self, prompt_tokens: int, *, vocab_size: int, max_model_len: int,
                         defaults: SamplingFields) -> SamplingParams:
         """Parameters for the rendered conversation (of `prompt_tokens` tokens); `defaults`: the server's fields."""
-        requested = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        requested_field = "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+        room = room_to_generate(prompt_tokens, getattr(self, requested_field), max_model_len, "messages", requested_field)
         top = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(room_to_generate(prompt_tokens, requested, max_model_len), top, vocab_size, defaults)
+        return self._sampling_params(room, top, vocab_size, defaults)
 
 
 class TokenizeRequest(BaseModel):

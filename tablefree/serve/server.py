@@ -4,7 +4,7 @@ What the server bounds (docs/safety.md): connections (--max-connections), a conn
 (--timeout-keep-alive, from the moment it opens), the time a request may take to arrive whole
 (--request-read-timeout, against clients that trickle bytes), the body size (--max-body-bytes), the
 waiting sequences (--max-queue), the shutdown drain (--shutdown-timeout), and the log (a repeated
-message is written once a minute with a count).
+message is written once a minute with a count; credentials in URLs and headers are redacted from every line).
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
 from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, resolve_runtime
 from .app import ServeSettings, create_app
+from .chat_template import ChatTemplate, ChatTemplateError
 from .engine import Engine, end_of_sequence_ids
 from .protocol import error_body, printable
 
@@ -189,14 +192,28 @@ def context_length(config, requested: int | None) -> int:
     return known
 
 
-def stop_ids(model, tokenizer) -> tuple[set[int], set[int]]:
-    """(end-of-sequence ids, end-of-turn ids): the second is the special token the chat template puts after a reply."""
+def load_chat_template(tokenizer, max_body_bytes: int) -> ChatTemplate | None:
+    """The tokenizer's chat template in the bounded sandbox (None without one): what one rendering may build is
+    bounded by twice the largest body, room for the messages and the template's own text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return ChatTemplate(tokenizer, limit=2 * max_body_bytes)
+    except ChatTemplateError as exc:
+        raise TableFreeError(f"the model's chat template cannot be used: {exc}") from None
+
+
+def stop_ids(model, tokenizer, template: ChatTemplate | None) -> tuple[set[int], set[int]]:
+    """(end-of-sequence ids, end-of-turn ids): the second is the special token the chat template puts after a reply.
+    Rendering that reply tries the template once, so a template that fails is an error at start."""
     eos_ids = end_of_sequence_ids(model, tokenizer)
     turn_ids: set[int] = set()
-    if getattr(tokenizer, "chat_template", None):
+    if template is not None:
         marker = "\u2063reply\u2063"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
-                                             tokenize=False)
+        try:
+            text = template.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], False)
+        except ChatTemplateError as exc:
+            raise TableFreeError(f"the model's chat template fails on a one-line chat: {exc}") from None
         tail = tokenizer.encode(text[text.rfind(marker) + len(marker):], add_special_tokens=False)
         special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} | set(tokenizer.all_special_ids)
         if tail and tail[0] in special:
@@ -302,11 +319,62 @@ class RepeatFilter(logging.Filter):
         return True
 
 
-def configure_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+# Query, matrix and path parameters whose names hold one of these words (percent-decoded, case and punctuation
+# ignored) carry credentials: api_key, apikey, access_token, X-Amz-Signature, client_secret, password, auth, ...
+CREDENTIAL_WORDS = ("key", "token", "auth", "pass", "pwd", "secret", "sig", "credential", "session", "cookie", "jwt",
+                    "bearer")
+REDACTED = "[redacted]"
+URL_PARAMETER = re.compile(r"(?P<head>[?&;/](?P<name>[^=&;?#/\s\"'<>]+)=)(?P<value>[^&;#\s\"'<>]*)")
+# A scheme is short and user:password@ ends before the next "/": a hostile line costs time linear in its length.
+URL_USERINFO = re.compile(r"(?i)(?P<head>\b[a-z][a-z0-9+.-]{0,31}://)(?P<value>[^/\s?#]*)@")
+CREDENTIAL_HEADER = re.compile(r"(?i)(?P<head>\b(?:proxy-)?authorization|\bx-api-key|\bapi-key|\b(?:set-)?cookie)"
+                               r"(?P<separator>['\"]?\s*[:=,]\s*(?:b?['\"])?)(?P<value>[^\r\n'\"]+)")
+
+
+def credential_name(name: str) -> bool:
+    """Whether a URL parameter of this name carries a credential (see CREDENTIAL_WORDS)."""
+    for _ in range(3):  # %2561pi_key is api_key twice encoded
+        name = urllib.parse.unquote_plus(name)
+    folded = re.sub(r"[^0-9a-z]", "", name.lower())
+    return any(word in folded for word in CREDENTIAL_WORDS)
+
+
+def spelled_any_way(secret: str) -> re.Pattern:
+    """`secret` as itself or with any of its characters percent-encoded (as a URL may carry it)."""
+    return re.compile("".join(f"(?:{re.escape(c)}|%(?i:{ord(c):02x}))" for c in secret))
+
+
+def redact(text: str, secrets: tuple[re.Pattern, ...] = ()) -> str:
+    """`text` with credentials blanked: the server's own API key wherever it appears (`secrets`), credential
+    parameters of URLs, a URL's user:password@ and credential headers (Authorization, Cookie, X-Api-Key)."""
+    for secret in secrets:
+        text = secret.sub(REDACTED, text)
+    text = URL_PARAMETER.sub(lambda m: m["head"] + REDACTED if credential_name(m["name"]) else m[0], text)
+    text = URL_USERINFO.sub(lambda m: m["head"] + REDACTED + "@", text)
+    return CREDENTIAL_HEADER.sub(lambda m: m["head"] + m["separator"] + REDACTED, text)
+
+
+class RedactingFormatter(logging.Formatter):
+    """Formats a record as logging.Formatter does, then blanks its credentials with `redact`, traceback included."""
+
+    def __init__(self, fmt: str, secrets: tuple[str, ...] = ()):
+        super().__init__(fmt)
+        self.secrets = tuple(spelled_any_way(secret) for secret in sorted(secrets, key=len, reverse=True) if secret)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record), self.secrets)
+
+
+def log_handler(secrets: tuple[str, ...] = (), stream=None) -> logging.Handler:
+    """The server's one log handler: credentials redacted from every line, a repeated message held back."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s", secrets))
     handler.addFilter(RepeatFilter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    return handler
+
+
+def configure_logging(level: str, secrets: tuple[str, ...] = ()) -> None:
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(secrets)], force=True)
 
 
 # ---- the command ----
@@ -321,19 +389,20 @@ def serve_command(args) -> int:
     try:
         model, tokenizer = load_for_serving(model_path, runtime.dtype, runtime.device, args.trust_remote_code)
         max_model_len = context_length(model.config, args.max_model_len)
-        eos_ids, turn_ids = stop_ids(model, tokenizer)
+        template = load_chat_template(tokenizer, args.max_body_bytes)
+        eos_ids, turn_ids = stop_ids(model, tokenizer, template)
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=max_model_len,
                         max_queue=args.max_queue, seed=args.seed, threads=args.threads)
         settings = ServeSettings(
             model_name=args.served_model_name or printable(str(model_path)), max_model_len=max_model_len,
             vocab_size=model.config.vocab_size, api_key=api_key, max_body_bytes=args.max_body_bytes,
-            eos_ids=frozenset(eos_ids), end_of_turn_ids=frozenset(turn_ids),
+            eos_ids=frozenset(eos_ids), end_of_turn_ids=frozenset(turn_ids), chat_template=template,
         )
         app = create_app(engine, tokenizer, settings)
     except BaseException:
         listener.close()
         raise
-    configure_logging(args.log_level)
+    configure_logging(args.log_level, (api_key,) if api_key else ())
     host, port = listener.getsockname()[:2]
     address = f"[{host}]" if ":" in host else host
     path_cost = "" if engine.cached else ", uncached: forward takes token ids alone"
