@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import threading
 
 import httpx
@@ -130,7 +131,7 @@ def test_scoring_request_batched_with_others_does_not_fail_them(engine, served):
     assert score.sink.final.finish_reason == "length" and score.sink.ids == []
     scores = score_logprobs.sink.final.prompt_logprobs
     assert [s.token for s in scores] == text and scores[0].logprob is None
-    assert all(s.logprob <= 0 and len(s.top) == 2 for s in scores[1:])
+    assert all(s.logprob <= 0 and s.top[0] == (s.token, s.logprob) and len(s.top) in (2, 3) for s in scores[1:])
     assert greedy.sink.final.error is None and greedy.sink.ids == alone(engine, text[:5], **GREEDY)
     assert seeded.sink.final.error is None and seeded.sink.ids == alone(engine, text[:7], **SEEDED)
 
@@ -308,7 +309,7 @@ def test_tiny_temperature_is_greedy(engine, served):
 
 def row(**params):
     class Row:
-        prompt_ids, output_ids, generator = [5, 6], [7], None
+        prompt_ids, output_ids, generator, penalties = [5, 6], [7], None, None
 
     Row.params = SamplingParams(**params)
     return Row
@@ -679,3 +680,117 @@ def test_serve_trust_remote_code_answers_with_the_argmax_loop(plain_forward_dir,
     assert "choices" in answer, answer
     assert answer["choices"][0]["text"] == tokenizer.decode(argmax_loop(model, ids, 8), skip_special_tokens=True)
     assert "context 64, uncached: forward takes token ids alone" in (tmp_path / "serve.log").read_text()
+
+
+# ---- what one request costs the others (issue 17, items 1 and 11; issue 15, item 5) ----
+EVERY_ID = {i: 0.5 for i in range(65536)}
+HEAVY_FIELDS = {
+    "logit_bias": dict(logit_bias=EVERY_ID),
+    "stop": dict(stop=[f"{j:02d}" + "\x7f" * 20_000 for j in range(16)]),
+    "penalties": dict(presence_penalty=2.0, frequency_penalty=2.0, repetition_penalty=10.0),
+    "filters": dict(top_k=65535, top_p=0.999, min_p=1e-9),
+    "seed": dict(seed=1),
+    "logprobs": dict(logprobs=20),
+    "all of them": dict(logit_bias=EVERY_ID, stop=[f"{j:02d}" + "\x7f" * 20_000 for j in range(16)], presence_penalty=2.0,
+                        frequency_penalty=2.0, repetition_penalty=10.0, top_k=65535, top_p=0.999, min_p=1e-9, seed=1,
+                        logprobs=20),
+}
+
+
+def calls_per_decode_step(engine: Engine, ids: list[int], fields: dict, steps: int = 4) -> float:
+    """Python and C function calls per decode step of a batch of n=4 choices of one request and a greedy neighbour:
+    the Python work a request's fields add to the shared step, counted rather than timed."""
+    params = SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True, **fields)
+    choices = [Sequence(ids, params, engine.tokenizer, Recorder(), set(), choice=i) for i in range(4)]
+    neighbour = sequence(engine, ids[:3], max_tokens=16, temperature=0.0, ignore_eos=True)
+    engine.submit(choices)
+    engine.submit([neighbour])
+    engine.step()  # prefill, and each sequence's one-off setup
+    engine.step()
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += 1
+
+    sys.setprofile(count)
+    try:
+        for _ in range(steps):
+            engine.step()
+    finally:
+        sys.setprofile(None)
+    assert engine.running == 5, "a sequence ended early"
+    for seq in [*choices, neighbour]:
+        seq.cancel()
+    engine.step()
+    return calls / steps
+
+
+@pytest.mark.parametrize("field", HEAVY_FIELDS)
+def test_a_requests_fields_add_the_same_work_to_a_decode_step_however_large(engine, served, field):
+    """Each field at the most the server accepts (a logit_bias of every id, 16 long stop strings, every penalty, top-k
+    of V-1, ...) adds a bounded number of vectorised operations per row, never a Python loop over its entries: the
+    calls per step stay within a small margin of a plain request of the same shape (a full logit_bias made ~800,000)."""
+    ids = prompt(served[1], "The same request shape, a field at its largest: ")
+    plain = calls_per_decode_step(engine, ids, {})
+    heavy = calls_per_decode_step(engine, ids, HEAVY_FIELDS[field])
+    assert heavy < 1.5 * plain + 500, (field, heavy, plain)
+
+
+def test_a_request_of_many_sequences_leaves_room_for_the_next(served):
+    """One request holds at most half the batch: more choices than the batch has rows cannot keep a request that
+    comes after them waiting for their rows to finish; the later one joins at the next step, as it would alone."""
+    model, tokenizer = served
+    engine = Engine(model, tokenizer, max_model_len=64, seed=0, max_batch_size=4)
+    params = SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)
+    many = [Sequence(prompt(tokenizer, "Many choices"), params, tokenizer, Recorder(), set(), choice=i) for i in range(6)]
+    later = sequence(engine, prompt(tokenizer, "Later"), **GREEDY)
+    engine.submit(many)
+    engine.step()
+    assert (engine.running, engine.waiting) == (2, 4)
+    engine.submit([later])
+    engine.step()
+    assert len(later.sink.ids) >= 1, "the later request waited behind the first one's rows"
+    while not all(s.finished for s in [*many, later]):
+        engine.step()
+    assert all(len(s.sink.ids) == 12 for s in many)
+    assert later.sink.ids == alone(engine, prompt(tokenizer, "Later"), **GREEDY)
+
+
+@pytest.mark.parametrize("scored", [False, True], ids=["generate", "echo-logprobs"])
+def test_choices_of_one_prompt_share_one_prefill_and_one_scoring(engine, served, hooks, scored):
+    """n choices of a prompt are prefilled (and, with echo and logprobs, scored) once, then decoded as n rows; each
+    gets what it would alone."""
+    tokenizer = served[1]
+    text = prompt(tokenizer, "Four choices of this prompt")
+    shapes = []
+    hooks.append(engine.model.get_output_embeddings().register_forward_hook(lambda m, a, out: shapes.append(out.shape[:2])))
+    fields = dict(max_tokens=3, temperature=0.0, logprobs=2, prompt_logprobs=scored)
+    params = SamplingParams(**fields)
+    choices = [Sequence(text, params, tokenizer, Recorder(), set(), choice=i) for i in range(4)]
+    run(engine, {0: choices})
+    assert shapes == [(1, len(text) if scored else 1), (4, 1), (4, 1)]
+    expected = sequence(engine, text, **fields)
+    run(engine, {0: [expected]})
+    for seq in choices:
+        assert seq.sink.ids == expected.sink.ids
+        assert [(s.token, s.logprob, s.top) for s in seq.sink[0].prompt_logprobs or []] == \
+            [(s.token, s.logprob, s.top) for s in expected.sink[0].prompt_logprobs or []]
+
+
+def test_the_chosen_token_heads_its_top_logprobs_even_outside_the_top_k(engine, served):
+    """As vLLM reports them: each token's list starts with the token itself, then the k likeliest others, so k + 1
+    entries when the token is not among the k likeliest (here forced by a logit_bias, which logprobs do not see)."""
+    tokenizer = served[1]
+    text = prompt(tokenizer, "Forced tokens")
+    forced = prompt(tokenizer, "Z")[0]
+    seq = sequence(engine, text, max_tokens=4, temperature=0.0, logprobs=2, logit_bias={forced: 100.0}, prompt_logprobs=True)
+    run(engine, {0: [seq]})
+    scored = [s for event in seq.sink for s in event.logprobs or []]
+    assert [s.token for s in scored] == [forced] * 4
+    for s in scored:
+        assert s.top[0] == (forced, s.logprob) and len(s.top) == 3 and forced not in [t for t, _ in s.top[1:]]
+        assert s.top[1][1] >= s.top[2][1] > s.logprob
+    prompt_scores = seq.sink[0].prompt_logprobs
+    assert [s.top[0] for s in prompt_scores[1:]] == [(s.token, s.logprob) for s in prompt_scores[1:]]
+    assert all(len(s.top) in (2, 3) for s in prompt_scores[1:])

@@ -61,7 +61,8 @@ def test_completion_n_logprobs_echo(client):
         assert 1 <= generated <= 5
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
         assert all(v <= 0 for v in lp.token_logprobs[1:])
-        assert all(1 <= len(top) <= 3 for top in lp.top_logprobs[1:])
+        assert all(top[token] == value and 3 <= len(top) <= 4  # the token itself and the 3 likeliest
+                   for token, value, top in zip(lp.tokens[1:], lp.token_logprobs[1:], lp.top_logprobs[1:]))
         assert "".join(lp.tokens) == choice.text
     assert out.usage.completion_tokens == sum(len(c.logprobs.tokens) - prompt_len for c in out.choices)
 
@@ -445,9 +446,74 @@ def test_completion_and_chat_rendering_each_give_ids(tmp_path_factory):
             [([5, 6], 2)], [([5], 1), ([6, 7], 2)]]
         assert chat.ids == tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                                          tokenize=True, return_dict=False)
-        tokenizer.chat_template = None
+        text.chat_template = None
         with pytest.raises(APIError) as refused:
             asyncio.run(text.chat(messages, True))
         assert refused.value.param == "messages" and "no chat template" in refused.value.message
     finally:
         text.close()
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["body", "stream"])
+def test_top_logprobs_hold_the_sampled_token_even_outside_the_top_k(client, stream):
+    """As vLLM: completions list the sampled token and the k likeliest (k + 1 when it is not among them), chat the
+    first k of that list (the sampled token first). A logit_bias forces a token that logprobs, the model's own, rank low."""
+    forced = {"logit_bias": {"90": 100}, "max_tokens": 4, "temperature": 0, "stream": stream}
+    completion = client.completions.create(model=MODEL, prompt="Hello", logprobs=2, **forced)
+    chunks = list(completion) if stream else [completion]
+    tokens = [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.tokens]
+    values = [v for c in chunks for ch in c.choices if ch.logprobs for v in ch.logprobs.token_logprobs]
+    tops = [t for c in chunks for ch in c.choices if ch.logprobs for t in ch.logprobs.top_logprobs]
+    assert tokens == ["Z"] * 4
+    for value, top in zip(values, tops):
+        assert len(top) == 3 and top["Z"] == value and sorted(top.values())[0] == value
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], logprobs=True,
+                                          top_logprobs=2, **forced)
+    chunks = list(chat) if stream else [chat]
+    content = [item for c in chunks for ch in c.choices if ch.logprobs for item in ch.logprobs.content]
+    assert [item.token for item in content] == ["Z"] * 4
+    for item in content:
+        assert len(item.top_logprobs) == 2 and (item.top_logprobs[0].token, item.top_logprobs[0].logprob) == ("Z", item.logprob)
+        assert item.top_logprobs[1].logprob > item.logprob
+
+
+def queued(server) -> float:
+    return metric(server, "tablefree_queue_depth")
+
+
+def test_health_answers_while_a_huge_echo_body_is_built(server):
+    """Issue 17's item 11: 4 prompts of 1,024 ids, n=16, echo, logprobs 20, max_tokens 0 make a ~34 MB body. It is
+    built and encoded off the event loop, so /health keeps answering (it waited 3.5 s), and a small request queued
+    after it finishes first (each prompt is scored once, not once per choice, and one request holds half the batch)."""
+    prompts = [[0x4E00 + (p * 1000 + i * 31) % 20000 for i in range(CARD_CONTEXT)] for p in range(4)]
+    big = {"model": MODEL, "prompt": prompts, "n": 16, "best_of": 16, "echo": True, "logprobs": 20, "max_tokens": 0}
+    done: dict[str, float] = {}
+    responses: dict[str, httpx.Response] = {}
+
+    def send(name: str, body: dict):
+        responses[name] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=600)
+        done[name] = time.monotonic()
+
+    senders = [threading.Thread(target=send, args=("big", big))]
+    senders[0].start()
+    while queued(server) == 0 and senders[0].is_alive():
+        time.sleep(0.01)
+    senders.append(threading.Thread(target=send, args=("small", {"model": MODEL, "prompt": "Hi", "max_tokens": 8,
+                                                                 "temperature": 0, "ignore_eos": True})))
+    senders[1].start()
+    answered = 0
+    with httpx.Client(base_url=server.url, timeout=1.0) as probe:  # liveness bound, as for large prompts above
+        while senders[0].is_alive():
+            assert probe.get("/health").status_code == 200
+            answered += 1
+            time.sleep(0.02)
+    for sender in senders:
+        sender.join()
+    assert responses["big"].status_code == 200 and responses["small"].status_code == 200
+    assert done["small"] < done["big"] and answered >= 5
+    choices = responses["big"].json()["choices"]
+    assert len(choices) == 64 and all(len(c["logprobs"]["tokens"]) == CARD_CONTEXT for c in choices)
+    for choice in choices[::16]:
+        lp = choice["logprobs"]
+        assert all(top[token] == value and len(top) in (20, 21)
+                   for token, value, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]))

@@ -306,7 +306,7 @@ class _Routes:
         self.metrics.prompt_tokens.inc(run.prompt_tokens)
         if body.stream:
             return StreamingResponse(run.stream(), media_type="text/event-stream")
-        return await run.collect(request)
+        return await run.respond(request)  # built and encoded off the event loop
 
 
 def conversation(messages) -> list[dict]:

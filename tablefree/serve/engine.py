@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from . import ServeLimits
 from .params import SamplingParams
-from .sampling import NonFiniteLogits, TokenSampler, finite_rows, top_logprobs
+from .sampling import NonFiniteLogits, Penalties, TokenSampler, finite_rows, top_logprobs
 from .text import IncrementalText
 
 log = logging.getLogger("tablefree.serve")
@@ -43,6 +43,7 @@ class QueueFull(Exception):
 class TokenLogprob:
     token: int
     logprob: float | None  # None for a prompt's first token, which nothing predicts
+    # (id, logprob): this token first, then the k most likely others (k + 1 pairs when it is outside the top k)
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
@@ -90,6 +91,8 @@ class Sequence:
         self.text = IncrementalText(tokenizer, params.stop, params.skip_special_tokens)
         # Choice i of a seeded request draws from seed + i, so n > 1 differs yet repeats exactly.
         self.generator = None if params.seed is None else torch.Generator().manual_seed((params.seed + choice) % 2**64)
+        self.penalties: Penalties | None = None  # the sampler builds it on the first step that needs it
+        self.request: object | None = None  # what `Engine.submit` received it with: its request
         self.cancelled = False
         self.finished = False
 
@@ -170,6 +173,11 @@ class FewRowsHead:
         return logits.reshape(*hidden.shape[:-1], self.vocab)
 
 
+def _prompt_key(seq: Sequence) -> tuple:
+    """Sequences with equal keys share one prefill: the same prompt, scored (to the same depth) or not."""
+    return tuple(seq.prompt_ids), seq.params.logprobs if seq.params.prompt_logprobs else None
+
+
 def end_of_sequence_ids(model, tokenizer) -> set[int]:
     """The ids that end a sequence: the generation config's eos ids and the tokenizer's eos token."""
     config = getattr(model, "generation_config", None)
@@ -185,14 +193,18 @@ class Engine:
 
     A fault while serving one sequence ends that sequence alone with an error event: a batched forward pass
     that fails is retried row by row to find whose it is, and every other row goes on as if alone.
+    One request holds at most `max_rows_per_request` rows of the batch (half of it by default), so a request of
+    many sequences never keeps the next request waiting for its rows to finish.
     """
 
     def __init__(self, model, tokenizer, *, max_batch_size: int = ServeLimits.max_batch_size, max_model_len: int,
                  max_queue: int = ServeLimits.max_queue,
-                 max_prefill_tokens: int = 4096, seed: int | None = None, threads: int | None = None):
+                 max_prefill_tokens: int = 4096, seed: int | None = None, threads: int | None = None,
+                 max_rows_per_request: int | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.max_rows_per_request = max_rows_per_request or max(1, max_batch_size // 2)
         self.max_model_len = max_model_len
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
@@ -222,6 +234,10 @@ class Engine:
         self._thread.join(timeout=30)
 
     def submit(self, sequences: list[Sequence]) -> None:
+        """Queues one request's sequences."""
+        request = object()
+        for seq in sequences:
+            seq.request = request
         with self._wake:
             if len(sequences) > self.max_queue:
                 raise ValueError(f"{len(sequences)} sequences in one request is over the queue's bound of {self.max_queue}")
@@ -282,15 +298,27 @@ class Engine:
             self._deliver()
 
     def _admit(self) -> list[Sequence]:
-        admitted, budget = [], self.max_prefill_tokens
+        """Waiting sequences in arrival order, within the batch, the prefill budget (a prompt already admitted this
+        step is free: it is prefilled once) and each request's share of rows (its further sequences wait)."""
+        admitted, budget, skipped = [], self.max_prefill_tokens, []
+        rows = collections.Counter(seq.request for seq in self._rows)
+        prompts = set()
         while self._pending and len(self._rows) + len(admitted) < self.max_batch_size:
             seq = self._pending[0]
-            if admitted and len(seq.prompt_ids) > budget:
+            key = _prompt_key(seq)
+            cost = 0 if key in prompts else len(seq.prompt_ids)
+            if admitted and cost > budget:
                 break
             self._pending.popleft()
+            if rows[seq.request] >= self.max_rows_per_request and not seq.cancelled:
+                skipped.append(seq)
+                continue
             if self._admissible(seq):
-                budget -= len(seq.prompt_ids)
+                budget -= cost
+                prompts.add(key)
+                rows[seq.request] += 1
                 admitted.append(seq)
+        self._pending.extendleft(reversed(skipped))  # back at the front, in their order
         return admitted
 
     def _admissible(self, seq: Sequence) -> bool:
@@ -323,10 +351,13 @@ class Engine:
         return None
 
     def _prefill_groups(self, admitted: list[Sequence]) -> list[list[Sequence]]:
-        # A prompt to score (echo + logprobs) needs every position's logits: prefill it alone.
-        scored = [[s] for s in admitted if s.params.prompt_logprobs]
+        # A prompt to score (echo + logprobs) needs every position's logits: prefill it alone (with its copies).
+        scored: dict[tuple, list[Sequence]] = {}
+        for seq in admitted:
+            if seq.params.prompt_logprobs:
+                scored.setdefault(_prompt_key(seq), []).append(seq)
         batched = [s for s in admitted if not s.params.prompt_logprobs]
-        return scored + ([batched] if batched else [])
+        return list(scored.values()) + ([batched] if batched else [])
 
     def _forward(self, ids, mask, positions, cache, keep):
         kwargs = {self._cache_arg: cache}
@@ -343,25 +374,45 @@ class Engine:
         return out.logits, getattr(out, "cache", None) or out.past_key_values
 
     def _prefill(self, group: list[Sequence]) -> None:
-        """Runs the prompts of `group` together; if that fails, each alone, so only a prompt that fails by itself ends."""
+        """Runs the prompts of `group` together, each distinct prompt once (the n choices of a request share theirs);
+        if that fails, each alone, so only a prompt that fails by itself ends."""
+        firsts, row_of = [], []  # one sequence per distinct prompt; the row of each sequence's prompt
+        rows = {}
+        for seq in group:
+            row = rows.setdefault(_prompt_key(seq), len(firsts))
+            if row == len(firsts):
+                firsts.append(seq)
+            row_of.append(row)
         try:
-            logits, layers = self._prefill_forward(group)
+            logits, layers = self._prefill_forward(firsts)
         except Exception as exc:
-            if len(group) == 1:
-                log.exception("prefill failed for one sequence")
-                self._fail(group[0], f"the forward pass over the prompt failed: {type(exc).__name__}: {exc}")
+            if len(firsts) == 1:
+                log.exception("prefill failed for one prompt")
+                for seq in group:
+                    self._fail(seq, f"the forward pass over the prompt failed: {type(exc).__name__}: {exc}")
                 return
-            log.warning("a prefill of %d prompts failed (%s: %s); retrying them one by one", len(group), type(exc).__name__, exc)
-            for seq in group:
-                self._prefill([seq])
+            log.warning("a prefill of %d prompts failed (%s: %s); retrying them one by one", len(firsts), type(exc).__name__, exc)
+            for row, first in enumerate(firsts):
+                self._prefill([seq for seq, r in zip(group, row_of) if r == row])
             return
+        scores = [None] * len(firsts)
+        for row, first in enumerate(firsts):
+            if first.params.prompt_logprobs:
+                try:
+                    scores[row] = self._score_prompt(first, logits[row])
+                except Exception as exc:
+                    log.exception("scoring the prompt failed")
+                    for seq, r in zip(group, row_of):
+                        if r == row:
+                            self._fail(seq, f"scoring the prompt failed: {type(exc).__name__}: {exc}")
+        last = logits[:, -1]
+        if len(firsts) < len(group):  # copies of a prompt get its cache and last logits, not a forward of their own
+            index = torch.tensor(row_of, device=last.device)
+            last = last.index_select(0, index)
+            if layers is not None:
+                layers = [(k.index_select(0, index), v.index_select(0, index)) for k, v in layers]
         self._join(group, layers)
-        prompt_scores = [None] * len(group)
-        for row, seq in enumerate(group):
-            if seq.params.prompt_logprobs:
-                with self._alone(seq, "scoring the prompt"):
-                    prompt_scores[row] = self._score_prompt(seq, logits[row])
-        self._next_tokens(group, logits[:, -1], prompt_scores)
+        self._next_tokens(group, last, [scores[r] for r in row_of])
 
     def _prefill_forward(self, group: list[Sequence]):
         """(logits, per-layer (keys, values)) of the left-padded prompts of `group`; no layers on the uncached path."""
@@ -402,16 +453,14 @@ class Engine:
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor) -> list[TokenLogprob]:
         """Logprob of each prompt token given the ones before it (in chunks: V-wide rows are large)."""
         scores = [TokenLogprob(seq.prompt_ids[0], None)]
-        targets = torch.tensor(seq.prompt_ids[1:], dtype=torch.long, device=logits.device)
+        targets = seq.prompt_ids[1:]
         for start in range(0, len(targets), 256):
             chunk = targets[start : start + 256]
             chunk_logits = logits[start : start + len(chunk)].float()
             if not all(finite_rows(chunk_logits)):
                 raise NonFiniteLogits("the model produced non-finite logits (NaN or infinity) over this prompt")
-            lp = torch.log_softmax(chunk_logits, dim=-1)
-            picked = lp.gather(-1, chunk[:, None])[:, 0].tolist()
-            for i, (token, value) in enumerate(zip(chunk.tolist(), picked)):
-                scores.append(TokenLogprob(token, value, top_logprobs(lp[i], seq.params.logprobs or 0)))
+            tops = top_logprobs(torch.log_softmax(chunk_logits, dim=-1), [seq.params.logprobs or 0] * len(chunk), chunk)
+            scores.extend(TokenLogprob(token, top[0][1], top) for token, top in zip(chunk, tops))
         return scores
 
     def _join(self, group: list[Sequence], layers: list[tuple[torch.Tensor, torch.Tensor]] | None) -> None:
@@ -500,24 +549,31 @@ class Engine:
             return
         last = last if len(live) == len(rows) else last[live]
         live_rows = [rows[i] for i in live]
-        logprobs = self._logprobs(last, live_rows)  # before sampling, which scales the logits in place
-        for j, (seq, choice) in enumerate(zip(live_rows, self.sampler.sample(last, live_rows))):
+        wanted = [j for j, s in enumerate(live_rows) if s.params.logprobs is not None]
+        # Before sampling, which changes the logits in place: logprobs are the model's, as vLLM reports them.
+        logprobs = torch.log_softmax(last[wanted].float(), dim=-1) if wanted else None
+        choices = self.sampler.sample(last, live_rows)
+        scores = self._token_logprobs(logprobs, wanted, live_rows, choices)
+        for j, (seq, choice) in enumerate(zip(live_rows, choices)):
             if isinstance(choice, Exception):
                 self._fail(seq, f"sampling failed: {choice}")
                 continue
             with self._alone(seq, "handing out the token"):
-                self._append(seq, choice, logprobs[j], prompt_scores[live[j]])
+                self._append(seq, choice, scores[j], prompt_scores[live[j]])
 
-    def _logprobs(self, logits: torch.Tensor, rows: list[Sequence]) -> list[torch.Tensor | None]:
-        wanted = [i for i, s in enumerate(rows) if s.params.logprobs is not None]
-        out: list[torch.Tensor | None] = [None] * len(rows)
-        if wanted:
-            lp = torch.log_softmax(logits[wanted].float(), dim=-1).cpu()
-            for j, i in enumerate(wanted):
-                out[i] = lp[j]
+    @staticmethod
+    def _token_logprobs(logprobs, wanted: list[int], rows: list[Sequence], choices: list) -> list[TokenLogprob | None]:
+        """The chosen token's logprob and top list for each row that asked for logprobs: one top-k over those rows."""
+        out: list[TokenLogprob | None] = [None] * len(rows)
+        ok = [j for j, i in enumerate(wanted) if not isinstance(choices[i], Exception)]
+        if ok:
+            picked = [choices[wanted[j]] for j in ok]
+            tops = top_logprobs(logprobs[ok], [rows[wanted[j]].params.logprobs for j in ok], picked)
+            for j, token, top in zip(ok, picked, tops):
+                out[wanted[j]] = TokenLogprob(token, top[0][1], top)
         return out
 
-    def _append(self, seq: Sequence, token: int, logprobs: torch.Tensor | None, prompt_scores=None) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None, prompt_scores=None) -> None:
         seq.output_ids.append(token)
         finish = None
         if token in seq.eos_ids or token in seq.stop_ids:
@@ -530,10 +586,7 @@ class Engine:
             elif len(seq.output_ids) >= seq.params.max_tokens or len(seq.token_ids) >= self.max_model_len:
                 finish = "length"
                 text += seq.text.finish()
-        scores = None
-        if logprobs is not None:
-            scores = [TokenLogprob(token, float(logprobs[token]), top_logprobs(logprobs, seq.params.logprobs))]
-        self._emit(seq, SequenceEvent(text, [token], scores, finish, prompt_scores))
+        self._emit(seq, SequenceEvent(text, [token], None if logprob is None else [logprob], finish, prompt_scores))
 
     @contextlib.contextmanager
     def _alone(self, seq: Sequence, what: str):

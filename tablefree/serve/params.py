@@ -35,6 +35,8 @@ class SamplingParams:
     logprobs: int | None = None  # how many alternatives to report per token; None: no logprobs
     prompt_logprobs: bool = False  # echo + logprobs: score the prompt too
     skip_special_tokens: bool = True
+    # logit_bias as (ids, values) tensors: built once by the sampler and shared by every sequence of these params
+    logit_bias_tensors: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def greedy(self) -> bool:
