@@ -446,7 +446,7 @@ def test_completion_and_chat_rendering_each_give_ids(tmp_path_factory):
             [([5, 6], 2)], [([5], 1), ([6, 7], 2)]]
         assert chat.ids == tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                                          tokenize=True, return_dict=False)
-        text.chat_template = None
+        tokenizer.chat_template = None
         with pytest.raises(APIError) as refused:
             asyncio.run(text.chat(messages, True))
         assert refused.value.param == "messages" and "no chat template" in refused.value.message
