@@ -24,6 +24,20 @@ def tiny_config(variant: str = "affine", **overrides):
     return build_config(f"tiny-{variant}", **{**fields, **overrides})
 
 
+# Every input interface, as the serving engines' tests run them.
+ENGINE_VARIANTS = {
+    "minimal": ("minimal", {}),
+    "affine": ("affine", {}),
+    "gray": ("gray", {}),
+    "hashed-16": ("hashed", {"code_bits": 16}),
+    "hashed-32": ("hashed", {"code_bits": 32}),
+    "interleave": ("affine", {"code_layout": "interleave"}),
+    "bipolar": ("affine", {"code_values": "bipolar"}),
+    "scale-0.25": ("affine", {"code_scale": 0.25}),
+    "learned": ("learned", {}),
+}
+
+
 @pytest.fixture(scope="session")
 def saved_tiny_model(tmp_path_factory, code_point_tokenizer):
     """A tiny table-free model saved in the Hugging Face form, with its tokenizer."""

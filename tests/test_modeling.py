@@ -2,7 +2,7 @@ import contextlib
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import ENGINE_VARIANTS, tiny_config
 from transformers import GPTNeoXForCausalLM
 
 from tablefree.codes import CodeLift
@@ -120,20 +120,6 @@ def test_bad_model_settings_are_clear_errors():
         build_config("tiny-affine", code_family="ternary")
     with pytest.raises(TableFreeError, match="singular"):
         build_config("tiny-affine", affine_rows=[1] * 16, affine_offset=0)
-
-
-# Every input interface, as the serving engines' tests run them.
-ENGINE_VARIANTS = {
-    "minimal": ("minimal", {}),
-    "affine": ("affine", {}),
-    "gray": ("gray", {}),
-    "hashed-16": ("hashed", {"code_bits": 16}),
-    "hashed-32": ("hashed", {"code_bits": 32}),
-    "interleave": ("affine", {"code_layout": "interleave"}),
-    "bipolar": ("affine", {"code_values": "bipolar"}),
-    "scale-0.25": ("affine", {"code_scale": 0.25}),
-    "learned": ("learned", {}),
-}
 
 
 @contextlib.contextmanager
