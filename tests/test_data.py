@@ -249,7 +249,9 @@ def test_read_only_output_directory(tmp_path, prepared_data, capsys):
     if os.geteuid() == 0:  # root writes through permission bits; sysfs refuses even root
         locked = Path("/sys")
     code, err = _prepare_cli(capsys, "--source", corpus, "--tokenizer", prepared_data / "tokenizer", "--out", locked / "d")
-    assert code == 2 and "cannot create the output directory" in err
+    # Its lock, beside it, is the first thing a command writes: an error of the environment (exit status 1).
+    assert code == 1 and f"could not write the lock {locked / '.d.tablefree-lock'} of the output directory {locked / 'd'}: " in err
+    assert not (locked / "d").exists()
 
 
 def test_settings_changes_need_force_and_force_replaces_only_its_own_files(tmp_path, prepared_data, capsys):

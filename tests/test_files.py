@@ -241,12 +241,12 @@ def test_writers_refuse_a_symlink(tmp_path, elsewhere):
 
 
 def test_commands_never_write_through_a_symlink_in_their_output(tmp_path, elsewhere, command_inputs, capsys):
-    commands = _writing_commands(tmp_path / "OUT", **command_inputs)
     # A finished output with --force (its files named by the marker), and resumable outputs resumed.
     cases = [("new", "config.json", ["--force"]), ("export", "model.safetensors", ["--force"]),
              ("export-gguf", "model.gguf", ["--force"]), ("tokenizer", "tokenizer.json", ["--force"]),
              ("data", "tokenizer", []), ("train", "model", []), ("compare", "affine-seed0", []),
              ("quickstart", "runs/affine", [])]
+    assert {name for name, _, _ in cases} == set(_writing_commands(tmp_path, **command_inputs))
     for name, inside, flags in cases:
         out = tmp_path / name
         args = _writing_commands(out, **command_inputs)[name]
@@ -256,9 +256,9 @@ def test_commands_never_write_through_a_symlink_in_their_output(tmp_path, elsewh
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(elsewhere)
         code, err = _main(capsys, [*args, *flags])
-        assert code == 2 and err == f"error: {link} is a symbolic link; tablefree never writes through one (it could " \
-                                     f"overwrite what it points to): move it away, or choose another output directory\n", (name, err)
-    assert commands  # every writing command was tried
+        assert code == 2, (name, err)
+        assert err == (f"error: {link} is a symbolic link; tablefree never writes through one (it could overwrite what "
+                       f"it points to): move it away, or choose another output directory\n"), name
     _untouched(elsewhere)
 
 

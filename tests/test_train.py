@@ -514,3 +514,69 @@ def test_fuzzed_settings_of_real_runs_never_give_a_traceback(prepared_data, tmp_
         _assert_no_traceback(*_main(capsys, *args))
 
     run()
+
+
+def test_a_second_run_into_the_same_out_is_refused_while_the_first_runs(prepared_data, tmp_path):
+    values = train_overrides(prepared_data, tmp_path / "run", max_steps=100_000, checkpoint_every=0)
+    first = _cli(values)
+    try:
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "run" / "metrics.jsonl").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None  # the first run is training
+        second = _cli({**values, "seed": 1, "max_steps": 3})
+        output = second.communicate()[0]
+        assert second.returncode == 2
+        assert output.splitlines()[-1].startswith(f"error: the output directory {tmp_path / 'run'} is in use by another "
+                                                  f"tablefree command (pid {first.pid}: ")
+        assert f"-m tablefree.cli train data={prepared_data} out={tmp_path / 'run'} " in output.splitlines()[-1]
+    finally:
+        first.kill()
+        first.wait()
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())]
+    assert steps == sorted(steps) and len(steps) == len(set(steps))  # one run's rows only
+
+
+@pytest.mark.parametrize("written", ["model", "metrics.jsonl", "tensorboard", CHECKPOINT, "result.json"])
+def test_a_resumed_run_never_writes_through_a_symlink(prepared_data, tmp_path, saved_tiny_model, written):
+    import shutil
+
+    other = tmp_path / "other-model"
+    shutil.copytree(saved_tiny_model[0], other)
+    before = {p.name: p.read_bytes() for p in other.iterdir()}
+    run = tmp_path / "run"
+    values = train_overrides(prepared_data, run, max_steps=4, schedule="wsd", decay_fraction=0.0)
+    train(make_config({**values, "max_steps": 2, "save_model": False}))  # a run stopped after its first checkpoint
+    target = {"model": other, "tensorboard": other, "metrics.jsonl": tmp_path / "dangling.jsonl",
+              CHECKPOINT: other / "model.safetensors", "result.json": other / "config.json"}[written]
+    if (run / written).exists():
+        (run / written).unlink()
+    (run / written).symlink_to(target)
+    for force in (False, True):
+        with pytest.raises(TableFreeError, match=f"{run / written} is a symbolic link; tablefree never writes through one"):
+            train(make_config({**values, "force": force}))
+    assert {p.name: p.read_bytes() for p in other.iterdir()} == before
+    assert not (tmp_path / "dangling.jsonl").exists()
+
+
+def _rows(run: Path) -> list[dict]:
+    """metrics.jsonl without the measured speeds (tokens/s and MFU differ from run to run)."""
+    rows = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [{k: v for k, v in row.items() if k not in ("tokens_per_s", "mfu")} for row in rows]
+
+
+def test_a_kill_while_the_final_model_is_written_then_resume_leaves_metrics_as_a_straight_run(prepared_data, tmp_path):
+    values = train_overrides(prepared_data, tmp_path / "straight", max_steps=3, checkpoint_every=2, eval_every=2)
+    train(make_config(values))
+    killed = tmp_path / "killed"
+    train(make_config({**values, "out": str(killed)}))
+    # What a kill -9 while the final model is written leaves: its model half-written in a temporary of a dead
+    # process beside OUT/model, and no model or result.json yet; everything written before it stays.
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (killed / "model").rename(killed / f".model.tablefree-tmp-{int(dead.stdout)}-0a1b2c3d")
+    (killed / f".model.tablefree-tmp-{int(dead.stdout)}-0a1b2c3d" / "model.safetensors").write_bytes(b"half")
+    (killed / "result.json").unlink()
+    train(make_config({**values, "out": str(killed)}))
+    assert _rows(killed) == _rows(tmp_path / "straight")
+    assert [r["step"] for r in _rows(killed) if "val_loss" in r] == [2, 3]
+    assert (killed / "model" / "config.json").is_file() and not list(killed.glob(".model.tablefree-tmp-*"))
