@@ -39,8 +39,14 @@ def vllm_python() -> str:
     return python
 
 
-def vllm_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+def vllm_env(ranks: int = 1) -> dict:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
+    cores = sorted(os.sched_getaffinity(0))
+    if 1 < ranks <= len(cores):
+        # one core per tensor-parallel rank: the CPU build binds each rank's threads to a NUMA node otherwise,
+        # and a machine of one node has too few for two ranks
+        env["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}|{cores[1]}"
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +68,11 @@ def vllm_offline(variant_dirs, tmp_path_factory) -> dict:
     python = vllm_python()
     work = tmp_path_factory.mktemp("vllm-offline")
     job = {"models": {name: str(path) for name, path in variant_dirs.items()}, "prompts": PROMPTS,
-           "max_tokens": MAX_TOKENS, "max_model_len": CONTEXT, "kv_cache_bytes": KV_CACHE_BYTES}
+           "max_tokens": MAX_TOKENS, "max_model_len": CONTEXT, "kv_cache_bytes": KV_CACHE_BYTES,
+           "tensor_parallel": {"affine": str(variant_dirs["affine"])} if len(os.sched_getaffinity(0)) >= 2 else {}}
     (work / "job.json").write_text(json.dumps(job))
     script = Path(__file__).with_name("vllm_offline.py")
-    run = subprocess.run([python, str(script), str(work / "job.json"), str(work / "out.json")], env=vllm_env(),
+    run = subprocess.run([python, str(script), str(work / "job.json"), str(work / "out.json")], env=vllm_env(ranks=2),
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, f"vLLM failed:\n{(run.stdout + run.stderr)[-6000:]}"
     return json.loads((work / "out.json").read_text())
@@ -109,6 +116,18 @@ def test_vllm_serves_every_variant_natively_equal_to_tablefree(name, variant_dir
         assert [top for _, top in got["prompt_logprobs"]] == want["top1"], prompt
         diffs = [abs(a - b) for (a, _), b in zip(got["prompt_logprobs"], want["logprobs"])]
         assert max(diffs, default=0.0) < 1e-5, (prompt, max(diffs))
+
+
+def test_vllm_tensor_parallel_over_two_ranks_equals_one_rank(vllm_offline):
+    """The multi-GPU route, on two CPU ranks: the table-free directory sharded by its tensor-parallel plan."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("tensor parallelism over two ranks needs two cores")
+    one, two = vllm_offline["affine"], vllm_offline["tp2:affine"]
+    assert two["parameters"]["lm_head.weight"] == [32_768, 64]  # rank 0 holds half the output head
+    assert [n for n, shape in two["parameters"].items() if shape[0] in (32_768, 65_536)] == ["lm_head.weight"]
+    for a, b in zip(one["prompts"], two["prompts"]):
+        assert a["token_ids"] == b["token_ids"] and a["text"] == b["text"]
+        assert max((abs(x - y) for (x, _), (y, _) in zip(a["prompt_logprobs"], b["prompt_logprobs"])), default=0) < 1e-5
 
 
 class VllmServer:

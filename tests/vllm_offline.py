@@ -3,8 +3,9 @@ job file with vLLM's offline engine and writes what it produced, for tests/test_
 
     python vllm_offline.py JOB.json OUT.json
 
-JOB: {"models": {name: directory}, "prompts": [text], "max_tokens": n}. OUT, per model: the greedy token ids
-and text of each prompt, each prompt position's logprob and top-1 id, and the model's parameter shapes.
+JOB: {"models": {name: directory}, "prompts": [text], "max_tokens": n, "tensor_parallel": {name: directory}}.
+OUT, per model: the greedy token ids and text of each prompt, each prompt position's logprob and top-1 id,
+and the model's parameter shapes; the `tensor_parallel` models run again on two ranks (one core each), named `tp2:NAME`.
 """
 
 import json
@@ -20,13 +21,16 @@ def run(job: dict) -> dict:
 
     greedy = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], prompt_logprobs=1, logprobs=1)
     results = {}
-    for name, directory in job["models"].items():
+    runs = [(name, directory, 1) for name, directory in job["models"].items()]
+    runs += [(f"tp2:{name}", directory, 2) for name, directory in job.get("tensor_parallel", {}).items()]
+    for name, directory, ranks in runs:
         llm = LLM(model=directory, trust_remote_code=True, dtype="float32", enforce_eager=True,
-                  max_model_len=job["max_model_len"], kv_cache_memory_bytes=job["kv_cache_bytes"], seed=0)
+                  max_model_len=job["max_model_len"], kv_cache_memory_bytes=job["kv_cache_bytes"], seed=0,
+                  tensor_parallel_size=ranks, distributed_executor_backend="mp" if ranks > 1 else None)
         outputs = llm.generate(job["prompts"], greedy, use_tqdm=False)
         results[name] = {
             "architecture": llm.llm_engine.model_config.architecture,
-            "parameters": llm.apply_model(parameter_shapes)[0],
+            "parameters": llm.apply_model(parameter_shapes)[0],  # rank 0's shard under tensor parallelism
             "prompts": [
                 {
                     "prompt_ids": list(out.prompt_token_ids),
