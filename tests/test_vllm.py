@@ -2,7 +2,7 @@
 compared with tablefree's own engine and server.
 
 vLLM lives in its own environment (its transformers range is not tablefree's): these tests run it from the
-Python named by TABLEFREE_VLLM_PYTHON (README, "Serving with vLLM", says how to make one; CI does) and
+Python named by TABLEFREE_VLLM_PYTHON (the README's "Serving at scale" says how to make one; CI does) and
 skip, saying so, when none is given. vLLM starts once per test, module-wide.
 """
 
@@ -11,11 +11,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import torch
 from conftest import ENGINE_VARIANTS
@@ -32,7 +29,7 @@ def vllm_python() -> str:
     python = os.environ.get("TABLEFREE_VLLM_PYTHON")
     if not python:
         pytest.skip("vLLM lives in its own environment: set TABLEFREE_VLLM_PYTHON to its python "
-                    "(README, 'Serving with vLLM', makes one in two lines) to run the vLLM tests")
+                    "(the README's 'Serving at scale' makes one) to run the vLLM tests")
     found = subprocess.run([python, "-c", "import vllm; print(vllm.__version__)"], capture_output=True, text=True)
     if found.returncode != 0:
         pytest.fail(f"TABLEFREE_VLLM_PYTHON={python} cannot import vllm:\n{found.stderr[-2000:]}")
@@ -130,41 +127,25 @@ def test_vllm_tensor_parallel_over_two_ranks_equals_one_rank(vllm_offline):
         assert max((abs(x - y) for (x, _), (y, _) in zip(a["prompt_logprobs"], b["prompt_logprobs"])), default=0) < 1e-5
 
 
-class VllmServer:
+class VllmServer(ServerProcess):
     """vLLM's OpenAI server (`python -m vllm.entrypoints.openai.api_server`) on a free loopback port."""
 
     def __init__(self, python: str, model: Path, log_path: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log = open(log_path, "w")
         self.log_path = log_path
+        self.log = open(log_path, "w")
         self.process = subprocess.Popen(
             [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--trust-remote-code",
              "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--max-model-len", str(CONTEXT),
              "--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--seed", "0"],
             stdout=self.log, stderr=subprocess.STDOUT, env={**vllm_env(), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"},
         )
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {self.process.returncode}:\n{log_path.read_text()[-6000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"vLLM not ready after 600 s:\n{log_path.read_text()[-6000:]}")
-
-    def stop(self) -> None:
-        self.process.terminate()
         try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.log.close()
+            self.wait_ready(timeout=600)  # vLLM starts in 40-170 s on two shared cores
+        except RuntimeError:
+            self.stop()
+            raise
 
 
 @pytest.fixture(scope="module")
