@@ -8,6 +8,9 @@ the small network one stream is also decoded in the same run by transformers' `g
 same weights) and, when llama-cpp-python is installed, by llama.cpp (`llama_cpp.Llama`) on the f32
 GGUF export (`tablefree export --format gguf`), fed the same prompt ids, with the same thread count.
 The machine may be shared: every figure is the best of --repeats runs, interleaved.
+The small network also runs with the int8 output head (`--head-precision int8`) in the same interleaved turns, and
+that head's quality is measured against the float32 head: top-1 agreement and bits per byte over 512 positions of
+held-out text (python-notes). Give a trained --small: a fresh network's near-uniform logits make agreement noise.
 Goals: tiny c8/c1 >= 3; small one stream >= 0.5x llama.cpp f32's, and small c8 >= 1.5x llama.cpp's
 aggregate (llama.cpp decodes one sequence at a time, so its aggregate is its one-stream rate).
 Last line: ratio = tiny sampled c8 tokens/s / tiny sampled c1 tokens/s.
@@ -25,7 +28,7 @@ from pathlib import Path
 import torch
 
 from tablefree.runtime import add_runtime_flags, resolve_runtime
-from tablefree.serve.engine import Engine, Sequence
+from tablefree.serve.engine import Engine, Int8Head, Sequence, head_quality
 from tablefree.serve.params import SamplingParams
 from tablefree.serve.server import context_length, load_for_serving
 
@@ -59,15 +62,15 @@ def generate_rate(model, ids: list[int], max_tokens: int) -> float:
     return max_tokens / seconds
 
 
-def llama_model(model_dir: str, workdir: Path, threads: int, context: int):
-    """llama_cpp.Llama on the f32 GGUF export, or (None, why not)."""
+def llama_model(model_dir: str, workdir: Path, threads: int, context: int, outtype: str = "f32"):
+    """llama_cpp.Llama on the GGUF export of `outtype` (f32, q8_0), or (None, why not)."""
     try:
         import llama_cpp
     except ImportError:
         return None, "llama-cpp-python is not installed"
-    out = workdir / "gguf-f32"
+    out = workdir / f"gguf-{outtype}"
     export = subprocess.run([sys.executable, "-m", "tablefree.cli", "export", model_dir, str(out), "--format", "gguf",
-                             "--outtype", "f32"], capture_output=True, text=True)
+                             "--outtype", outtype], capture_output=True, text=True)
     if export.returncode != 0:
         return None, f"the GGUF export failed: {export.stdout[-300:]}{export.stderr[-300:]}"
     return llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=context, n_threads=threads,
@@ -109,39 +112,58 @@ def main() -> None:
     best: dict[tuple, float] = {}
     references: dict[str, float] = {}
     reasons = []
+    quality = None
     for name, path in paths.items():
         model, tokenizer = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
         context = context_length(model.config, None)
-        engine = Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context, seed=0)
+        engines = {name: Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context, seed=0)}
+        if name == "small" and Int8Head.of(model) is not None:
+            int8 = Int8Head.of(model)
+            engines["small-int8"] = Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context,
+                                           seed=0, head=int8)
+            quality = head_quality(model, tokenizer, int8)
         ids = tokenizer.encode(PROMPT, add_special_tokens=False)
-        engine_rate(engine, ids, 2, 0.5, 8)  # warm-up: first-call allocations
-        llm = None
+        for engine in engines.values():
+            engine_rate(engine, ids, 2, 0.5, 8)  # warm-up: first-call allocations
+        llm = llm_q8 = None
         if name == "small":
             reference, _ = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
             generate_rate(reference, ids, 8)
             llm, why = llama_model(path, workdir, threads, context)
-            if why:
+            llm_q8, why_q8 = llama_model(path, workdir, threads, context, "q8_0")
+            for why in {why, why_q8} - {None}:
                 reasons.append(f"llama.cpp left out: {why}")
         for run in range(args.repeats):
             for mode, temperature in MODES.items():
                 for clients in args.concurrency:
-                    key = (name, mode, clients)
-                    best[key] = max(best.get(key, 0.0), engine_rate(engine, ids, clients, temperature, args.max_tokens))
+                    for label, engine in engines.items():  # float32 and int8 heads in alternating turns
+                        key = (label, mode, clients)
+                        best[key] = max(best.get(key, 0.0), engine_rate(engine, ids, clients, temperature, args.max_tokens))
             if name == "small":
                 references["generate"] = max(references.get("generate", 0.0), generate_rate(reference, ids, args.max_tokens))
                 if llm is not None:
                     references["llama"] = max(references.get("llama", 0.0), llama_rate(llm, ids, args.max_tokens))
+                if llm_q8 is not None:
+                    references["llama q8_0"] = max(references.get("llama q8_0", 0.0), llama_rate(llm_q8, ids, args.max_tokens))
             print(f"  {name}: run {run + 1} of {args.repeats} done", file=sys.stderr, flush=True)
-        del engine, model, llm
+        del engines, engine, model, llm, llm_q8
 
     print(f"\nin-process engine, {args.max_tokens} new tokens per sequence, prompt {PROMPT!r}, best of {args.repeats}; "
           f"{runtime.describe()}")
     print(f"{'network':<14}{'mode':<9}" + "".join(f"{f'c{c} tok/s':>12}" for c in args.concurrency) + f"{'c8/c1':>8}")
-    for name, path in paths.items():
+    labels = {name: Path(path).name[:13] for name, path in paths.items()}
+    if quality is not None:
+        labels["small-int8"] = "  int8 head"
+    for name, label in labels.items():
         for mode in MODES:
             rates = [best[name, mode, c] for c in args.concurrency]
             ratio = best.get((name, mode, 8), float("nan")) / best.get((name, mode, 1), float("nan"))
-            print(f"{Path(path).name[:13]:<14}{mode:<9}" + "".join(f"{r:>12.0f}" for r in rates) + f"{ratio:>8.2f}")
+            print(f"{label:<14}{mode:<9}" + "".join(f"{r:>12.0f}" for r in rates) + f"{ratio:>8.2f}")
+    if quality is not None:
+        speed = " ".join(f"c{c} {best['small-int8', 'sampled', c] / best['small', 'sampled', c]:.2f}x" for c in args.concurrency)
+        print(f"small int8 head vs float32 head, sampled: {speed}; quality over {quality.positions} held-out positions: "
+              f"top-1 agreement {quality.top1_agreement:.1%} (goal >= 98%), bits per byte {quality.bits_per_byte:.4f} -> "
+              f"{quality.bits_per_byte_lower:.4f} ({quality.bits_per_byte_change:+.2%}, goal within 0.5%)")
     ones = best.get(("small", "greedy", 1))
     if "generate" in references and ones:
         print(f"small one stream, greedy: engine {ones:.0f} tok/s, transformers generate {references['generate']:.0f} "
@@ -150,6 +172,10 @@ def main() -> None:
         eights = best.get(("small", "sampled", 8), float("nan"))
         print(f"small vs llama.cpp f32 one stream {references['llama']:.0f} tok/s: engine c1 {ones / references['llama']:.2f}x "
               f"(goal >= 0.5), engine c8 sampled {eights / references['llama']:.2f}x (goal >= 1.5)")
+    if "llama q8_0" in references and quality is not None:
+        print(f"small one stream greedy vs llama.cpp q8_0 {references['llama q8_0']:.0f} tok/s: int8 head "
+              f"{best['small-int8', 'greedy', 1] / references['llama q8_0']:.2f}x, float32 "
+              f"{best['small', 'greedy', 1] / references['llama q8_0']:.2f}x (goal >= 1.0)")
     for reason in reasons:
         print(reason)
     tiny = best.get(("tiny", "sampled", 8), float("nan")) / best.get(("tiny", "sampled", 1), float("nan"))

@@ -18,7 +18,8 @@ from serve_process import ServerProcess
 from starlette.requests import Request
 
 from tablefree.hub import load_model
-from tablefree.serve.engine import Engine, FewRowsHead, LoopSink, Sequence, output_logits
+from tablefree.serve.engine import (Engine, FewRowsHead, Int8Head, LoopSink, Sequence, choose_head, head_quality,
+                                    output_logits)
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
@@ -428,6 +429,52 @@ def test_few_rows_head_gives_the_heads_logits(served, threads):
     engine = Engine(model, tokenizer, max_model_len=64, seed=0, threads=threads)
     run(engine, {0: [sequence(engine, prompt(tokenizer, "one row"), **GREEDY)]})
     assert "forward" not in vars(head)
+
+
+def test_int8_head_is_row_independent_close_to_float32_and_a_quarter_of_its_bytes(served):
+    """Each row's int8-head logits are the same alone or in any batch (bitwise), within the quantisation's bound of
+    the float32 head's, from int8 weights with one scale per vocabulary row."""
+    model, _ = served
+    head = model.get_output_embeddings()
+    int8 = Int8Head.of(model)
+    assert int8.weight.dtype == torch.int8 and int8.weight.shape == head.weight.shape and int8.scales.shape == (head.out_features,)
+    hidden = torch.randn(32, 1, head.in_features)
+    with torch.no_grad():
+        together, exact = int8(hidden), head(hidden)
+        assert all(torch.equal(int8(hidden[i : i + rows]), together[i : i + rows]) for i, rows in ((0, 1), (5, 3), (8, 8), (3, 17)))
+        # A weight is off by half a step (scale / 2) at most and the hidden state by bfloat16's rounding.
+        bound = (hidden.abs().sum(-1, keepdim=True) * int8.scales.float() / 2) + exact.abs() * 2**-7 + 1e-3
+        assert together.dtype == torch.float32 and bool((together - exact).abs().le(bound).all())
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_int8_head_engine_is_batch_invariant(served, params):
+    """With the int8 head, a sequence's tokens are the same whenever it joins and whoever it runs beside; the head is
+    swapped in for each pass only."""
+    model, tokenizer = served
+    engine = Engine(model, tokenizer, max_model_len=64, seed=0, head=Int8Head.of(model))
+    prompts = [prompt(tokenizer, t) for t in JOIN_TEXTS]
+    fields = [{**params, "max_tokens": n} for n in JOIN_LENGTHS]
+    expected = [alone(engine, p, **f) for p, f in zip(prompts, fields)]
+    for schedule in JOIN_SCHEDULES.values():
+        seqs = [sequence(engine, p, **f) for p, f in zip(prompts, fields)]
+        run(engine, {step: [seqs[i] for i in members] for step, members in schedule.items()})
+        assert [s.sink.ids for s in seqs] == expected
+    assert "forward" not in vars(model.get_output_embeddings())
+
+
+def test_head_precision_choice_is_measured_and_named(served):
+    """float32 keeps the model's head, int8 gives the int8 one, auto measures it over 512 held-out positions and says
+    what it found; an unknown name is one line naming the accepted ones. A head against itself agrees everywhere."""
+    model, tokenizer = served
+    assert choose_head(model, tokenizer, "float32")[0] is None
+    assert isinstance(choose_head(model, tokenizer, "int8")[0], Int8Head)
+    head, why = choose_head(model, tokenizer, "auto")
+    assert "512 held-out positions" in why and ("int8" in why.split(":")[0]) == (head is not None)
+    with pytest.raises(ValueError, match=r"^unknown head precision 'int4'; choose float32, int8, auto$"):
+        choose_head(model, tokenizer, "int4")
+    same = head_quality(model, tokenizer, model.get_output_embeddings())
+    assert same.positions == 512 and same.top1_agreement == 1.0 and same.bits_per_byte_change == 0.0 and same.equal
 
 
 def test_engine_thread_keeps_serving_after_faults(engine, served, hooks):

@@ -32,7 +32,8 @@ from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
 from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, resolve_runtime
 from .app import ServeSettings, create_app
-from .engine import Engine, end_of_sequence_ids
+from . import HEAD_PRECISIONS
+from .engine import Engine, choose_head, end_of_sequence_ids
 from .protocol import error_body, printable
 
 API_KEY_ENV = "TABLEFREE_API_KEY"
@@ -80,6 +81,8 @@ def check_flags(args) -> str:
         raise TableFreeError(f"unknown --device {args.device!r}; choose {DEVICE_HELP}")
     if args.dtype != "auto" and args.dtype not in DTYPE_NAMES:
         raise TableFreeError(f"unknown --dtype {args.dtype!r}; choose {DTYPE_HELP}")
+    if args.head_precision not in HEAD_PRECISIONS:
+        raise TableFreeError(f"unknown --head-precision {args.head_precision!r}; choose {', '.join(HEAD_PRECISIONS)}")
     return model_path
 
 
@@ -375,8 +378,12 @@ def serve_command(args) -> int:
         model, tokenizer = load_for_serving(model_path, runtime.dtype, runtime.device, args.trust_remote_code)
         max_model_len = context_length(model.config, args.max_model_len)
         eos_ids, turn_ids = stop_ids(model, tokenizer)
+        try:
+            head, head_choice = choose_head(model, tokenizer, args.head_precision)
+        except ValueError as exc:
+            raise TableFreeError(f"--head-precision {args.head_precision}: {exc}") from None
         engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=max_model_len,
-                        max_queue=args.max_queue, seed=args.seed, threads=args.threads)
+                        max_queue=args.max_queue, seed=args.seed, threads=args.threads, head=head)
         settings = ServeSettings(
             model_name=args.served_model_name or printable(str(model_path)), max_model_len=max_model_len,
             vocab_size=model.config.vocab_size, api_key=api_key, max_body_bytes=args.max_body_bytes,
@@ -391,7 +398,7 @@ def serve_command(args) -> int:
     address = f"[{host}]" if ":" in host else host
     path_cost = "" if engine.cached else ", uncached: forward takes token ids alone"
     print(printable(f"serving {settings.model_name} ({Path(str(model_path)).name}, {runtime.describe()}, "
-                    f"context {max_model_len}{path_cost}) on http://{address}:{port}"), flush=True)
+                    f"context {max_model_len}{path_cost}; {head_choice}) on http://{address}:{port}"), flush=True)
     protocol = functools.partial(GuardedH11Protocol, max_connections=max_connections, read_timeout=args.request_read_timeout)
     config = uvicorn.Config(app, http=protocol, ws="none", lifespan="on", log_config=None, log_level=args.log_level,
                             timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=args.shutdown_timeout,
