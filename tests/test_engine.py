@@ -18,8 +18,8 @@ from serve_process import ServerProcess
 from starlette.requests import Request
 
 from tablefree.hub import load_model
-from tablefree.serve.engine import (Engine, FewRowsHead, Int8Head, LoopSink, Sequence, choose_head, head_quality,
-                                    output_logits)
+from tablefree.serve.engine import (Engine, Int8Head, LoopSink, Sequence, choose_head, head_quality,
+                                    SlabHead, output_logits)
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
@@ -416,17 +416,18 @@ def test_batched_sampling_draws_what_each_row_would():
         assert chosen[i] == int(torch.searchsorted(cdf, uniform[j] * cdf[-1], right=True))
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3])
-def test_few_rows_head_gives_the_heads_logits(served, threads):
-    """The head's product for a few rows from slabs of a transposed copy (one per thread, the last one padded when
-    the threads do not divide V) equals the head's own; the engine puts the head back after each pass."""
+@pytest.mark.parametrize("columns", [2048, 1000, 7])
+def test_slab_head_gives_the_heads_logits(served, columns):
+    """The head's product from slabs of a transposed copy (the last one padded when the slabs do not divide V) equals
+    the head's own, for 1 to 64 rows; the engine puts the head back after each pass."""
     model, tokenizer = served
     head = model.get_output_embeddings()
-    few = FewRowsHead.of(model, threads)
-    hidden = torch.randn(3, 1, head.in_features)
-    with torch.no_grad():
-        assert torch.allclose(few(hidden), head(hidden), atol=1e-5) and few(hidden).shape == (3, 1, head.out_features)
-    engine = Engine(model, tokenizer, max_model_len=64, seed=0, threads=threads)
+    slab = SlabHead.of(model, columns)
+    for rows in (1, 3, 8, 64):
+        hidden = torch.randn(rows, 1, head.in_features)
+        with torch.no_grad():
+            assert torch.allclose(slab(hidden), head(hidden), atol=1e-5) and slab(hidden).shape == (rows, 1, head.out_features)
+    engine = Engine(model, tokenizer, max_model_len=64, seed=0)
     run(engine, {0: [sequence(engine, prompt(tokenizer, "one row"), **GREEDY)]})
     assert "forward" not in vars(head)
 

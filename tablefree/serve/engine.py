@@ -135,35 +135,35 @@ def output_logits(output) -> torch.Tensor:
     return logits
 
 
-FEW_ROWS = 3  # the most rows FewRowsHead serves faster than the head itself
+SLAB_COLUMNS = 2048  # vocabulary ids per slab of SlabHead: a 256-wide float32 slab is 2 MiB
 
 
-class FewRowsHead:
-    """The output head's product for 1 to FEW_ROWS rows, from a copy of its float32 CPU weight stored transposed and
-    cut into one slab of the vocabulary per thread; the engine uses it for passes in which so few rows reach the head.
+class SlabHead:
+    """The float32 output head's product for the last positions of a pass, from a copy of its weight stored transposed
+    and cut into slabs of SLAB_COLUMNS vocabulary ids, multiplied by one torch.bmm.
 
-    Measured on this project's CPU machine (torch 2.13, MKL): MKL computes so few rows' logits on one thread, and
-    1.1-2.7x faster from a (d, V) weight than from the head's own (V, d) one; torch.bmm runs the slabs on all the
-    threads (~1.8x more with 2 idle cores). From 4 rows the head's own product is faster (bench/engine.py's
-    one-stream figures show the effect). The price is one more copy of the head's weight.
+    Measured on this project's CPU machine (torch 2.13, MKL, 2 threads, a 65,536 x 256 head): one product over the
+    whole (V, d) weight runs far below the memory's speed at few rows; over 32 slabs it is 1.3-2.7x faster from 1 to
+    128 rows (1 row 19 -> 13 ms, 8 rows 70 -> 37 ms, 32 rows 98 -> 61 ms, loaded machine). The price is one more copy
+    of the head's weight.
     """
 
-    def __init__(self, head: torch.nn.Linear, threads: int):
+    def __init__(self, head: torch.nn.Linear, columns: int = SLAB_COLUMNS):
         weight = head.weight.detach()
         self.vocab, width = weight.shape
-        self.slabs = max(1, threads)
+        self.slabs = max(1, -(-self.vocab // columns))
         size = -(-self.vocab // self.slabs)
         padded = F.pad(weight, (0, 0, 0, size * self.slabs - self.vocab))
         self.weight = padded.view(self.slabs, size, width).transpose(1, 2).contiguous()  # (slabs, d, size)
         self.bias = None if head.bias is None else head.bias.detach()
 
     @classmethod
-    def of(cls, model, threads: int) -> FewRowsHead | None:
+    def of(cls, model, columns: int = SLAB_COLUMNS) -> SlabHead | None:
         """The one for `model`'s head when it is a float32 linear layer on a CPU, else None."""
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
             return None
-        return cls(head, threads)
+        return cls(head, columns)
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.reshape(-1, hidden.shape[-1])
@@ -338,9 +338,9 @@ class Engine:
         self._cache: DynamicCache | None = None
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
         # The output head every pass runs: a lower-precision one when given (`choose_head`), else the model's own,
-        # with FewRowsHead for passes of so few rows.
+        # as SlabHead for the passes that keep the last positions only (every decode step).
         self._head = head
-        self._few_rows_head = None if head is not None else FewRowsHead.of(model, threads or torch.get_num_threads())
+        self._slab_head = None if head is not None else SlabHead.of(model)
         self._thread = threading.Thread(target=self._run, name="tablefree-engine", daemon=True)
 
     # ---- any thread ----
@@ -481,15 +481,15 @@ class Engine:
 
     def _forward(self, ids, mask, positions, cache, keep):
         kwargs = {self._cache_arg: cache}
-        with self._head_for(few_rows=keep == 1 and ids.shape[0] <= FEW_ROWS):
+        with self._head_for(last_only=keep == 1):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              logits_to_keep=keep, **kwargs)
         return out.logits, getattr(out, "cache", None) or out.past_key_values
 
     @contextlib.contextmanager
-    def _head_for(self, few_rows: bool):
-        """The model's head runs the engine's lower-precision head, or FewRowsHead when `few_rows`, for one pass."""
-        instead = self._head or (self._few_rows_head if few_rows else None)
+    def _head_for(self, last_only: bool):
+        """The model's head runs the engine's lower-precision head, or SlabHead when `last_only`, for one pass."""
+        instead = self._head or (self._slab_head if last_only else None)
         head = self.model.get_output_embeddings() if instead is not None else None
         if head is None:
             yield
@@ -569,7 +569,7 @@ class Engine:
         logits: list[torch.Tensor | None] = [None] * len(sequences)
         for length, rows in rows_by_length.items():
             ids = torch.tensor([sequences[row] for row in rows], dtype=torch.long, device=self.device)
-            with self._head_for(few_rows=False):
+            with self._head_for(last_only=False):
                 out = output_logits(self.model(ids))
             if every_position and out.shape[1] != length:
                 raise ValueError(f"the model returns logits for {out.shape[1]} of {length} positions, so it cannot "
