@@ -96,22 +96,93 @@ def resolve_model_path(name: str | Path) -> Path:
 
 
 def load_config(path: Path) -> PretrainedConfig:
+    """The model config of a directory, checked by the rules of a new one (presets.check_config_values) before
+    anything is built. Code in the directory never runs: transformers is told so, and so never asks."""
     from transformers import AutoConfig
 
     from . import register_auto_classes
+    from .presets import check_config_values, checked_config, config_errors
 
     register_auto_classes()  # the package's own model type loads without remote code
     config_file = path / "config.json"
     if not config_file.is_file():
         raise TableFreeError(f"{path} has no config.json; is it a model directory?")
+    values = read_json_object(config_file, "model config")
+    _refuse_config_code(config_file, values)
+    check_config_values(values)
+    with config_errors():
+        return checked_config(AutoConfig.from_pretrained(str(path), trust_remote_code=False))
+
+
+def read_json_object(file: Path, what: str) -> dict:
     try:
-        json.loads(config_file.read_text())
-        return AutoConfig.from_pretrained(str(path))
-    except json.JSONDecodeError as exc:
-        raise TableFreeError(f"{config_file} is not valid JSON: {exc}") from None
-    except (ValueError, TypeError, KeyError) as exc:
-        cause = exc.__cause__ or exc
-        raise TableFreeError(f"invalid model config in {config_file}: {cause}") from None
+        values = json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, nesting past the parser's depth
+        raise TableFreeError(f"{file} is not valid JSON: {summary(exc, typed=isinstance(exc, RecursionError))}") from None
+    if not isinstance(values, dict):
+        raise TableFreeError(f"{file} holds a JSON {type(values).__name__}, not the object a {what} is")
+    return values
+
+
+def remote_code_error(file: Path, ref, reason: str) -> TableFreeError:
+    """The refusal of code a model directory asks transformers to import: the one answer, whatever the command."""
+    return TableFreeError(
+        f"{file} asks to run code from its directory ({repr(ref)[:80]}): {reason}; tablefree never runs a model "
+        f"directory's code unless you pass --trust-remote-code (tablefree serve), where you trust the files"
+    )
+
+
+def _refuse_config_code(config_file: Path, values: dict) -> None:
+    """A model type transformers (or this package) knows loads with its own classes; any other needs the directory's."""
+    from transformers import __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = values.get("model_type")
+    if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+        return
+    auto_map = values.get("auto_map")
+    ref = auto_map.get("AutoConfig") if isinstance(auto_map, dict) else auto_map
+    if model_type is None:
+        reason = 'it names no model_type (a tablefree model\'s is "tablefree")'
+    else:
+        reason = f"its model_type {repr(model_type)[:80]} is not one transformers {transformers_version} or tablefree knows"
+    if ref:
+        raise remote_code_error(config_file, ref, reason)
+    raise TableFreeError(f"{config_file} is no model config tablefree can load: {reason}")
+
+
+def causal_lm_class(config: PretrainedConfig, path: Path):
+    """The class transformers (or this package) has for the causal LM of `config`; the directory's own is refused."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        reason = f"model type {config.model_type!r} has no causal LM class in transformers or tablefree"
+        auto_map = getattr(config, "auto_map", None)
+        ref = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else auto_map
+        if ref:
+            raise remote_code_error(path / "config.json", ref, reason) from None
+        raise TableFreeError(f"{path} holds no causal language model: {reason}") from None
+
+
+def refuse_tokenizer_code(path: Path) -> None:
+    """A tokenizer_config.json whose auto_map names code in the directory loads only if transformers has the class."""
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    config_file = path / "tokenizer_config.json"
+    if not config_file.is_file():
+        return
+    values = read_json_object(config_file, "tokenizer config")
+    auto_map = values.get("auto_map")
+    ref = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else auto_map
+    if not ref:
+        return
+    name = values.get("tokenizer_class")
+    base = name.removesuffix("Fast") if isinstance(name, str) else None
+    if base and (tokenizer_class_from_name(base) or tokenizer_class_from_name(base + "Fast")):
+        return  # transformers' own class is used and the directory's code is not imported
+    raise remote_code_error(config_file, ref, f"its tokenizer_class {repr(name)[:80]} is not one transformers knows")
 
 
 def check_tokenizer(tokenizer, config: PretrainedConfig, where: str) -> None:
@@ -130,10 +201,16 @@ def load_model(name: str | Path, dtype: torch.dtype | None = None, device: str |
     """
     from transformers import AutoModelForCausalLM
 
+    from .presets import check_fits
     from .tokenizer import load_tokenizer
 
     path = resolve_model_path(name)
     config = load_config(path)
+    cls = causal_lm_class(config, path)
+    try:
+        check_fits(cls, config, dtype)
+    except (RuntimeError, MemoryError) as exc:  # shapes past torch's limits, or more weights than memory
+        raise TableFreeError(f"cannot load the model in {path}: {summary(exc)}") from None
     if not any(path.glob("*.safetensors")):
         if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
             raise TableFreeError(
@@ -145,7 +222,8 @@ def load_model(name: str | Path, dtype: torch.dtype | None = None, device: str |
     _check_safetensors(path)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(str(path), config=config, dtype=dtype or torch.float32,
-                                                           use_safetensors=True, output_loading_info=True)
+                                                           use_safetensors=True, output_loading_info=True,
+                                                           trust_remote_code=False)
     except (OSError, RuntimeError, ValueError, KeyError) as exc:
         raise TableFreeError(f"could not load the weights in {path}: {summary(exc)}") from None
     _check_loaded(model, info, path)

@@ -9,6 +9,7 @@ backbone. Every field can be overridden.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 import os
@@ -88,7 +89,6 @@ def sized_config(size: str, variant: str, /, **overrides) -> PretrainedConfig:
     """The model config of a size and an input-interface variant, with model-field `overrides` applied."""
     from transformers import GPTNeoXConfig
 
-    from .codes import CODE_FAMILIES
     from .configuration_tablefree import TableFreeConfig
 
     if size not in SIZES:
@@ -98,10 +98,6 @@ def sized_config(size: str, variant: str, /, **overrides) -> PretrainedConfig:
     if "variant" in overrides:
         raise TableFreeError("variant is not a model field: choose it in the preset name (SIZE-VARIANT) "
                              "or as the training setting variant=...")
-    if "code_family" in overrides and not (isinstance(overrides["code_family"], str) and overrides["code_family"] in CODE_FAMILIES):
-        raise TableFreeError(
-            f"unknown code family {overrides['code_family']!r}; choose one of {', '.join(CODE_FAMILIES)}"
-        )
     cls = GPTNeoXConfig if variant == "learned" else TableFreeConfig
     known = _config_fields(cls)
     for key in overrides:
@@ -117,43 +113,148 @@ def sized_config(size: str, variant: str, /, **overrides) -> PretrainedConfig:
 POSITIVE_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
                    "max_position_embeddings")
 LARGEST_SIZE = 2**31 - 1  # torch's shape arithmetic overflows past 64-bit products; no real model comes near
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+DROPOUT_FIELDS = ("hidden_dropout", "attention_dropout", "classifier_dropout")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
+LARGEST_CODE_SCALE = 1e4  # past it the first LayerNorm's sum of squares leaves float16's range
 
 
-def instantiate_config(cls, values: dict) -> PretrainedConfig:
-    """Instantiate a config class, turning every validation failure into a TableFreeError."""
-    from huggingface_hub.errors import StrictDataclassError
+def check_config_values(values: dict) -> None:
+    """The rules every model config meets, new (`tablefree new`) or loaded from a directory (hub.load_config).
+
+    They cover what the config classes' own type checks let through (zero, negative and huge sizes, names
+    that are not choices, numbers the model cannot run with); a field left out takes the class default.
+    """
     from transformers.activations import ACT2FN
 
-    from .codes import CodeError
-    from .configuration_tablefree import TableFreeConfig
+    from .codes import CODE_FAMILIES
+
+    def refuse(message: str):
+        raise TableFreeError(f"invalid model config: {message}")
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
     for name in POSITIVE_FIELDS:
         value = values.get(name)
         if name in values and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LARGEST_SIZE):
-            raise TableFreeError(f"invalid model config: {name} must be a positive integer up to {LARGEST_SIZE:,}, got {value!r}")
-    activation = values.get("hidden_act")
-    if not isinstance(activation, str) or activation not in ACT2FN:
-        raise TableFreeError(f"invalid model config: hidden_act {activation!r} is not one of {', '.join(sorted(ACT2FN))}")
+            refuse(f"{name} must be a positive integer up to {LARGEST_SIZE:,}, got {value!r}")
+    if "hidden_act" in values and not (isinstance(values["hidden_act"], str) and values["hidden_act"] in ACT2FN):
+        refuse(f"hidden_act {values['hidden_act']!r} is not one of {', '.join(sorted(ACT2FN))}")
     width, heads = values.get("hidden_size"), values.get("num_attention_heads")
     if isinstance(width, int) and isinstance(heads, int) and width % heads:
-        raise TableFreeError(f"invalid model config: hidden_size {width} is not divisible by num_attention_heads {heads}")
+        refuse(f"hidden_size {width} is not divisible by num_attention_heads {heads}")
+    if "code_family" in values and not (isinstance(values["code_family"], str) and values["code_family"] in CODE_FAMILIES):
+        raise TableFreeError(f"unknown code family {values['code_family']!r}; choose one of {', '.join(CODE_FAMILIES)}")
     scale = values.get("code_scale", 1.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale == 0:
-        raise TableFreeError(f"invalid model config: code_scale must be a finite non-zero number, got {scale!r}")
-    try:
-        config = cls(**values)
-        if isinstance(config, TableFreeConfig):
-            from .modeling_tablefree import build_code_lift
+    if not number(scale) or scale == 0 or abs(scale) > LARGEST_CODE_SCALE:
+        refuse(f"code_scale must be a finite non-zero number of magnitude at most {LARGEST_CODE_SCALE:g}, got {scale!r}")
+    eps = values.get("layer_norm_eps", 1e-5)
+    if not number(eps) or not 0 < eps <= 1:
+        refuse(f"layer_norm_eps must be a number in (0, 1], got {eps!r}")
+    for name in DROPOUT_FIELDS:
+        if values.get(name) is not None and not (number(values[name]) and 0 <= values[name] <= 1):
+            refuse(f"{name} must be a probability in [0, 1], got {values[name]!r}")
+    for name in ("dtype", "torch_dtype"):  # transformers reads the second as the first
+        if values.get(name) is not None and values[name] not in WEIGHT_DTYPES:
+            refuse(f"{name} {values[name]!r} is not one of {', '.join(WEIGHT_DTYPES)} (or null)")
+    vocab = values.get("vocab_size")
+    for name in TOKEN_ID_FIELDS:
+        value = values.get(name)
+        ids = value if isinstance(value, list) and name == "eos_token_id" else [value]
+        if value is not None and not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < (vocab or 2**63)
+                                         for i in ids):
+            refuse(f"{name} must be a token id below vocab_size {vocab} (or null), got {value!r}")
+    if "rope_parameters" in values:
+        check_rope(values["rope_parameters"], width, heads)
 
-            build_code_lift(config)  # width/layout checks need hidden_size as well as the code
-        return config
+
+def check_rope(rope, width, heads) -> None:
+    """Rotary embeddings as the backbone has them: the default kind, a positive base, an even number of rotated dims."""
+    if not isinstance(rope, dict):
+        raise TableFreeError(f"invalid model config: rope_parameters must be an object, got {rope!r}")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise TableFreeError(f"invalid model config: rope_type {kind!r} is not supported; the GPT-NeoX backbone's "
+                             f"rotary embeddings are 'default'")
+    theta, factor = rope.get("rope_theta", 10_000.0), rope.get("partial_rotary_factor", 1.0)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < math.inf:
+        raise TableFreeError(f"invalid model config: rope_theta must be a finite number above 1, got {theta!r}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise TableFreeError(f"invalid model config: partial_rotary_factor must be in (0, 1], got {factor!r}")
+    if isinstance(width, int) and isinstance(heads, int) and heads > 0:
+        rotated = int(width // heads * factor)
+        if rotated < 2 or rotated % 2:
+            raise TableFreeError(f"invalid model config: partial_rotary_factor {factor} rotates {rotated} of a head's "
+                                 f"{width // heads} dimensions; rotary embeddings need an even number, at least 2")
+
+
+def instantiate_config(cls, values: dict) -> PretrainedConfig:
+    """Instantiate a config class, turning every validation failure into a TableFreeError."""
+    check_config_values(values)
+    with config_errors():
+        return checked_config(cls(**values))
+
+
+def checked_config(config: PretrainedConfig) -> PretrainedConfig:
+    """`config` once its code (for a table-free model) is known to be buildable at its width."""
+    from .configuration_tablefree import TableFreeConfig
+
+    if isinstance(config, TableFreeConfig):
+        from .modeling_tablefree import build_code_lift
+
+        build_code_lift(config)  # width/layout checks need hidden_size as well as the code
+    return config
+
+
+@contextlib.contextmanager
+def config_errors():
+    """Every way a config class or the code refuses values, as one TableFreeError."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from .codes import CodeError
+
+    try:
+        yield
     except CodeError as exc:
         raise TableFreeError(str(exc)) from None
-    except (ValueError, TypeError, OverflowError, StrictDataclassError) as exc:
+    except (ValueError, TypeError, OverflowError, KeyError, StrictDataclassError) as exc:
         cause = exc
         while cause.__cause__ is not None:  # the strict-dataclass errors wrap the validator's own message
             cause = cause.__cause__
         raise TableFreeError(f"invalid model config: {summary(cause)}") from None
+
+
+def parameter_count(cls, config: PretrainedConfig) -> int:
+    """Parameters of `cls(config)`, from models of one and two layers built on the meta device: a config of a
+    million layers is counted at once, never built."""
+    import copy
+
+    import torch
+
+    def count(layers: int) -> int:
+        shallow = copy.deepcopy(config)
+        shallow.num_hidden_layers = layers
+        with torch.device("meta"):
+            return sum(p.numel() for p in cls(shallow).parameters())
+
+    one = count(1)
+    return one + (config.num_hidden_layers - 1) * (count(2) - one)
+
+
+def check_fits(cls, config: PretrainedConfig, dtype=None) -> int:
+    """The parameter count of `cls(config)`; MemoryError when its weights alone would not fit in this machine's memory
+    (refused before the allocator overcommits and the OOM killer ends the process)."""
+    import torch
+
+    dtype = dtype or torch.float32
+    count = parameter_count(cls, config)
+    size = count * dtype.itemsize
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if size > memory:
+        raise MemoryError(f"{count:,} parameters need {size / 2**30:,.1f} GiB in {str(dtype).removeprefix('torch.')}, "
+                          f"this machine has {memory / 2**30:,.1f} GiB")
+    return count
 
 
 def build_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
@@ -166,12 +267,7 @@ def build_model(config: PretrainedConfig, seed: int = 0) -> torch.nn.Module:
 
     cls = TableFreeForCausalLM if isinstance(config, TableFreeConfig) else GPTNeoXForCausalLM
     try:
-        with torch.device("meta"):
-            count = sum(p.numel() for p in cls(config).parameters())
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        if count * 4 > memory:  # refuse before the allocator overcommits and the OOM killer ends the process
-            raise MemoryError(f"{count:,} parameters need {count * 4 / 2**30:,.1f} GiB in fp32, "
-                              f"this machine has {memory / 2**30:,.1f} GiB")
+        check_fits(cls, config)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return cls(config)

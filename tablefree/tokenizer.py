@@ -122,16 +122,20 @@ def as_transformers(tokenizer: Tokenizer, model_max_length: int = 1024):
 
 
 def load_tokenizer(path: str | Path):
-    """A tokenizer directory (or a bare tokenizer.json) as a transformers tokenizer; no remote code."""
+    """A tokenizer directory (or a bare tokenizer.json) as a transformers tokenizer; code in the directory never runs."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from .hub import refuse_tokenizer_code
 
     path = Path(path)
     if not path.is_file() and not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
         raise TableFreeError(f"no tokenizer at {path}: expected a directory with tokenizer.json, or a tokenizer.json file")
+    if path.is_dir():
+        refuse_tokenizer_code(path)
     try:
         if path.is_file():
             return PreTrainedTokenizerFast(tokenizer_file=str(path))
-        return AutoTokenizer.from_pretrained(str(path))
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except Exception as exc:  # tokenizers and transformers raise many types for a damaged file; all mean "cannot load"
         raise TableFreeError(f"could not load the tokenizer at {path}: {summary(exc)}") from None
 

@@ -10,7 +10,8 @@ from tablefree.presets import build_config, parse_overrides
 
 FIELDS = ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings",
           "vocab_size", "code_family", "code_bits", "code_seed", "affine_preset", "affine_rows", "affine_offset",
-          "code_layout", "code_values", "code_scale", "variant", "layer_norm_eps", "hidden_act", "hiden_size"]
+          "code_layout", "code_values", "code_scale", "variant", "layer_norm_eps", "hidden_act", "hiden_size", "dtype",
+          "pad_token_id", "eos_token_id", "hidden_dropout", "rope_parameters", "tie_word_embeddings"]
 # Extremes that must be refused fast, and small sizes that build in a moment (mid-sized models would build for minutes).
 NUMBERS = st.one_of(st.integers(-(2**70), 2**70), st.integers(1, 96), st.sampled_from([0, -1, 2**63, 2**64, 1e400, -0.0]),
                     st.floats(allow_nan=True, allow_infinity=True))
@@ -57,6 +58,10 @@ def test_random_overrides_to_verify_never_give_a_traceback(capsys, pairs):
     ("code_scale=.nan", "code_scale must be a finite non-zero number"),
     ("code_family=[1]", "unknown code family [1]"),
     ("hidden_size=[", "is not a YAML scalar or list"),
+    ("dtype=evil", "dtype 'evil' is not one of float32, bfloat16, float16, float64"),
+    ("layer_norm_eps=-1.0", r"layer_norm_eps must be a number in \(0, 1\], got -1.0"),
+    ("pad_token_id=70000", "pad_token_id must be a token id below vocab_size 65536"),
+    ("rope_parameters={rope_type: yarn}", "rope_type 'yarn' is not supported"),
 ])
 def test_observed_bad_overrides_name_the_problem(pair, message):
     with pytest.raises(TableFreeError, match=message.replace("[", r"\[")):

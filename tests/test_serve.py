@@ -427,10 +427,11 @@ def test_completion_and_chat_rendering_each_give_ids(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from tablefree.serve.app import TextWorker
+    from tablefree.serve.chat_template import ChatTemplate
     from tablefree.serve.protocol import APIError, ChatMessage
 
     tokenizer = AutoTokenizer.from_pretrained(str(serving_model(tmp_path_factory)))
-    text = TextWorker(tokenizer)
+    text = TextWorker(tokenizer, ChatTemplate(tokenizer, limit=1 << 20))
     hi, long = tokenizer.encode("Hi"), "Hello there, how are you today? Fine, thanks."
     assert len(tokenizer.encode(long)) > 4
     messages = [ChatMessage(role="user", content=[{"type": "text", "text": "H"}, {"type": "text", "text": "i"}])]
@@ -446,7 +447,7 @@ def test_completion_and_chat_rendering_each_give_ids(tmp_path_factory):
             [([5, 6], 2)], [([5], 1), ([6, 7], 2)]]
         assert chat.ids == tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
                                                          tokenize=True, return_dict=False)
-        tokenizer.chat_template = None
+        text.chat_template = None
         with pytest.raises(APIError) as refused:
             asyncio.run(text.chat(messages, True))
         assert refused.value.param == "messages" and "no chat template" in refused.value.message

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import ServeLimits
+from .chat_template import ChatTemplate, ChatTemplateError
 from .engine import Engine, LoopSink, QueueFull, Sequence
 from .gate import RequestGate
 from .metrics import ServerMetrics
@@ -58,6 +59,7 @@ class ServeSettings:
     end_of_turn_ids: frozenset[int] = frozenset()  # tokens that close a chat turn (e.g. [EOT]); chat stops there too
     # The sampling fields this sets are the server's defaults for requests that leave them out (see protocol).
     sampling_defaults: SamplingFields = field(default_factory=SamplingFields)
+    chat_template: ChatTemplate | None = None  # the tokenizer's, compiled and tried at start (server.serve_command)
 
 
 class TextWorker:
@@ -68,8 +70,9 @@ class TextWorker:
     A text over `limit` tokens comes back as its count alone: building a million-id list holds the GIL.
     """
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, chat_template: ChatTemplate | None):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
         self.backend = getattr(tokenizer, "backend_tokenizer", None)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tablefree-tokenize")
 
@@ -89,7 +92,7 @@ class TextWorker:
 
     async def chat(self, messages: list[ChatMessage], add_generation_prompt: bool, limit: int | None = None) -> Encoded:
         """Chat rendering: the messages through the tokenizer's chat template, then as ids."""
-        if not getattr(self.tokenizer, "chat_template", None):
+        if self.chat_template is None:
             raise APIError(400, "this model's tokenizer has no chat template; use /v1/completions", "messages")
         return await self.run(self._chat, conversation(messages), add_generation_prompt, limit)
 
@@ -105,8 +108,8 @@ class TextWorker:
 
     def _chat(self, conversation: list[dict], add_generation_prompt: bool, limit: int | None) -> Encoded:
         try:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=add_generation_prompt, tokenize=False)
-        except Exception as exc:  # jinja's TemplateError and the template's own raise_exception both land here
+            text = self.chat_template.render(conversation, add_generation_prompt)
+        except ChatTemplateError as exc:  # the template's own raise_exception, or what it would build past the bound
             raise APIError(400, f"the chat template rejected these messages: {exc}", "messages") from None
         return self._encode([text], False, limit)[0]
 
@@ -118,7 +121,7 @@ class Encoded(NamedTuple):
 
 def create_app(engine: Engine, tokenizer, settings: ServeSettings) -> FastAPI:
     metrics = ServerMetrics(engine)
-    text = TextWorker(tokenizer)
+    text = TextWorker(tokenizer, settings.chat_template)
 
     @asynccontextmanager
     async def lifespan(app):

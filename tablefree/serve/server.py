@@ -32,6 +32,7 @@ from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
 from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, resolve_runtime
 from .app import ServeSettings, create_app
+from .chat_template import ChatTemplate, ChatTemplateError
 from . import HEAD_PRECISIONS
 from .engine import Engine, choose_head, end_of_sequence_ids
 from .protocol import error_body, printable
@@ -194,14 +195,28 @@ def context_length(config, requested: int | None) -> int:
     return known
 
 
-def stop_ids(model, tokenizer) -> tuple[set[int], set[int]]:
-    """(end-of-sequence ids, end-of-turn ids): the second is the special token the chat template puts after a reply."""
+def load_chat_template(tokenizer, max_body_bytes: int) -> ChatTemplate | None:
+    """The tokenizer's chat template in the bounded sandbox (None without one): what one rendering may build is
+    bounded by twice the largest body, room for the messages and the template's own text."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        return ChatTemplate(tokenizer, limit=2 * max_body_bytes)
+    except ChatTemplateError as exc:
+        raise TableFreeError(f"the model's chat template cannot be used: {exc}") from None
+
+
+def stop_ids(model, tokenizer, template: ChatTemplate | None) -> tuple[set[int], set[int]]:
+    """(end-of-sequence ids, end-of-turn ids): the second is the special token the chat template puts after a reply.
+    Rendering that reply tries the template once, so a template that fails is an error at start."""
     eos_ids = end_of_sequence_ids(model, tokenizer)
     turn_ids: set[int] = set()
-    if getattr(tokenizer, "chat_template", None):
+    if template is not None:
         marker = "\u2063reply\u2063"
-        text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}],
-                                             tokenize=False)
+        try:
+            text = template.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": marker}], False)
+        except ChatTemplateError as exc:
+            raise TableFreeError(f"the model's chat template fails on a one-line chat: {exc}") from None
         tail = tokenizer.encode(text[text.rfind(marker) + len(marker):], add_special_tokens=False)
         special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} | set(tokenizer.all_special_ids)
         if tail and tail[0] in special:
@@ -377,7 +392,8 @@ def serve_command(args) -> int:
     try:
         model, tokenizer = load_for_serving(model_path, runtime.dtype, runtime.device, args.trust_remote_code)
         max_model_len = context_length(model.config, args.max_model_len)
-        eos_ids, turn_ids = stop_ids(model, tokenizer)
+        template = load_chat_template(tokenizer, args.max_body_bytes)
+        eos_ids, turn_ids = stop_ids(model, tokenizer, template)
         try:
             head, head_choice = choose_head(model, tokenizer, args.head_precision)
         except ValueError as exc:
@@ -387,7 +403,7 @@ def serve_command(args) -> int:
         settings = ServeSettings(
             model_name=args.served_model_name or printable(str(model_path)), max_model_len=max_model_len,
             vocab_size=model.config.vocab_size, api_key=api_key, max_body_bytes=args.max_body_bytes,
-            eos_ids=frozenset(eos_ids), end_of_turn_ids=frozenset(turn_ids),
+            eos_ids=frozenset(eos_ids), end_of_turn_ids=frozenset(turn_ids), chat_template=template,
         )
         app = create_app(engine, tokenizer, settings)
     except BaseException:
