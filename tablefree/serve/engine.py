@@ -236,7 +236,8 @@ def held_out_ids(tokenizer, count: int) -> list[int]:
 
     ids: list[int] = []
     for document in python_notes_documents():
-        ids += tokenizer.encode(document, add_special_tokens=False)
+        # A prefix long enough for `count` tokens of any tokenizer (none takes 16 characters per token here).
+        ids += tokenizer.encode(document[: 16 * count], add_special_tokens=False)
         if len(ids) >= count:
             break
     return ids[:count]
