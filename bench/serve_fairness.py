@@ -5,7 +5,7 @@ sent to `[DONE]`, is measured alone and beside the heaviest legal request of eac
 heavy request asks for n=4 choices of 256 new tokens (its field at the most the server accepts: a logit_bias of every
 id, 16 stop strings filling the body limit, penalties over a 700-token prompt, top-k of V-1, ...); it is streamed,
 the other client is measured once its first token has arrived, then it is closed, which ends it. The `n` row sends
-4 prompts x n=16 (64 sequences, the most a request may have); the echo row is issue 17's item 11, not streamed: 4
+4 prompts x n=16 (64 sequences, the most a request may have); the echo row (a body of tens of MB), not streamed: 4
 prompts of 1,024 ids, n=16, echo, logprobs 20, max_tokens 0, with /health polled while it runs. `plain` is a heavy
 request of the same shape with no field set: what sharing the batch costs anyway.
 The network is the tiny-affine preset (2 layers, width 64, V = 65,536, context 1,024), on which a row's sampling

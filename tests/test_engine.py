@@ -730,7 +730,7 @@ def test_serve_trust_remote_code_answers_with_the_argmax_loop(plain_forward_dir,
     assert "context 64, uncached: forward takes token ids alone" in (tmp_path / "serve.log").read_text()
 
 
-# ---- what one request costs the others (issue 17, items 1 and 11; issue 15, item 5) ----
+# ---- what one request costs the others, and the sampled token among top_logprobs ----
 EVERY_ID = {i: 0.5 for i in range(65536)}
 HEAVY_FIELDS = {
     "logit_bias": dict(logit_bias=EVERY_ID),

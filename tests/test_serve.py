@@ -483,7 +483,7 @@ def queued(server) -> float:
 
 
 def test_health_answers_while_a_huge_echo_body_is_built(server):
-    """Issue 17's item 11: 4 prompts of 1,024 ids, n=16, echo, logprobs 20, max_tokens 0 make a ~34 MB body. It is
+    """4 prompts of 1,024 ids, n=16, echo, logprobs 20, max_tokens 0 make a ~34 MB body. It is
     built and encoded off the event loop, so /health keeps answering (it waited 3.5 s), and a small request queued
     after it finishes first (each prompt is scored once, not once per choice, and one request holds half the batch)."""
     prompts = [[0x4E00 + (p * 1000 + i * 31) % 20000 for i in range(CARD_CONTEXT)] for p in range(4)]
