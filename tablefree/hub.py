@@ -14,12 +14,11 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from transformers import GenerationConfig, PretrainedConfig
 
 from .configuration_tablefree import TableFreeConfig
 from .errors import TableFreeError, summary
-from .files import read_marker, staged_directory, write_error
+from .files import read_marker, staged_directory
 
 SOURCE_FILES = ("codes.py", "configuration_tablefree.py", "modeling_tablefree.py")
 AUTO_MAP = {
@@ -39,12 +38,9 @@ def save_model(model, out_dir: str | Path, tokenizer=None) -> Path:
     there are never removed or overwritten.
     """
     out = Path(out_dir)
-    try:
-        with staged_directory(out, MODEL_KIND) as stage:
-            _write_model_files(model, stage.path, tokenizer)
-            stage.extra["sha256"] = {p.name: file_sha256(p) for p in sorted(stage.path.glob("*.safetensors"))}
-    except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own error
-        raise write_error(f"the model to {out}", exc) from None
+    with staged_directory(out, MODEL_KIND) as stage:  # a refused write (a full disk) becomes one WriteError there
+        _write_model_files(model, stage.path, tokenizer)
+        stage.extra["sha256"] = {p.name: file_sha256(p) for p in sorted(stage.path.glob("*.safetensors"))}
     return out
 
 

@@ -119,6 +119,11 @@ WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "float64")
 LARGEST_CODE_SCALE = 1e4  # past it the first LayerNorm's sum of squares leaves float16's range
 
 
+def finite_number(value) -> bool:
+    """An int or float (not a bool) that is finite: what a numeric config field may hold."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_config_values(values: dict) -> None:
     """The rules every model config meets, new (`tablefree new`) or loaded from a directory (hub.load_config).
 
@@ -132,9 +137,6 @@ def check_config_values(values: dict) -> None:
     def refuse(message: str):
         raise TableFreeError(f"invalid model config: {message}")
 
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
     for name in POSITIVE_FIELDS:
         value = values.get(name)
         if name in values and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= LARGEST_SIZE):
@@ -147,13 +149,13 @@ def check_config_values(values: dict) -> None:
     if "code_family" in values and not (isinstance(values["code_family"], str) and values["code_family"] in CODE_FAMILIES):
         raise TableFreeError(f"unknown code family {values['code_family']!r}; choose one of {', '.join(CODE_FAMILIES)}")
     scale = values.get("code_scale", 1.0)
-    if not number(scale) or scale == 0 or abs(scale) > LARGEST_CODE_SCALE:
+    if not finite_number(scale) or scale == 0 or abs(scale) > LARGEST_CODE_SCALE:
         refuse(f"code_scale must be a finite non-zero number of magnitude at most {LARGEST_CODE_SCALE:g}, got {scale!r}")
     eps = values.get("layer_norm_eps", 1e-5)
-    if not number(eps) or not 0 < eps <= 1:
+    if not finite_number(eps) or not 0 < eps <= 1:
         refuse(f"layer_norm_eps must be a number in (0, 1], got {eps!r}")
     for name in DROPOUT_FIELDS:
-        if values.get(name) is not None and not (number(values[name]) and 0 <= values[name] <= 1):
+        if values.get(name) is not None and not (finite_number(values[name]) and 0 <= values[name] <= 1):
             refuse(f"{name} must be a probability in [0, 1], got {values[name]!r}")
     for name in ("dtype", "torch_dtype"):  # transformers reads the second as the first
         if values.get(name) is not None and values[name] not in WEIGHT_DTYPES:
@@ -178,9 +180,9 @@ def check_rope(rope, width, heads) -> None:
         raise TableFreeError(f"invalid model config: rope_type {kind!r} is not supported; the GPT-NeoX backbone's "
                              f"rotary embeddings are 'default'")
     theta, factor = rope.get("rope_theta", 10_000.0), rope.get("partial_rotary_factor", 1.0)
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not 1 < theta < math.inf:
+    if not finite_number(theta) or not theta > 1:
         raise TableFreeError(f"invalid model config: rope_theta must be a finite number above 1, got {theta!r}")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+    if not finite_number(factor) or not 0 < factor <= 1:
         raise TableFreeError(f"invalid model config: partial_rotary_factor must be in (0, 1], got {factor!r}")
     if isinstance(width, int) and isinstance(heads, int) and heads > 0:
         rotated = int(width // heads * factor)

@@ -75,21 +75,24 @@ def vllm_offline(variant_dirs, tmp_path_factory) -> dict:
     return json.loads((work / "out.json").read_text())
 
 
-def reference(path: Path, prompt: str) -> dict:
-    """tablefree's engine (the one `tablefree serve` runs) for the greedy text, and the float32 forward for the
-    prompt's logprobs."""
+def reference(path: Path) -> list[dict]:
+    """Per prompt: tablefree's engine (the one `tablefree serve` runs) for the greedy text, and the float32 forward
+    for the prompt's logprobs."""
     import io
 
     from tablefree.generate import generate_text
     from tablefree.hub import load_model
 
     model, tokenizer = load_model(path, dtype=torch.float32)
-    ids = tokenizer.encode(prompt)
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
-    text = generate_text(str(path), prompt, dtype="float32", stream=io.StringIO(), max_tokens=MAX_TOKENS)
-    return {"ids": ids, "text": text, "logprobs": logprobs[torch.arange(len(ids) - 1), ids[1:]].tolist(),
-            "top1": logprobs.argmax(-1).tolist()}
+    found = []
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        text = generate_text(str(path), prompt, dtype="float32", stream=io.StringIO(), max_tokens=MAX_TOKENS)
+        found.append({"ids": ids, "text": text, "logprobs": logprobs[torch.arange(len(ids) - 1), ids[1:]].tolist(),
+                      "top1": logprobs.argmax(-1).tolist()})
+    return found
 
 
 @pytest.mark.parametrize("name", ENGINE_VARIANTS)
@@ -106,8 +109,7 @@ def test_vllm_serves_every_variant_natively_equal_to_tablefree(name, variant_dir
         # the Transformers backend on the directory's own source, and no V x d table but the output head
         assert result["architecture"] == "TransformersForCausalLM"
         assert vocab_tables == ["lm_head.weight"]
-    for prompt, got in zip(PROMPTS, result["prompts"]):
-        want = reference(variant_dirs[name], prompt)
+    for prompt, got, want in zip(PROMPTS, result["prompts"], reference(variant_dirs[name])):
         assert got["prompt_ids"] == want["ids"]
         assert got["text"] == want["text"], prompt
         assert [top for _, top in got["prompt_logprobs"]] == want["top1"], prompt
