@@ -135,11 +135,10 @@ def decoder_kinds(tokenizer) -> set[str]:
 
 
 def byte_level_alphabet() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the others for the
-    characters from U+0100 on, in byte order."""
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    others = [b for b in range(256) if b not in printable]
-    return {**{chr(b): b for b in printable}, **{chr(0x100 + i): b for i, b in enumerate(others)}}
+    """GPT-2's byte-level alphabet, character -> byte (transformers' own table, inverted)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 BYTE_LEVEL_ALPHABET = byte_level_alphabet()
