@@ -24,6 +24,7 @@ VERBS = {
     "data": ("data", "prepare token shards from a mixture of sources"),
     "train": ("train", "train a model on prepared data (CPU, or GPUs via torchrun)"),
     "compare": ("compare", "the matched comparison: variants x seeds, results table and plots"),
+    "study": ("study", "a matched comparison at several points: the gap against tokens, table share or size"),
     "eval": ("evaluate", "validation loss, perplexity and bits per byte of a saved model"),
     "generate": ("generate", "generate text from a model, streamed to the terminal"),
     "export": ("export", "write a stock GPT-NeoX checkpoint (code table as embed_in) or a GGUF file for llama.cpp"),

@@ -102,6 +102,12 @@ def run_name(name: str, seed: int) -> str:
     return f"{name}-seed{seed}"
 
 
+def key_name(key: tuple) -> str:
+    """A run's name from its key: (NAME, SEED), or (POINT, NAME, SEED) in a study (POINT/NAME-seedS)."""
+    *where, name, seed = key
+    return "/".join([*map(str, where), run_name(name, seed)])
+
+
 def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Path, force: bool = False,
             reference: str | list[str] | None = None, heldout: list[str] = (), jobs: int = 1) -> dict:
     """Train (or resume) every run, then summarise; returns the content of results.json.
@@ -270,7 +276,7 @@ def run_in_processes(configs: dict, heldout: dict, jobs: int) -> tuple[dict, dic
             elapsed = time.monotonic() - start
             status = (f"failed: {failed[key]}" if key in failed else
                       f"val {result['val_bits_per_byte']:.3f} bits/byte")
-            print(f"== {run_name(*key)} {status} ({len(done) + len(failed)}/{len(configs)}, {elapsed:.0f} s) ==",
+            print(f"== {key_name(key)} {status} ({len(done) + len(failed)}/{len(configs)}, {elapsed:.0f} s) ==",
                   flush=True)
     except BaseException:  # Ctrl-C or a fault here: stop the runs now (each resumes from its checkpoint)
         for child in multiprocessing.active_children():
