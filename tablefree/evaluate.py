@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from pathlib import Path
 
 import numpy as np
 
-from .corpus import PYTHON_NOTES, ReadOptions, python_notes_documents
+from .corpus import ENGLISH_PROSE, HELDOUT_TEXTS, PYTHON_NOTES, ReadOptions
 from .errors import TableFreeError
 
 EVAL_TOKENS = 262_144  # predicted tokens scored by `tablefree eval` unless --max-tokens says otherwise
@@ -31,13 +32,50 @@ BATCH_WINDOWS = 16
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
-    """UTF-8 length of each id's text; special tokens (</s>, <pad>, ...) count zero bytes."""
+    """UTF-8 bytes each id adds to decoded text; special tokens (</s>, <pad>, ...) count zero bytes.
+
+    A byte-level tokenizer's token texts are in GPT-2's byte-to-unicode alphabet (one symbol per byte: 'Ġ'
+    is a space) and a byte-fallback token <0xNN> is one byte, so those are counted from the symbols;
+    any other token counts the UTF-8 length of its own decoded text.
+    """
+    import json
+
     backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer
     size = backend.get_vocab_size(with_added_tokens=True)
     texts = backend.decode_batch([[i] for i in range(size)], skip_special_tokens=True)
     lengths = np.zeros(vocab_size, dtype=np.int64)
     lengths[: min(size, vocab_size)] = [len(t.encode("utf-8")) for t in texts[:vocab_size]]
+    spec = json.loads(backend.to_str())
+    kinds = _decoder_kinds(spec.get("decoder"))
+    if not kinds & {"ByteLevel", "ByteFallback"}:
+        return lengths
+    special = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
+    symbols = _byte_symbols() if "ByteLevel" in kinds else {}
+    for i in range(min(size, vocab_size)):
+        token = backend.id_to_token(i)
+        if i in special or token is None:
+            continue
+        if "ByteFallback" in kinds and _BYTE_FALLBACK.fullmatch(token):
+            lengths[i] = 1
+        elif symbols and all(char in symbols for char in token):
+            lengths[i] = len(token)  # the decoder maps a token made only of byte symbols to one byte per symbol
     return lengths
+
+
+_BYTE_FALLBACK = re.compile("<0x[0-9A-Fa-f]{2}>")
+
+
+def _decoder_kinds(decoder: dict | None) -> set[str]:
+    """The types of a tokenizer.json decoder and of the decoders inside a Sequence."""
+    if not decoder:
+        return set()
+    return {decoder.get("type")} | {kind for inner in decoder.get("decoders") or [] for kind in _decoder_kinds(inner)}
+
+
+def _byte_symbols() -> set[str]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte-level alphabet
+
+    return set(bytes_to_unicode().values())
 
 
 def evaluate_windows(model, windows, byte_lengths: np.ndarray, device, autocast=None,
@@ -167,18 +205,19 @@ def evaluate_model(model_path: str, data: str, seq_len: int | None = None, max_t
 def data_windows(data: str, tokenizer, seq_len: int, max_tokens: int | None, text_field: str = "text",
                  options: ReadOptions = ReadOptions()):
     """The windows `data` is scored on: a prepared directory's val split (cut as training's validation cuts it,
-    `evaluate_shards`), a local text file, or python-notes."""
+    `evaluate_shards`), a local text file, or a held-out text by name (python-notes, english-prose)."""
     from .data import TokenShards
     from .tokenizer import tokenizer_hash
 
     path = Path(data)
-    if data == PYTHON_NOTES:
-        return document_windows(python_notes_documents(), tokenizer, seq_len, max_tokens, PYTHON_NOTES)
+    if data in HELDOUT_TEXTS:
+        return document_windows(HELDOUT_TEXTS[data](), tokenizer, seq_len, max_tokens, data)
     if path.is_dir():
         return TokenShards(path, "val", expected_tokenizer_hash=tokenizer_hash(tokenizer)).sequential(seq_len, max_tokens)
     if path.is_file():
         return text_windows(path, tokenizer, seq_len, max_tokens, text_field, options)
-    raise TableFreeError(f"no data at {data}: give a prepared directory, a .txt/.jsonl/.parquet file or {PYTHON_NOTES}")
+    raise TableFreeError(f"no data at {data}: give a prepared directory, a .txt/.jsonl/.parquet file, "
+                         f"{' or '.join(HELDOUT_TEXTS)}")
 
 
 def unigram_log_probs(data_dir: str | Path, vocab_size: int) -> np.ndarray:
@@ -220,9 +259,10 @@ def add_cli(subparsers) -> None:
     ev = subparsers.add_parser("eval", help="validation loss, perplexity and bits per byte of a saved model")
     ev.add_argument("model", help="model directory or cached hub id")
     ev.add_argument("--data", required=True,
-                    help=f"a prepared data directory (its val split), a .txt/.jsonl/.parquet file, or {PYTHON_NOTES} "
-                         f"(held-out text every Python has: IDLE's change logs and Python's licence; ./{PYTHON_NOTES} "
-                         f"is a file of that name)")
+                    help=f"a prepared data directory (its val split), a .txt/.jsonl/.parquet file, {PYTHON_NOTES} "
+                         f"(held-out text every Python has: IDLE's change logs and Python's licence) or {ENGLISH_PROSE} "
+                         f"(held-out English prose written for tablefree: stories, letters, essays); ./{PYTHON_NOTES} "
+                         f"is a file of that name")
     ev.add_argument("--seq-len", type=int, default=None,
                     help="window length (default: the model's context; a training run's seq_len repeats its validation)")
     ev.add_argument("--max-tokens", type=int, default=EVAL_TOKENS,

@@ -1,6 +1,7 @@
-"""The code-point tokenizer of the published checkpoints, saved as a standard tokenizer.json.
+"""The tokenizers tablefree builds, saved as a standard tokenizer.json: the code-point tokenizer of the
+published checkpoints (the default), and a small byte-level BPE of any vocabulary size (`--vocab-size`).
 
-Layout of the V = 65,536 ids:
+Layout of the code-point tokenizer's V = 65,536 ids:
 - every Basic-Multilingual-Plane character outside the surrogate and private-use ranges has its
   own code point as id, so bin_16 of a one-character token is the character's code point;
 - 0xE000-0xE0FF: special tokens (<pad> = 57344, <s>, </s>, <unk>, ...), then <special_token_N>;
@@ -11,6 +12,15 @@ Text is split like GPT-2 (words with their leading space, numbers, punctuation r
 and never normalised, so decoding the ids gives back the text exactly. A character without a slot
 (outside the BMP, or in the private-use area U+E000-U+F8FF) becomes <unk> (id 57347): the only loss,
 reported by `unknown_characters`.
+
+Layout of the byte-level BPE's V = N ids (N from SMALLEST_BPE to 65,536), as GPT-2's tokenizer works:
+- 0-255: the 256 bytes, id = byte value, each written as its symbol in GPT-2's byte-to-unicode
+  alphabet (a space byte is 'Ġ');
+- 256-278: the special tokens of the code-point layout, in its order (<pad> = 256, <s> = 257,
+  </s> = 258, <unk> = 259, ..., [EOT], [USER], [ASSISTANT], ...), so chat works the same way;
+- 279 to N - 1: the merged tokens, in the order byte-pair-encoding training on the corpus learns them.
+Text is split by GPT-2's regex and turned into its UTF-8 bytes, so every text round-trips and no
+id stands for an unknown character (<unk> is kept for the layout, never produced).
 """
 
 from __future__ import annotations
@@ -21,7 +31,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from .corpus import ReadOptions
 from .errors import TableFreeError, summary
@@ -37,6 +47,10 @@ SPECIAL_TOKENS = [
 SPECIAL_END = 0xE100
 NGRAM_SLOTS = list(range(0xD800, 0xE000)) + list(range(0xE100, 0xF900))
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0xE000, 0xE001, 0xE002, 0xE003
+# transformers' role -> the special token that plays it, in both layouts.
+ROLE_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+BYTE_SYMBOLS = 256
+SMALLEST_BPE = BYTE_SYMBOLS + len(SPECIAL_TOKENS) + 1  # the bytes, the special tokens and one merge
 # What save_pretrained writes into a tokenizer directory.
 TOKENIZER_FILES = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"]
 SPLIT_PATTERN = r" ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -106,17 +120,71 @@ def build_tokenizer(texts: Iterable[str]) -> Tokenizer:
     return tokenizer
 
 
+def check_vocab_size(vocab_size) -> int:
+    """`vocab_size` if a byte-level BPE can have it: room for the bytes, the special tokens and a merge, ids in 16 bits."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or not SMALLEST_BPE <= vocab_size <= VOCAB_SIZE:
+        raise TableFreeError(f"--vocab-size must be an integer from {SMALLEST_BPE} to {VOCAB_SIZE:,} (the 256 bytes, "
+                             f"{len(SPECIAL_TOKENS)} special tokens and at least one merge), got {vocab_size!r}")
+    return vocab_size
+
+
+def build_byte_level_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """A byte-level BPE of exactly `vocab_size` ids learned from `texts` (layout in the module docstring)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's byte-level alphabet
+
+    check_vocab_size(vocab_size)
+    wanted = vocab_size - BYTE_SYMBOLS - len(SPECIAL_TOKENS)
+    trainer_tokenizer = Tokenizer(models.BPE())
+    trainer_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    documents = 0
+
+    def counted():
+        nonlocal documents
+        for text in texts:
+            documents += 1
+            yield text
+
+    # The trainer counts the 256 byte symbols in its vocabulary size; the special tokens are placed after them below.
+    trainer = trainers.BpeTrainer(vocab_size=BYTE_SYMBOLS + wanted, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer_tokenizer.train_from_iterator(counted(), trainer=trainer)
+    if documents == 0:
+        raise TableFreeError("the corpus is empty: no documents to learn merges from")
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()}
+    vocab.update({name: BYTE_SYMBOLS + i for i, name in enumerate(SPECIAL_TOKENS)})
+    merges = []
+    for merge in json.loads(trainer_tokenizer.to_str())["model"]["merges"]:
+        if len(vocab) == vocab_size:
+            break
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        merges.append((left, right))
+        vocab.setdefault(left + right, len(vocab))  # two merges can make the same token; it keeps its first id
+    if len(vocab) < vocab_size:
+        raise TableFreeError(
+            f"the corpus yields {len(vocab) - SMALLEST_BPE + 1:,} merged tokens, but --vocab-size {vocab_size:,} needs "
+            f"{wanted:,}: give a larger corpus or a --vocab-size of at most {len(vocab):,}"
+        )
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)
+    return tokenizer
+
+
 def as_transformers(tokenizer: Tokenizer, model_max_length: int = 1024):
-    """Wrap a `tokenizers.Tokenizer` as the transformers fast tokenizer that AutoTokenizer reloads."""
+    """Wrap a `tokenizers.Tokenizer` as the transformers fast tokenizer that AutoTokenizer reloads.
+
+    The layouts' special tokens take their roles (pad, bos, eos; unk where the model maps unknown input to it),
+    and a tokenizer with the role tokens [USER], [ASSISTANT], [EOT] gets the chat template written in them.
+    """
     from transformers import PreTrainedTokenizerFast
 
-    names = {i: t for t, i in special_tokens().items()}
-    kwargs = {}
-    for role, token_id in (("pad_token", PAD_ID), ("bos_token", BOS_ID), ("eos_token", EOS_ID), ("unk_token", UNK_ID)):
-        if tokenizer.id_to_token(token_id) == names[token_id]:
-            kwargs[role] = names[token_id]
+    unk = getattr(tokenizer.model, "unk_token", None)
+    kwargs = {role: name for role, name in ROLE_TOKENS.items()
+              if tokenizer.token_to_id(name) is not None and (role != "unk_token" or unk == name)}
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, model_max_length=model_max_length, **kwargs)
-    if tokenizer.get_vocab_size() == VOCAB_SIZE and tokenizer.token_to_id("[USER]") is not None:
+    if all(tokenizer.token_to_id(name) is not None for name in ("[USER]", "[ASSISTANT]", "[EOT]", "<tool_response>")):
         fast.chat_template = CHAT_TEMPLATE
     return fast
 
@@ -172,19 +240,23 @@ def unknown_characters(text: str) -> dict[str, int]:
 
 
 def build_tokenizer_dir(corpus: list[str], out: str | Path, limit_chars: int | None = None, force: bool = False,
-                  text_field: str = "text", options: ReadOptions = ReadOptions()) -> Path:
-    """`tablefree tokenizer build`: learn the n-gram slots from a corpus and save the tokenizer directory."""
+                        text_field: str = "text", options: ReadOptions = ReadOptions(),
+                        vocab_size: int | None = None) -> Path:
+    """`tablefree tokenizer build`: learn the code-point tokenizer's n-gram slots (or, with `vocab_size`, a byte-level
+    BPE of that many ids) from a corpus and save the tokenizer directory."""
     from . import files
 
     out = Path(out)
     if limit_chars is not None and limit_chars <= 0:
         raise TableFreeError(f"--limit-chars must be positive, got {limit_chars}")
+    if vocab_size is not None:
+        check_vocab_size(vocab_size)
     with files.output_lock(out, inputs=[Path(c) for c in corpus if c != "embedded"]):
-        return _build_into(out, corpus, limit_chars, force, text_field, options)
+        return _build_into(out, corpus, limit_chars, force, text_field, options, vocab_size)
 
 
 def _build_into(out: Path, corpus: list[str], limit_chars: int | None, force: bool, text_field: str,
-                options: ReadOptions) -> Path:
+                options: ReadOptions, vocab_size: int | None) -> Path:
     from . import files
     from .corpus import ReadCounts, read_corpus
 
@@ -196,26 +268,32 @@ def _build_into(out: Path, corpus: list[str], limit_chars: int | None, force: bo
     def counted():
         for text in read_corpus(corpus, limit_chars=limit_chars, text_field=text_field, options=options, counts=read):
             counts["characters"] += len(text)
-            counts["unknown"] += len(_NO_SLOT.findall(text))
+            if vocab_size is None:
+                counts["unknown"] += len(_NO_SLOT.findall(text))
             yield text
 
-    fast = as_transformers(build_tokenizer(counted()))
+    if vocab_size is None:
+        fast = as_transformers(build_tokenizer(counted()))
+    else:
+        fast = as_transformers(build_byte_level_tokenizer(counted(), vocab_size))
     with files.staged_directory(out, "tokenizer") as stage:
         fast.save_pretrained(str(stage.path))
     left_out = [f"{n:,} {what}" for n, what in ((read.replaced_characters, "characters replaced by U+FFFD"),
                                                (read.skipped_records, "records skipped")) if n]
-    print(
-        f"read {counts['characters']:,} characters; {counts['unknown']:,} without a slot (they encode as <unk>)"
-        + (f"; {', '.join(left_out)}" if left_out else "")
-    )
+    unknown = f"; {counts['unknown']:,} without a slot (they encode as <unk>)" if vocab_size is None else ""
+    print(f"read {counts['characters']:,} characters{unknown}" + (f"; {', '.join(left_out)}" if left_out else ""))
     return out
 
 
 def tokenizer_build_command(args) -> int:
     options = ReadOptions(bad_text=args.bad_text, bad_records=args.bad_records)
     out = build_tokenizer_dir(args.corpus, args.out, limit_chars=args.limit_chars, force=args.force,
-                        text_field=args.text_field, options=options)
-    print(f"code-point tokenizer (V = {VOCAB_SIZE:,}) -> {out}")
+                              text_field=args.text_field, options=options, vocab_size=args.vocab_size)
+    if args.vocab_size is None:
+        print(f"code-point tokenizer (V = {VOCAB_SIZE:,}) -> {out}")
+    else:
+        bits = (args.vocab_size - 1).bit_length()
+        print(f"byte-level BPE tokenizer (V = {args.vocab_size:,}, K = {bits} bits) -> {out}")
     return 0
 
 
@@ -224,12 +302,16 @@ def add_cli(subparsers) -> None:
 
     tokenizer = subparsers.add_parser("tokenizer")
     verbs = tokenizer.add_subparsers(dest="tokenizer_command", metavar="VERB", required=True)
-    build = verbs.add_parser("build", help="fill the n-gram slots from a corpus and save tokenizer.json")
+    build = verbs.add_parser("build", help="fill the n-gram slots from a corpus (or learn a byte-level BPE) and save "
+                                           "tokenizer.json")
     build.add_argument("--corpus", nargs="+", default=["embedded"], help="'embedded' or .txt/.jsonl/.parquet files")
     build.add_argument("--out", required=True, help="output directory")
+    build.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                       help=f"learn a byte-level BPE of exactly N ids ({SMALLEST_BPE} to {VOCAB_SIZE:,}; K = "
+                            f"ceil(log2 N) code bits) instead of the code-point tokenizer (default: code-point, "
+                            f"V = {VOCAB_SIZE:,})")
     build.add_argument("--limit-chars", type=int, default=None, help="read at most this many characters (default: all)")
     build.add_argument("--force", action="store_true",
                        help="write into an existing non-empty --out (files tablefree did not write are never touched)")
     add_reading_options(build)
     build.set_defaults(run=tokenizer_build_command)
-

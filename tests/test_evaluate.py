@@ -191,6 +191,58 @@ def test_bits_per_byte_counts_utf8_bytes(code_point_tokenizer):
     assert sum(lengths[i] for i in ngram) == 4
 
 
+@pytest.fixture(scope="module")
+def byte_level_tokenizer():
+    from training_data import topic_documents
+
+    from tablefree.tokenizer import as_transformers, build_byte_level_tokenizer
+
+    return as_transformers(build_byte_level_tokenizer(topic_documents(), 600))
+
+
+BYTE_SAMPLES = ["The function returns the value.", "naïve café: 5 € — 日本語\n\tdone", "smile \U0001F600\U0001F3FD ok",
+                "\x00\x7f\ufffd spaces   \r\n"]
+
+
+@pytest.mark.parametrize("kind", ["code-point", "byte-level"])
+def test_byte_lengths_of_encoded_text_sum_to_its_utf8_bytes(kind, code_point_tokenizer, byte_level_tokenizer):
+    from hypothesis import assume, given, settings
+    from hypothesis import strategies as st
+
+    from tablefree.evaluate import token_byte_lengths
+    from tablefree.tokenizer import SPECIAL_TOKENS, has_slot
+
+    tokenizer = code_point_tokenizer if kind == "code-point" else byte_level_tokenizer
+    lengths = token_byte_lengths(tokenizer, len(tokenizer))
+    assert lengths[tokenizer.eos_token_id] == 0 and lengths[tokenizer.pad_token_id] == 0  # special tokens add no text
+    chars = st.characters(exclude_categories=("Cs",))
+    if kind == "code-point":  # a character without a slot is <unk>, not its bytes
+        chars = chars.filter(has_slot)
+
+    def check(text):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert int(lengths[ids].sum()) == len(text.encode("utf-8"))
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.text(alphabet=chars, max_size=40))
+    def check_any(text):
+        assume(not any(name in text for name in SPECIAL_TOKENS))  # written in the text, a special token is matched
+        check(text)
+
+    for text in BYTE_SAMPLES if kind == "byte-level" else [t for t in BYTE_SAMPLES if all(map(has_slot, t))]:
+        check(text)
+    check_any()
+
+
+def test_byte_level_symbols_count_one_byte_each(byte_level_tokenizer):
+    from tablefree.evaluate import token_byte_lengths
+
+    lengths = token_byte_lengths(byte_level_tokenizer, 700)
+    assert lengths[:256].tolist() == [1] * 256  # 'Ġ' (a space) is one byte, though two in UTF-8
+    assert lengths[256:279].tolist() == [0] * 23 and lengths[600:].tolist() == [0] * 100
+    assert (lengths[279:600] >= 2).all()
+
+
 TASK = """task: tablefree_toy
 dataset_path: json
 dataset_kwargs:

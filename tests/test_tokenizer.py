@@ -159,3 +159,150 @@ def test_a_damaged_tokenizer_file_is_a_clear_error(tmp_path, damage):
     for path in (tmp_path, tmp_path / "tokenizer.json"):
         with pytest.raises(TableFreeError, match="could not load the tokenizer at"):
             load_tokenizer(path)
+
+
+@pytest.fixture(scope="module")
+def byte_level_dir(tmp_path_factory):
+    """A byte-level BPE of 512 ids, built by the CLI from the first 200,000 characters of the embedded corpus."""
+    from tablefree.cli import main
+
+    out = tmp_path_factory.mktemp("bpe") / "tok"
+    assert main(["tokenizer", "build", "--vocab-size", "512", "--limit-chars", "200000", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def byte_level(byte_level_dir):
+    from tablefree.tokenizer import load_tokenizer
+
+    return load_tokenizer(byte_level_dir)
+
+
+def test_byte_level_layout_is_bytes_then_special_tokens_then_merges(byte_level):
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    tok = byte_level
+    assert len(tok) == 512 and len(tok.get_vocab()) == 512
+    assert [tok.convert_ids_to_tokens(b) for b in range(256)] == [bytes_to_unicode()[b] for b in range(256)]
+    for i, name in enumerate(SPECIAL_TOKENS):
+        assert tok.convert_tokens_to_ids(name) == 256 + i
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.unk_token_id) == (256, 257, 258, None)
+    assert tok.encode("A b", add_special_tokens=False)[0] == ord("A")
+    assert len(tok.encode(" the", add_special_tokens=False)) == 1
+    text = "The function returns the value of the object."
+    assert len(tok.encode(text, add_special_tokens=False)) < len(text) / 2
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert chat == "[USER]hi[EOT][ASSISTANT]"
+    assert tok.encode(chat, add_special_tokens=False)[-1] == tok.convert_tokens_to_ids("[ASSISTANT]")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=60))
+def test_byte_level_round_trip_is_exact_for_any_text(byte_level, text):
+    ids = byte_level.encode(text, add_special_tokens=False)
+    assert byte_level.decode(ids) == text
+    assert all(0 <= i < 512 for i in ids)
+
+
+@pytest.mark.parametrize("text", ["smile \U0001F600 and \ue123 private", "日本語 naïve  \t\n\r x", "\x00\x7f\ufffd"])
+def test_byte_level_keeps_every_character_and_needs_no_unk(byte_level, text):
+    ids = byte_level.encode(text, add_special_tokens=False)
+    assert byte_level.decode(ids) == text and 259 not in ids
+
+
+def test_byte_level_build_is_deterministic(tmp_path, byte_level_dir):
+    from tablefree.cli import main
+
+    again = tmp_path / "again"
+    assert main(["tokenizer", "build", "--vocab-size", "512", "--limit-chars", "200000", "--out", str(again)]) == 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (again / name).read_bytes() == (byte_level_dir / name).read_bytes()
+    other = tmp_path / "other"
+    assert main(["tokenizer", "build", "--vocab-size", "513", "--limit-chars", "200000", "--out", str(other)]) == 0
+    assert (other / "tokenizer.json").read_bytes() != (byte_level_dir / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("value", ["279", "65537", "0", "-5", "4.5", "many"])
+def test_vocab_size_out_of_range_is_one_clear_line(tmp_path, capsys, value):
+    from tablefree.cli import main
+
+    args = ["tokenizer", "build", "--vocab-size", value, "--limit-chars", "1000", "--out", str(tmp_path / "t")]
+    if value.lstrip("-").isdigit():
+        assert main(args) == 2
+        line = "--vocab-size must be an integer from 280 to 65,536 (the 256 bytes, 23 special tokens and at least one merge)"
+    else:  # argparse's own refusal of a non-integer
+        with pytest.raises(SystemExit) as exit_code:
+            main(args)
+        assert exit_code.value.code == 2
+        line = f"argument --vocab-size: invalid int value: '{value}'"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and line in err.strip().splitlines()[-1]
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_corpus_too_small_for_the_vocab_size_is_a_clear_error(tmp_path, capsys):
+    from tablefree.cli import main
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(("the cat sat on the mat. " * 50 + "\n\n") * 20)
+    assert main(["tokenizer", "build", "--corpus", str(corpus), "--vocab-size", "4096", "--out", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "needs 3,817: give a larger corpus or a --vocab-size of at most" in err and "Traceback" not in err
+    assert main(["tokenizer", "build", "--corpus", str(corpus), "--vocab-size", "290", "--out", str(tmp_path / "t")]) == 0
+    assert len(AutoTokenizer.from_pretrained(str(tmp_path / "t"))) == 290
+    assert "byte-level BPE tokenizer (V = 290, K = 9 bits)" in capsys.readouterr().out
+
+
+def test_a_byte_level_tokenizer_works_end_to_end(byte_level_dir, tmp_path, capsys):
+    """data prepare, train (tiny), eval, held-out scoring, the unigram baseline and generate, with V = 512 and K = 9."""
+    import io
+    import json
+
+    import numpy as np
+    from training_data import topic_documents, train_overrides, write_jsonl
+
+    from tablefree.cli import main
+    from tablefree.compare import score_heldout, unigram_baseline
+    from tablefree.data import TokenShards
+    from tablefree.evaluate import evaluate_model, token_byte_lengths
+    from tablefree.generate import generate_text
+    from tablefree.hub import load_model
+    from tablefree.train import make_config, train
+
+    corpus = write_jsonl(tmp_path / "topics.jsonl", topic_documents(160))
+    data = tmp_path / "data"
+    assert main(["data", "prepare", "--source", str(corpus), "--tokenizer", str(byte_level_dir), "--out", str(data),
+                 "--val-fraction", "0.1", "--quiet"]) == 0
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert (manifest["dtype"], manifest["separator_id"], manifest["separator_token"]) == ("uint16", 258, "</s>")
+
+    cfg = make_config(train_overrides(data, tmp_path / "run", max_steps=4))
+    result = train(cfg)
+    model, tokenizer = load_model(tmp_path / "run" / "model")
+    assert (model.config.vocab_size, model.get_input_embeddings().code.bits) == (512, 9)
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (257, 258, 256)
+    assert len(tokenizer) == 512 and tokenizer.chat_template
+
+    lengths = token_byte_lengths(tokenizer, 512)
+    for split in ("train", "val"):  # every byte of the text is counted once, the separators not at all
+        ids = np.concatenate([np.asarray(a) for a in TokenShards(data, split).arrays])
+        assert int(lengths[ids].sum()) == manifest[f"{split}_bytes"]
+
+    again = evaluate_model(str(tmp_path / "run" / "model"), str(data), seq_len=32, max_tokens=512)
+    assert again["loss"] == pytest.approx(result["val_loss"], rel=1e-5)
+    assert again["bits_per_byte"] == pytest.approx(result["val_bits_per_byte"], rel=1e-5)
+    assert 0 < again["bits_per_byte"] < again["loss"] / np.log(2)  # several bytes per token
+    assert main(["eval", str(tmp_path / "run" / "model"), "--data", "python-notes", "--max-tokens", "256"]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+    held = score_heldout(tmp_path / "run" / "model", {"notes": "python-notes"}, cfg)
+    assert held["notes"]["bits_per_byte"] > 0 and held["notes"]["tokens"] == cfg.eval_tokens
+    baseline = unigram_baseline(cfg, {"notes": "python-notes"})
+    assert 0 < baseline["val_bits_per_byte"] < 9 / 1.5  # below a uniform choice among 512 ids at >= 1.5 bytes a token
+
+    text = generate_text(str(tmp_path / "run" / "model"), "The function", max_tokens=6, temperature=0, stream=io.StringIO())
+    assert isinstance(text, str)
+
+    capsys.readouterr()
+    assert main(["export", str(tmp_path / "run" / "model"), str(tmp_path / "gguf"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "the GGUF export supports the code-point tokenizer" in err and "--format gpt-neox" in err
