@@ -107,6 +107,31 @@ def python_notes_documents() -> list[str]:
     return documents
 
 
+# Held-out plain English: stories, letters, a travel diary, everyday essays, a book review, a speech and a news
+# report, written for this project and shipped with it (tablefree/heldout/english_prose); no corpus contains them.
+ENGLISH_PROSE = "english-prose"
+
+
+def english_prose_documents() -> list[str]:
+    """The `english-prose` held-out text: one document per .txt file of heldout/english_prose, in name order."""
+    from importlib.resources import files
+
+    folder = files("tablefree") / "heldout" / "english_prose"
+    try:
+        entries = sorted((entry for entry in folder.iterdir() if entry.name.endswith(".txt")), key=lambda e: e.name)
+        documents = [entry.read_text(encoding="utf-8").strip() for entry in entries]
+    except OSError as exc:
+        raise TableFreeError(f"cannot read the {ENGLISH_PROSE} text of this tablefree installation ({exc}); "
+                             f"reinstall tablefree") from None
+    if not documents:
+        raise TableFreeError(f"this tablefree installation has no {ENGLISH_PROSE} files in {folder}; reinstall it")
+    return documents
+
+
+# The held-out texts known by name (`tablefree eval --data NAME`, `compare --heldout NAME`) and their documents.
+HELDOUT_TEXTS = {PYTHON_NOTES: python_notes_documents, ENGLISH_PROSE: english_prose_documents}
+
+
 def file_docstrings(path: Path) -> list[str]:
     """Docstrings of at least 80 characters of one source file, in `ast.walk` order."""
     try:

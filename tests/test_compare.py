@@ -177,6 +177,25 @@ def test_every_final_model_is_scored_on_held_out_text(prepared_data, tmp_path):
         compare(base, ["affine"], [0], tmp_path / "other", heldout=[str(notes), str(notes)])
 
 
+def test_english_prose_is_scored_as_python_notes_is(saved_tiny_model, tmp_path, capsys):
+    from tablefree.cli import main
+    from tablefree.corpus import ENGLISH_PROSE, english_prose_documents
+    from tablefree.evaluate import evaluate_model
+    from tablefree.runtime import resolve_runtime
+
+    model_dir = str(saved_tiny_model[0])
+    prose = tmp_path / "prose.jsonl"
+    prose.write_text("".join(json.dumps({"text": doc}) + "\n" for doc in english_prose_documents()))
+    runtime = resolve_runtime("cpu", "float32")
+    scores = evaluate_model(model_dir, ENGLISH_PROSE, seq_len=64, max_tokens=2048, runtime=runtime)
+    assert 0 < scores["bits_per_byte"] < math.inf and scores["tokens"] == 2048
+    # The built-in text is the same documents as the file, scored the same way.
+    assert scores == evaluate_model(model_dir, str(prose), seq_len=64, max_tokens=2048, runtime=runtime)
+    assert main(["eval", model_dir, "--data", ENGLISH_PROSE, "--seq-len", "64", "--max-tokens", "512",
+                 "--device", "cpu"]) == 0
+    assert "bits/byte" in capsys.readouterr().out
+
+
 def test_publish_writes_the_study_with_its_command_commit_and_machine(prepared_data, tmp_path, capsys):
     import yaml
 

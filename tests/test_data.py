@@ -72,6 +72,20 @@ def _prepare_cli(capsys, *args):
     return code, err
 
 
+def test_english_prose_is_original_prose_that_no_corpus_holds():
+    from tablefree.corpus import ENGLISH_PROSE, HELDOUT_TEXTS, embedded_documents, english_prose_documents
+
+    documents = english_prose_documents()
+    assert HELDOUT_TEXTS[ENGLISH_PROSE] is english_prose_documents
+    assert 12 <= len(documents) <= 16 and 60_000 <= sum(map(len, documents)) <= 72_000
+    assert len(set(documents)) == len(documents) and all(doc.count("\n\n") >= 5 for doc in documents)  # paragraphs
+    assert {c for doc in documents for c in doc if not c.isascii()} <= {"\u2014", "\u00e9"}  # ASCII, a dash, cafe's e
+    # Any 200 characters shared with the embedded corpus would hold one of these aligned 100-character blocks whole.
+    embedded = "\n".join(embedded_documents())
+    shared = [doc[i:i + 100] for doc in documents for i in range(0, len(doc) - 99, 100) if doc[i:i + 100] in embedded]
+    assert not shared, shared[:3]
+
+
 def test_jsonl_and_parquet_mixture_roundtrip(tmp_path, code_point_tokenizer):
     texts = topic_documents(120)
     jsonl = write_jsonl(tmp_path / "a.jsonl", texts[:60])
