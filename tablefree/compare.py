@@ -115,7 +115,7 @@ def compare(base, variants: list[Variant | str], seeds: list[int], out: str | Pa
     `reference` names the variant(s) the others are measured against (default: learned when compared, else the
     first); with several, each gets its own gap columns (the paper's comparison against learned, ablations against
     affine, in one table).
-    `heldout` lists texts of another kind than the training data (files, or `python-notes`) that every final model
+    `heldout` lists texts of another kind than the training data (files, or `python-notes` or `english-prose`) that every final model
     is also scored on, in bits per byte.
     `jobs` > 1 trains that many runs at once on the CPU, each in its own process with its share of the cores.
     A run that fails does not stop the others: every run is tried, then the failures are reported together
@@ -367,13 +367,14 @@ def plot_gaps(path: Path, summary: dict, reference: str) -> Path:
 
 
 def heldout_label(spec: str) -> str:
-    from .corpus import PYTHON_NOTES
+    from .corpus import HELDOUT_TEXTS
 
-    if spec == PYTHON_NOTES:
+    if spec in HELDOUT_TEXTS:
         return spec
     path = Path(spec)
     if not path.is_file():
-        raise TableFreeError(f"held-out text {spec!r}: no such file; give .txt/.jsonl/.parquet files or {PYTHON_NOTES}")
+        raise TableFreeError(f"held-out text {spec!r}: no such file; give .txt/.jsonl/.parquet files or "
+                             f"{' or '.join(HELDOUT_TEXTS)}")
     return path.name
 
 
@@ -592,7 +593,7 @@ def compare_command(args) -> int:
     heldout = args.heldout or study.get("heldout", [])
     heldout = [heldout] if isinstance(heldout, str) else heldout
     if not (isinstance(heldout, list) and all(isinstance(x, str) for x in heldout)):
-        raise TableFreeError(f"heldout in {args.config} must be a list of file paths or python-notes, got {heldout!r}")
+        raise TableFreeError(f"heldout in {args.config} must be a list of file paths, python-notes or english-prose, got {heldout!r}")
     out = Path(args.out or base.out)
     if not 1 <= args.jobs <= 256:
         raise TableFreeError(f"--jobs must be between 1 and 256 runs at once, got {args.jobs}")
@@ -626,7 +627,8 @@ def add_cli(subparsers) -> None:
                           "columns (default: learned if compared, else the first)")
     cmp.add_argument("--heldout", action="append", default=None, metavar="TEXT",
                      help="also score every final model on this text, in bits per byte: a .txt/.jsonl/.parquet file, "
-                          "or python-notes (IDLE's change logs and Python's licence, on every machine); repeatable")
+                          "python-notes (IDLE's change logs and Python's licence, on every machine) or english-prose "
+                          "(original English prose that ships with tablefree); repeatable")
     cmp.add_argument("--jobs", type=int, default=1, metavar="N",
                      help="train N runs at once on the CPU, each in its own process with cores/N threads; small "
                           "models train more tokens per second this way (default: 1)")

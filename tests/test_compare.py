@@ -194,6 +194,9 @@ def test_english_prose_is_scored_as_python_notes_is(saved_tiny_model, tmp_path, 
     assert main(["eval", model_dir, "--data", ENGLISH_PROSE, "--seq-len", "64", "--max-tokens", "512",
                  "--device", "cpu"]) == 0
     assert "bits/byte" in capsys.readouterr().out
+    from tablefree.compare import heldout_label
+
+    assert heldout_label(ENGLISH_PROSE) == ENGLISH_PROSE  # a comparison takes it as a held-out text by name
 
 
 def test_publish_writes_the_study_with_its_command_commit_and_machine(prepared_data, tmp_path, capsys):
