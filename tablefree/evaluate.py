@@ -18,6 +18,7 @@ Benchmarks beyond this run through lm-evaluation-harness, which loads any saved 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 from pathlib import Path
@@ -29,6 +30,7 @@ from .errors import TableFreeError
 
 EVAL_TOKENS = 262_144  # predicted tokens scored by `tablefree eval` unless --max-tokens says otherwise
 BATCH_WINDOWS = 16
+_BYTE_FALLBACK = re.compile("<0x[0-9A-Fa-f]{2}>")  # a SentencePiece-style tokenizer's token for one raw byte
 
 
 def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
@@ -38,8 +40,6 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
     is a space) and a byte-fallback token <0xNN> is one byte, so those are counted from the symbols;
     any other token counts the UTF-8 length of its own decoded text.
     """
-    import json
-
     backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer
     size = backend.get_vocab_size(with_added_tokens=True)
     texts = backend.decode_batch([[i] for i in range(size)], skip_special_tokens=True)
@@ -50,7 +50,7 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
     if not kinds & {"ByteLevel", "ByteFallback"}:
         return lengths
     special = {t["id"] for t in spec.get("added_tokens") or [] if t.get("special")}
-    symbols = _byte_symbols() if "ByteLevel" in kinds else {}
+    symbols = _byte_symbols() if "ByteLevel" in kinds else set()
     for i in range(min(size, vocab_size)):
         token = backend.id_to_token(i)
         if i in special or token is None:
@@ -60,9 +60,6 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
         elif symbols and all(char in symbols for char in token):
             lengths[i] = len(token)  # the decoder maps a token made only of byte symbols to one byte per symbol
     return lengths
-
-
-_BYTE_FALLBACK = re.compile("<0x[0-9A-Fa-f]{2}>")
 
 
 def _decoder_kinds(decoder: dict | None) -> set[str]:

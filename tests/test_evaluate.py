@@ -234,6 +234,24 @@ def test_byte_lengths_of_encoded_text_sum_to_its_utf8_bytes(kind, code_point_tok
     check_any()
 
 
+def test_byte_fallback_tokens_count_one_byte_each():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from tablefree.evaluate import token_byte_lengths
+
+    vocab = {"<unk>": 0, "</s>": 1, **{f"<0x{b:02X}>": 2 + b for b in range(256)}, "▁a": 258, "▁": 259, "a": 260}
+    backend = Tokenizer(models.BPE(vocab, [("▁", "a")], unk_token="<unk>", byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
+    lengths = token_byte_lengths(tokenizer, 261)
+    text = "a € a 😀"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert tokenizer.decode(ids) == text and int(lengths[ids].sum()) == len(text.encode("utf-8"))
+    assert lengths[2 + 0xE2] == 1 and lengths[1] == 0
+
+
 def test_byte_level_symbols_count_one_byte_each(byte_level_tokenizer):
     from tablefree.evaluate import token_byte_lengths
 
