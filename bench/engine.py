@@ -11,6 +11,9 @@ The machine may be shared: every figure is the best of --repeats runs, interleav
 The small network also runs with the int8 output head (`--head-precision int8`) in the same interleaved turns, and
 that head's quality is measured against the float32 head: top-1 agreement and bits per byte over 512 positions of
 held-out text (python-notes). Give a trained --small: a fresh network's near-uniform logits make agreement noise.
+With --engine-kinds the small network's sampled rates are also measured through a started engine of each kind
+(`tablefree serve --engine thread|process`): the worker thread, and the engine process, which adds the pipe both ways
+and the parent's reader thread, events counted by plain sinks; paired turns in alternating order, medians.
 Goals: tiny c8/c1 >= 3; small one stream >= 0.5x llama.cpp f32's, and small c8 >= 1.5x llama.cpp's
 aggregate (llama.cpp decodes one sequence at a time, so its aggregate is its one-stream rate).
 Last line: ratio = tiny sampled c8 tokens/s / tiny sampled c1 tokens/s.
@@ -19,9 +22,11 @@ Last line: ratio = tiny sampled c8 tokens/s / tiny sampled c1 tokens/s.
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,6 +53,65 @@ def engine_rate(engine: Engine, ids: list[int], clients: int, temperature: float
     if any(len(s.output_ids) != max_tokens for s in sequences):
         raise SystemExit(f"a sequence ended early: {[len(s.output_ids) for s in sequences]} of {max_tokens} tokens")
     return clients * max_tokens / seconds
+
+
+def started_rate(engine, tokenizer, ids: list[int], clients: int, temperature: float, max_tokens: int) -> float:
+    """Generated tokens/s of `clients` sequences through a started engine (thread or process), counted by their sinks."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
+    finished, lock, done, tokens = [0], threading.Lock(), threading.Event(), [0]
+
+    def sink(event) -> None:
+        with lock:
+            tokens[0] += len(event.token_ids)
+            if event.finish_reason:
+                finished[0] += 1
+                if finished[0] == clients:
+                    done.set()
+
+    sequences = [Sequence(ids, params, tokenizer, sink, set()) for _ in range(clients)]
+    started = time.perf_counter()
+    engine.submit(sequences)
+    if not done.wait(600):
+        raise SystemExit("the engine did not finish in 600 s")
+    seconds = time.perf_counter() - started
+    if tokens[0] != clients * max_tokens:
+        raise SystemExit(f"{tokens[0]} tokens of {clients * max_tokens}: a sequence ended early")
+    return clients * max_tokens / seconds
+
+
+def engine_kinds(path: str, args) -> None:
+    """The thread engine against the engine process on one network, sampled: paired turns, medians."""
+    from tablefree.serve.server import EngineSpec, start_engine
+
+    spec = EngineSpec(path, args.device, args.dtype, args.threads, max_batch_size=max(args.concurrency), seed=0)
+    engines = {kind: start_engine(spec, kind) for kind in ("thread", "process")}
+    for engine, _, _ in engines.values():
+        engine.start()
+    rates: dict[tuple, list[float]] = {}
+    try:
+        tokenizer = engines["thread"][1]
+        ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+        for engine, _, _ in engines.values():
+            started_rate(engine, tokenizer, ids, 2, 0.5, 8)  # warm-up
+        for repeat in range(args.repeats):
+            for clients in args.concurrency:
+                order = ("thread", "process", "process", "thread")  # A B B A: drift falls on both sides
+                for kind in order if repeat % 2 == 0 else order[::-1]:
+                    rate = started_rate(engines[kind][0], tokenizer, ids, clients, 0.5, args.max_tokens)
+                    rates.setdefault((kind, clients), []).append(rate)
+            print(f"  engine kinds: run {repeat + 1} of {args.repeats} done", file=sys.stderr, flush=True)
+    finally:
+        for engine, _, _ in engines.values():
+            engine.stop()
+    print(f"
+started engines, {Path(path).name}, sampled, {args.max_tokens} new tokens per sequence, median of "
+          f"{2 * args.repeats} paired turns (A B B A)")
+    print(f"{'engine':<10}" + "".join(f"{f'c{c} tok/s':>12}" for c in args.concurrency))
+    for kind in ("thread", "process"):
+        print(f"{kind:<10}" + "".join(f"{statistics.median(rates[kind, c]):>12.0f}" for c in args.concurrency))
+    print(f"{'proc/thr':<10}" + "".join(
+        f"{statistics.median([p / t for p, t in zip(rates['process', c], rates['thread', c])]):>12.2f}"
+        for c in args.concurrency))
 
 
 def generate_rate(model, ids: list[int], max_tokens: int) -> float:
@@ -96,6 +160,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per figure; the best is shown")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for every engine (default: torch's; on a busy shared machine 1 is steadier)")
+    parser.add_argument("--engine-kinds", action="store_true",
+                        help="measure the small network through the thread engine and the engine process (only that)")
     add_runtime_flags(parser)
     args = parser.parse_args()
     runtime = resolve_runtime(args.device, args.dtype, args.threads)
@@ -109,6 +175,9 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "tablefree.cli", "new", f"{name}-affine", paths[name]], check=True,
                            capture_output=True)
 
+    if args.engine_kinds:
+        engine_kinds(paths["small"], args)
+        return
     best: dict[tuple, float] = {}
     references: dict[str, float] = {}
     reasons = []

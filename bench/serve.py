@@ -49,8 +49,10 @@ import httpx
 import psutil
 
 PROMPT = "Once upon a time,"
-SERVERS = {"tablefree": "tablefree serve", "vllm": "vLLM", "transformers": "transformers serve",
-           "llama-f32": "llama.cpp f32", "llama-q8": "llama.cpp q8_0"}
+SERVERS = {"tablefree": "tablefree serve", "tablefree-thread": "tablefree thread", "tablefree-process": "tablefree process",
+           "vllm": "vLLM", "transformers": "transformers serve", "llama-f32": "llama.cpp f32", "llama-q8": "llama.cpp q8_0"}
+REFERENCES = ("vllm", "transformers", "llama-f32", "llama-q8")  # measured unless --servers says otherwise
+ENGINE_OF = {"tablefree": None, "tablefree-thread": "thread", "tablefree-process": "process"}  # --engine (None: default)
 DTYPES = ("float32", "bfloat16")
 FIXED_PRECISION = ("llama-f32", "llama-q8")  # their weights carry their own precision: run in the float32 part only
 VLLM_KV_CACHE_BYTES = 1 << 28  # vLLM's CPU build otherwise reserves most of the machine's memory for its KV cache
@@ -341,10 +343,10 @@ def build_servers(keys: list[str], dtype: str, files: dict, args, workdir: Path)
     for key in keys:
         port = free_port()
         log = workdir / f"{key}-{dtype}.log"
-        if key == "tablefree":
+        if key in ENGINE_OF:
             command = [sys.executable, "-m", "tablefree.cli", "serve", files["model"], "--port", str(port),
                        "--served-model-name", "bench", "--log-level", "warning", "--device", args.device,
-                       "--dtype", dtype]
+                       "--dtype", dtype] + (["--engine", ENGINE_OF[key]] if ENGINE_OF[key] else [])
             servers.append(Server(key, dtype, command, port, "bench", log, env))
         elif key == "vllm":
             command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", files["model"],
@@ -479,8 +481,9 @@ def report(all_servers: list[Server], turns: dict, args, skipped: list[str]) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="a tablefree model directory (default: a fresh small-affine)")
-    parser.add_argument("--servers", default=",".join(SERVERS),
-                        help=f"comma-separated servers to measure, tablefree always among them ({', '.join(SERVERS)})")
+    parser.add_argument("--servers", default=",".join(REFERENCES),
+                        help=f"comma-separated servers to measure, tablefree (its default --engine) always among them "
+                             f"({', '.join(SERVERS)}; tablefree-thread and tablefree-process name an --engine)")
     parser.add_argument("--dtypes", "--dtype", default=",".join(DTYPES),
                         help=f"comma-separated, of {', '.join(DTYPES)}")
     parser.add_argument("--bfloat16-servers", default=None,

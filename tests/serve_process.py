@@ -32,8 +32,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path, log_path: Path, *args: str, env: dict | None = None, open_files: int | None = None):
-        """`open_files`: the child's RLIMIT_NOFILE (soft and hard), to reach the limit with a few hundred sockets."""
+    def __init__(self, model: Path, log_path: Path, *args: str, env: dict | None = None, open_files: int | None = None,
+                 new_session: bool = False):
+        """`open_files`: the child's RLIMIT_NOFILE (soft and hard), to reach the limit with a few hundred sockets.
+        `new_session`: the server leads a process group of its own, which a test may signal as a terminal would."""
         self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -44,7 +46,7 @@ class ServerProcess:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tablefree.cli", "serve", str(model), "--port", str(self.port), "--host", "127.0.0.1",
              "--log-level", "warning", "--threads", "1", *args],  # one thread: test machines are shared
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=limit,
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=limit, start_new_session=new_session,
         )
         self.wait_ready()
 
@@ -63,6 +65,13 @@ class ServerProcess:
                 pass
             time.sleep(0.3)
         raise RuntimeError(f"server not ready after {timeout}s:\n{self.log_path.read_text()}")
+
+    def engine_pid(self) -> int | None:
+        """The pid of the server's engine process (`--engine process`), or None when it runs none."""
+        import psutil
+
+        children = [c for c in psutil.Process(self.process.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        return children[0].pid if children else None
 
     def rss_bytes(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():

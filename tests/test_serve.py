@@ -16,22 +16,44 @@ import openai
 import pytest
 from serve_process import CARD_CONTEXT, ServerProcess, serving_model
 
+from tablefree.serve import DEFAULT_ENGINE, ENGINES
+
 MODEL = "MODEL"  # the name the model card's curl command uses
 BODY_LIMIT = 4_200_000  # room for the ~4 MB prompts of the event-loop test
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    model = serving_model(tmp_path_factory)
-    proc = ServerProcess(model, tmp_path_factory.mktemp("logs") / "serve.log", "--served-model-name", MODEL,
-                         "--max-body-bytes", str(BODY_LIMIT))
-    yield proc
-    assert proc.stop() in (0, -signal.SIGTERM), proc.log_path.read_text()  # uvicorn re-raises SIGTERM after draining
+def servers(tmp_path_factory):
+    """servers(engine): this module's server with that --engine, started on first use."""
+    started: dict[str, ServerProcess] = {}
+
+    def server_with(engine: str) -> ServerProcess:
+        if engine not in started:
+            started[engine] = ServerProcess(serving_model(tmp_path_factory), tmp_path_factory.mktemp("logs") / f"{engine}.log",
+                                            "--served-model-name", MODEL, "--max-body-bytes", str(BODY_LIMIT),
+                                            "--engine", engine)
+        return started[engine]
+
+    yield server_with
+    for proc in started.values():  # uvicorn re-raises SIGTERM after draining
+        assert proc.stop() in (0, -signal.SIGTERM), proc.log_path.read_text()
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+def server(servers):
+    """The server with the default engine."""
+    return servers(DEFAULT_ENGINE)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine_server(request, servers):
+    """The server with each engine in turn: the end-to-end tests of generation run against both."""
+    return servers(request.param)
+
+
+@pytest.fixture(scope="module")
+def client(engine_server):
+    return openai.OpenAI(base_url=f"{engine_server.url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def test_model_card_curl_command(server):
@@ -79,7 +101,8 @@ def test_seed_repeats_and_stream_matches(client):
     assert other != first  # 12 draws over 65,536 ids from another seed coincide with negligible probability
 
 
-def test_stop_string_and_stop_token_ids(client, server):
+def test_stop_string_and_stop_token_ids(client, engine_server):
+    server = engine_server
     greedy = client.completions.create(model=MODEL, prompt="abc", max_tokens=20, temperature=0, logprobs=0)
     text, tokens = greedy.choices[0].text, greedy.choices[0].logprobs.tokens
     assert len(tokens) == 20
@@ -95,7 +118,8 @@ def test_stop_string_and_stop_token_ids(client, server):
     assert by_id.choices[0].text == "".join(tokens[: tokens.index(tokens[3])])
 
 
-def test_prompt_forms(client, server):
+def test_prompt_forms(client, engine_server):
+    server = engine_server
     ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "Hi there"}).json()["tokens"]
     by_ids = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
     by_text = client.completions.create(model=MODEL, prompt="Hi there", max_tokens=4, temperature=0)
@@ -124,7 +148,8 @@ def test_chat(client):
     assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
-def test_models_health_metrics_tokenize(client, server):
+def test_models_health_metrics_tokenize(client, engine_server):
+    server = engine_server
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert httpx.get(f"{server.url}/health").status_code == 200
     ids = httpx.post(f"{server.url}/tokenize", json={"prompt": "héllo, wörld"}).json()
@@ -311,7 +336,8 @@ def metric(server, name: str) -> float:
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_disconnect_stops_generation(server, stream):
+def test_disconnect_stops_generation(engine_server, stream):
+    server = engine_server
     before = metric(server, "tablefree_generation_tokens_total")
     body = {"prompt": "x", "max_tokens": CARD_CONTEXT - 10, "stream": stream, "ignore_eos": True}
     if stream:
@@ -518,3 +544,26 @@ def test_health_answers_while_a_huge_echo_body_is_built(server):
         lp = choice["logprobs"]
         assert all(top[token] == value and len(top) in (20, 21)
                    for token, value, top in zip(lp["tokens"][1:], lp["token_logprobs"][1:], lp["top_logprobs"][1:]))
+
+
+def test_greedy_text_is_generates_alone_and_batched(engine_server):
+    """Greedy completions equal `tablefree generate`'s text, alone and sharing forward passes with others."""
+    import asyncio
+    import io
+
+    from tablefree.generate import generate_text
+
+    prompts = ["Once upon a time,", "The sea", "abc", "Question: What is a list?\nAnswer:"]
+    expected = [generate_text(str(engine_server.model), p, max_tokens=12, ignore_eos=True, stream=io.StringIO())
+                for p in prompts]
+    body = lambda p: {"model": MODEL, "prompt": p, "max_tokens": 12, "temperature": 0, "ignore_eos": True}  # noqa: E731
+
+    async def together():
+        async with httpx.AsyncClient(base_url=engine_server.url, timeout=120) as http:
+            replies = await asyncio.gather(*(http.post("/v1/completions", json=body(p)) for p in prompts))
+        return [r.json()["choices"][0]["text"] for r in replies]
+
+    alone = [httpx.post(f"{engine_server.url}/v1/completions", json=body(p), timeout=120).json()["choices"][0]["text"]
+             for p in prompts]
+    assert alone == expected
+    assert asyncio.run(together()) == expected

@@ -1,7 +1,7 @@
 """`tablefree serve`: an OpenAI-compatible HTTP server with continuous batching.
 
-Modules: engine (the batch scheduler and KV cache), params (what a request asks of the sampler), sampling
-(next-token choice), text (incremental decoding, stop strings), protocol (the typed request and response
+Modules: engine (the batch scheduler and KV cache), engine_process (that engine in a process of its own),
+params (what a request asks of the sampler), sampling (next-token choice), text (incremental decoding, stop strings), protocol (the typed request and response
 bodies, the one error type), app (routes, tokenising off the event loop), responses (a request's engine
 events made into protocol's response bodies and stream chunks), gate (API key, body size and encoding,
 metrics per request), metrics (Prometheus), server (flags, the listening socket, connection bounds, model
@@ -19,6 +19,14 @@ HEAD_PRECISION_HELP = ("the output head's weights: float32 (the model's own; the
                        "row: a quarter of the bytes a decode step mostly reads), or auto (int8 on a CPU when, measured at "
                        "start over 512 positions of held-out text, it keeps >= 98%% of float32's top-1 choices and bits "
                        "per byte within 0.5%%, else float32)")
+
+
+# Where the engine runs (server.start_engine): a worker thread of the server's process, or a process of its own.
+ENGINES = ("thread", "process")
+DEFAULT_ENGINE = "process"
+ENGINE_HELP = ("where the engine runs: process (the default: the model, sampling and detokenising in a process of their "
+               "own, so HTTP and JSON work runs beside them on another core instead of sharing one interpreter lock) or "
+               "thread (a worker thread of the server's process: one process, less memory)")
 
 
 def limit(default, help: str):
@@ -60,6 +68,7 @@ def add_cli(subparsers) -> None:
                        help="open connections at most; more are closed on arrival (default 1000, or fewer when the "
                             "open-file limit, ulimit -n, leaves less room)")
     serve.add_argument("--head-precision", default="float32", help=HEAD_PRECISION_HELP)
+    serve.add_argument("--engine", default=DEFAULT_ENGINE, help=ENGINE_HELP)
     serve.add_argument("--threads", type=int, default=None,
                        help="CPU threads for the model (default: torch's, one per core; on a shared machine fewer is faster)")
     serve.add_argument("--seed", type=int, default=None,

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from . import ServeLimits
 from .chat_template import ChatTemplate, ChatTemplateError
 from .engine import Engine, LoopSink, QueueFull, Sequence
+from .engine_process import EngineDead
 from .gate import RequestGate
 from .metrics import ServerMetrics
 from .protocol import (
@@ -213,6 +214,8 @@ class _Routes:
         self.card = ModelCard(id=settings.model_name, created=int(time.time()), max_model_len=settings.max_model_len)
 
     async def health(self) -> Health:
+        if self.engine.failure is not None:  # the engine process died: the server is shutting down
+            raise APIError(503, f"{self.engine.failure}; the server is shutting down", None, "server_error")
         return Health()
 
     async def metrics_text(self):
@@ -302,6 +305,8 @@ class _Routes:
             self.engine.submit(sequences)
         except QueueFull as exc:
             raise APIError(503, f"server busy: {exc}; retry shortly", None, "server_busy") from None
+        except EngineDead as exc:
+            raise APIError(503, f"{exc}; the server is shutting down", None, "server_error") from None
         except ValueError as exc:
             raise APIError(400, str(exc), "n") from None
         run = RequestRun(self.text.tokenizer, self.settings.model_name, self.metrics, body, plans, sequences, events, chat,

@@ -79,6 +79,29 @@ def _put_all(items: list[tuple[LoopSink, SequenceEvent]]) -> None:
         sink.queue.put_nowait((sink.index, event))
 
 
+def hand_over(outbox: list[tuple[Sequence, SequenceEvent]]) -> None:
+    """Hands one step's events to their sequences' sinks: those on one event loop in one call, so a consumer on another
+    thread (the server's event loop) wakes once per step, not once per row, and does not contend for the GIL while the
+    rows are being handled. A sink that refuses an event ends its sequence: nobody is left to serve."""
+    by_loop: dict = {}
+    for seq, event in outbox:
+        if isinstance(seq.sink, LoopSink):
+            by_loop.setdefault(seq.sink.loop, []).append((seq, event))
+            continue
+        try:
+            seq.sink(event)
+        except Exception:  # the consumer is gone
+            log.exception("a sequence's consumer refused an event; ending the sequence")
+            seq.finished = True
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, [(seq.sink, event) for seq, event in items])
+        except Exception:  # the loop is closed
+            log.exception("an event loop refused %d events; ending their sequences", len(items))
+            for seq, _ in items:
+                seq.finished = True
+
+
 class Sequence:
     """One choice of one request: its prompt, sampling fields, output so far and where its events go."""
 
@@ -86,6 +109,7 @@ class Sequence:
         self.prompt_ids = list(prompt_ids)
         self.params = params
         self.sink = sink
+        self.choice = choice
         self.eos_ids = set() if params.ignore_eos else set(eos_ids)
         self.stop_ids = set(params.stop_token_ids)
         self.output_ids: list[int] = []
@@ -94,11 +118,14 @@ class Sequence:
         self.generator = None if params.seed is None else torch.Generator().manual_seed((params.seed + choice) % 2**64)
         self.penalties: Penalties | None = None  # the sampler builds it on the first step that needs it
         self.request: object | None = None  # what `Engine.submit` received it with: its request
+        self.on_cancel = None  # called with the sequence by `cancel`: an engine in another process passes it on
         self.cancelled = False
         self.finished = False
 
     def cancel(self) -> None:
         self.cancelled = True
+        if self.on_cancel is not None:
+            self.on_cancel(self)
 
     @property
     def cached_tokens(self) -> int:
@@ -318,7 +345,8 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = ServeLimits.max_batch_size, max_model_len: int,
                  max_queue: int = ServeLimits.max_queue,
                  max_prefill_tokens: int = 4096, seed: int | None = None, threads: int | None = None,
-                 max_rows_per_request: int | None = None, head: Int8Head | None = None):
+                 max_rows_per_request: int | None = None, head: Int8Head | None = None, deliver=hand_over):
+        """`deliver` receives each phase's events as one list of (sequence, event); by default `hand_over`."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -338,6 +366,7 @@ class Engine:
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
+        self._deliver_events = deliver
         # The output head every pass runs: a lower-precision one when given (`choose_head`), else the model's own,
         # as SlabHead for the passes that keep the last positions only (every decode step).
         self._head = head
@@ -381,6 +410,11 @@ class Engine:
     def cached(self) -> bool:
         """Whether the batch keeps a KV cache between steps (else every step recomputes whole sequences)."""
         return self._cache_arg is not None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can serve no more, or None while it can (the worker thread ends only on `stop`)."""
+        return None
 
     # ---- worker thread ----
     def _run(self) -> None:
@@ -739,26 +773,10 @@ class Engine:
         self._outbox.append((seq, event))
 
     def _deliver(self) -> None:
-        """Hands out the queued events in one burst: a consumer on another thread (the server's event loop) then
-        wakes once per step, not once per row, and does not contend for the GIL while the rows are being handled."""
+        """Hands out this phase's queued events in one burst (`deliver`)."""
         outbox, self._outbox = self._outbox, []
-        by_loop: dict = {}
-        for seq, event in outbox:
-            if isinstance(seq.sink, LoopSink):
-                by_loop.setdefault(seq.sink.loop, []).append((seq, event))
-                continue
-            try:
-                seq.sink(event)
-            except Exception:  # the consumer is gone: nobody is left to serve
-                log.exception("a sequence's consumer refused an event; ending the sequence")
-                seq.finished = True
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, [(seq.sink, event) for seq, event in items])
-            except Exception:  # the loop is closed: nobody is left to serve
-                log.exception("an event loop refused %d events; ending their sequences", len(items))
-                for seq, _ in items:
-                    seq.finished = True
+        if outbox:
+            self._deliver_events(outbox)
 
     def _pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else None

@@ -22,6 +22,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import h11
@@ -30,11 +31,12 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
-from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, resolve_runtime
+from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, pick_device, pick_dtype, resolve_runtime
 from .app import ServeSettings, create_app
 from .chat_template import ChatTemplate, ChatTemplateError
-from . import HEAD_PRECISIONS
-from .engine import Engine, choose_head, end_of_sequence_ids
+from . import ENGINES, HEAD_PRECISIONS, ServeLimits
+from .engine import Engine, choose_head, end_of_sequence_ids, hand_over
+from .engine_process import EngineDead, ProcessEngine
 from .protocol import error_body, printable
 
 API_KEY_ENV = "TABLEFREE_API_KEY"
@@ -84,7 +86,18 @@ def check_flags(args) -> str:
         raise TableFreeError(f"unknown --dtype {args.dtype!r}; choose {DTYPE_HELP}")
     if args.head_precision not in HEAD_PRECISIONS:
         raise TableFreeError(f"unknown --head-precision {args.head_precision!r}; choose {', '.join(HEAD_PRECISIONS)}")
+    if args.engine not in ENGINES:
+        raise TableFreeError(f"unknown --engine {args.engine!r}; choose {', '.join(ENGINES)}")
     return model_path
+
+
+def check_runtime(args) -> None:
+    """The device and dtype's errors (a GPU that is not there, float16 on a CPU) before the port is bound. The thread
+    engine's process takes its runtime here; an engine process takes its own, so this one touches no GPU."""
+    if args.engine == "thread":
+        resolve_runtime(args.device, args.dtype, args.threads)
+    else:
+        pick_dtype(args.dtype, pick_device(args.device))
 
 
 def resolve_api_key(args) -> str | None:
@@ -161,6 +174,86 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 # ---- the model ----
+@dataclass(frozen=True)
+class EngineSpec:
+    """The model to serve and how the engine runs it (the serve command's flags), as plain data an engine process gets."""
+
+    model_path: str
+    device: str = "auto"
+    dtype: str = "auto"
+    threads: int | None = None
+    trust_remote_code: bool = False
+    head_precision: str = "float32"
+    max_model_len: int | None = None  # None: the model's context
+    max_batch_size: int = ServeLimits.max_batch_size
+    max_queue: int = ServeLimits.max_queue
+    seed: int | None = None
+    log_level: str = "info"
+
+
+@dataclass(frozen=True)
+class EngineFacts:
+    """What the server needs to know of the loaded model besides its tokenizer."""
+
+    max_model_len: int
+    vocab_size: int
+    eos_ids: frozenset[int]
+    cached: bool  # False: the uncached path (a forward that takes token ids alone)
+    head_choice: str  # which output head runs, and why
+    runtime: str  # Runtime.describe() of the process that runs the model
+
+
+def load_engine(spec: EngineSpec, deliver=hand_over) -> tuple[Engine, object, EngineFacts]:
+    """(engine, tokenizer, facts): the model loaded as `spec` says, in this process; `deliver` as Engine takes it."""
+    runtime = resolve_runtime(spec.device, spec.dtype, spec.threads)
+    model, tokenizer = load_for_serving(spec.model_path, runtime.dtype, runtime.device, spec.trust_remote_code)
+    max_model_len = context_length(model.config, spec.max_model_len)
+    try:
+        head, head_choice = choose_head(model, tokenizer, spec.head_precision)
+    except ValueError as exc:
+        raise TableFreeError(f"--head-precision {spec.head_precision}: {exc}") from None
+    engine = Engine(model, tokenizer, max_batch_size=spec.max_batch_size, max_model_len=max_model_len,
+                    max_queue=spec.max_queue, seed=spec.seed, threads=spec.threads, head=head, deliver=deliver)
+    facts = EngineFacts(max_model_len, model.config.vocab_size, frozenset(end_of_sequence_ids(model, tokenizer)),
+                        engine.cached, head_choice, runtime.describe())
+    return engine, tokenizer, facts
+
+
+def start_engine(spec: EngineSpec, kind: str) -> tuple[Engine | ProcessEngine, object, EngineFacts]:
+    """(engine, tokenizer, facts) of the engine `kind` (one of ENGINES): the model loaded here, or in an engine
+    process while this one loads the tokenizer alone."""
+    if kind == "thread":
+        return load_engine(spec)
+    resolve_model_path(spec.model_path)  # the commonest mistake, a wrong path, said without starting a process
+    engine = ProcessEngine(spec)
+    try:
+        try:
+            facts = engine.ready()
+        except EngineDead as exc:
+            raise TableFreeError(str(exc)) from None
+        return engine, load_serving_tokenizer(spec.model_path, spec.trust_remote_code), facts
+    except BaseException:
+        engine.stop()
+        raise
+
+
+def load_serving_tokenizer(model_path: str, trust_remote_code: bool):
+    """The tokenizer `load_for_serving` loads with the model, alone."""
+    path = resolve_model_path(model_path)
+    if trust_remote_code:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=True)
+        except (OSError, ValueError, KeyError) as exc:
+            raise TableFreeError(f"transformers could not load {path}: {summary(exc)}") from None
+    from ..tokenizer import load_tokenizer
+
+    if not ((path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()):
+        raise TableFreeError(f"{model_path} has no tokenizer files; the server needs one to read prompts")
+    return load_tokenizer(path)
+
+
 def load_for_serving(model_path: str, dtype: torch.dtype, device: torch.device | str, trust_remote_code: bool):
     """(model, tokenizer): this project's models through hub.load_model; any causal LM with --trust-remote-code
     (one whose forward takes token ids alone runs on the engine's uncached path)."""
@@ -206,10 +299,9 @@ def load_chat_template(tokenizer, max_body_bytes: int) -> ChatTemplate | None:
         raise TableFreeError(f"the model's chat template cannot be used: {exc}") from None
 
 
-def stop_ids(model, tokenizer, template: ChatTemplate | None) -> tuple[set[int], set[int]]:
-    """(end-of-sequence ids, end-of-turn ids): the second is the special token the chat template puts after a reply.
-    Rendering that reply tries the template once, so a template that fails is an error at start."""
-    eos_ids = end_of_sequence_ids(model, tokenizer)
+def end_of_turn_ids(tokenizer, template: ChatTemplate | None) -> set[int]:
+    """The special token the chat template puts after a reply (none without one). Rendering that reply tries the
+    template once, so a template that fails is an error at start."""
     turn_ids: set[int] = set()
     if template is not None:
         marker = "\u2063reply\u2063"
@@ -221,7 +313,7 @@ def stop_ids(model, tokenizer, template: ChatTemplate | None) -> tuple[set[int],
         special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} | set(tokenizer.all_special_ids)
         if tail and tail[0] in special:
             turn_ids.add(tail[0])
-    return eos_ids, turn_ids
+    return turn_ids
 
 
 # ---- connections and the log ----
@@ -386,38 +478,41 @@ def serve_command(args) -> int:
 
     model_path = check_flags(args)
     api_key = resolve_api_key(args)
-    runtime = resolve_runtime(args.device, args.dtype, args.threads)
+    check_runtime(args)
     max_connections = connection_budget(args.max_connections)
     listener = listen(args.host, args.port)
+    spec = EngineSpec(model_path, args.device, args.dtype, args.threads, args.trust_remote_code, args.head_precision,
+                      args.max_model_len, args.max_batch_size, args.max_queue, args.seed, args.log_level)
+    engine = None
     try:
-        model, tokenizer = load_for_serving(model_path, runtime.dtype, runtime.device, args.trust_remote_code)
-        max_model_len = context_length(model.config, args.max_model_len)
+        engine, tokenizer, facts = start_engine(spec, args.engine)
         template = load_chat_template(tokenizer, args.max_body_bytes)
-        eos_ids, turn_ids = stop_ids(model, tokenizer, template)
-        try:
-            head, head_choice = choose_head(model, tokenizer, args.head_precision)
-        except ValueError as exc:
-            raise TableFreeError(f"--head-precision {args.head_precision}: {exc}") from None
-        engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=max_model_len,
-                        max_queue=args.max_queue, seed=args.seed, threads=args.threads, head=head)
         settings = ServeSettings(
-            model_name=args.served_model_name or printable(str(model_path)), max_model_len=max_model_len,
-            vocab_size=model.config.vocab_size, api_key=api_key, max_body_bytes=args.max_body_bytes,
-            eos_ids=frozenset(eos_ids), end_of_turn_ids=frozenset(turn_ids), chat_template=template,
+            model_name=args.served_model_name or printable(str(model_path)), max_model_len=facts.max_model_len,
+            vocab_size=facts.vocab_size, api_key=api_key, max_body_bytes=args.max_body_bytes,
+            eos_ids=facts.eos_ids, end_of_turn_ids=frozenset(end_of_turn_ids(tokenizer, template)), chat_template=template,
         )
         app = create_app(engine, tokenizer, settings)
     except BaseException:
         listener.close()
+        if isinstance(engine, ProcessEngine):
+            engine.stop()
         raise
     configure_logging(args.log_level, (api_key,) if api_key else ())
     host, port = listener.getsockname()[:2]
     address = f"[{host}]" if ":" in host else host
-    path_cost = "" if engine.cached else ", uncached: forward takes token ids alone"
-    print(printable(f"serving {settings.model_name} ({Path(str(model_path)).name}, {runtime.describe()}, "
-                    f"context {max_model_len}{path_cost}; {head_choice}) on http://{address}:{port}"), flush=True)
+    path_cost = "" if facts.cached else ", uncached: forward takes token ids alone"
+    where = facts.runtime if args.engine == "thread" else f"{facts.runtime}, engine process"
+    print(printable(f"serving {settings.model_name} ({Path(str(model_path)).name}, {where}, "
+                    f"context {facts.max_model_len}{path_cost}; {facts.head_choice}) on http://{address}:{port}"), flush=True)
     protocol = functools.partial(GuardedH11Protocol, max_connections=max_connections, read_timeout=args.request_read_timeout)
     config = uvicorn.Config(app, http=protocol, ws="none", lifespan="on", log_config=None, log_level=args.log_level,
                             timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=args.shutdown_timeout,
                             backlog=BACKLOG)
-    uvicorn.Server(config).run(sockets=[listener])
+    server = uvicorn.Server(config)
+    if isinstance(engine, ProcessEngine):
+        engine.on_death = lambda: setattr(server, "should_exit", True)  # drain what is left, then exit with the error
+    server.run(sockets=[listener])
+    if engine.failure is not None:
+        raise TableFreeError(f"{engine.failure}; the server stopped (its requests in flight were answered with 500)")
     return 0
