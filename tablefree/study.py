@@ -69,9 +69,32 @@ def parse_points(items, values: dict, overrides: dict, variants: list[Variant], 
             raise TableFreeError(f"point {name!r} in {where}: model must be a mapping of model fields, got {model!r}")
         merged = {**values, **settings, "model": {**(values.get("model") or {}), **model}}
         base = train_config_from(merged, overrides, where=f"point {name!r} of {where}")
-        own = parse_variants(item["variants"]) if "variants" in item else variants
+        own = parse_labelled_variants(item["variants"], f"point {name!r} of {where}") if "variants" in item else variants
         points.append(Point(name, base, tuple(own)))
     return points
+
+
+def parse_labelled_variants(items, where: str) -> list[Variant]:
+    """Variants as compare takes them, or {name: LABEL, variant: VARIANT+KEY=VALUE...}: a row named LABEL at every
+    point where it appears (the table-free model with the table's parameters in its body, whatever size that takes)."""
+    if not isinstance(items, list) or not items:
+        raise TableFreeError(f"variants of {where} must be a non-empty list, got {items!r}")
+    variants = []
+    for item in items:
+        if isinstance(item, dict):
+            if set(item) != {"name", "variant"} or not all(isinstance(v, str) for v in item.values()):
+                raise TableFreeError(f"a variant of {where} written as a mapping takes name and variant, both text, "
+                                     f"got {item!r}")
+            if not NAME_CHARACTERS.fullmatch(item["name"]):
+                raise TableFreeError(f"variant name {item['name']!r} of {where}: letters, digits and _ . = + - only")
+            variants.append(replace(parse_variants([item["variant"]])[0], name=item["name"]))
+        else:
+            variants.append(parse_variants([item])[0])
+    names = [v.name for v in variants]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise TableFreeError(f"variant {repeated[0]!r} is listed twice in {where}")
+    return variants
 
 
 def point_facts(point: Point) -> dict:

@@ -29,7 +29,8 @@ def test_a_study_runs_each_point_summarises_the_trend_and_publishes(prepared_dat
     points = [{"name": "short", "max_steps": 2, "warmup_steps": 1},
               {"name": "long", "max_steps": 4, "warmup_steps": 1},
               {"name": "sized", "max_steps": 2, "warmup_steps": 1,
-               "variants": ["learned", "affine", "affine+hidden_size=64+num_attention_heads=2"]}]
+               "variants": ["learned", "affine", {"name": "affine-wide",
+                                                  "variant": "affine+hidden_size=64+num_attention_heads=2"}]}]
     config = study_config(tmp_path, prepared_data, points, axis="tokens", title="toy trend")
     out, published = tmp_path / "out", tmp_path / "published"
     run = tablefree("study", "--config", config, "--out", str(out), "--publish", str(published))
@@ -45,8 +46,10 @@ def test_a_study_runs_each_point_summarises_the_trend_and_publishes(prepared_dat
     assert facts["learned"]["input_table_params"] == 65536 * 32
     assert facts["learned"]["params"] - facts["affine"]["params"] == 65536 * 32
     assert short["table_share"] == pytest.approx(65536 * 32 / facts["learned"]["params"])
-    assert sized["variants"]["affine+hidden_size=64+num_attention_heads=2"]["width"] == wider["hidden_size"]
-    assert (sized["variants"]["affine+hidden_size=64+num_attention_heads=2"]["forward_flops_per_token"]
+    # A labelled row: its own size under a name of its own, in its own directory.
+    assert sized["variants"]["affine-wide"]["width"] == wider["hidden_size"]
+    assert (out / "sized" / "affine-wide-seed0" / "model").is_dir()
+    assert (sized["variants"]["affine-wide"]["forward_flops_per_token"]
             > sized["variants"]["affine"]["forward_flops_per_token"])
     # Gaps in bits per byte, paired by seed, equal the runs' own differences.
     runs = {(r["name"], r["seed"]): r for r in long["runs"]}
@@ -77,6 +80,9 @@ def test_a_study_runs_each_point_summarises_the_trend_and_publishes(prepared_dat
     ([{"name": "a", "max_steps": -1}], "max_steps"),
     ([{"name": "a", "variants": ["affine"]}], "does not compare the reference 'learned'"),
     ([{"name": "a", "variants": ["nonsense"]}], "unknown variant"),
+    ([{"name": "a", "variants": ["learned", {"name": "x"}]}], "takes name and variant"),
+    ([{"name": "a", "variants": ["learned", {"name": "x y", "variant": "affine"}]}], "letters, digits"),
+    ([{"name": "a", "variants": ["learned", {"name": "learned", "variant": "affine"}]}], "listed twice"),
 ])
 def test_a_bad_study_config_is_one_line_naming_the_problem(prepared_data, tmp_path, points, message):
     config = study_config(tmp_path, prepared_data, points)
