@@ -103,8 +103,7 @@ def engine_kinds(path: str, args) -> None:
     finally:
         for engine, _, _ in engines.values():
             engine.stop()
-    print(f"
-started engines, {Path(path).name}, sampled, {args.max_tokens} new tokens per sequence, median of "
+    print(f"\nstarted engines, {Path(path).name}, sampled, {args.max_tokens} new tokens per sequence, median of "
           f"{2 * args.repeats} paired turns (A B B A)")
     print(f"{'engine':<10}" + "".join(f"{f'c{c} tok/s':>12}" for c in args.concurrency))
     for kind in ("thread", "process"):

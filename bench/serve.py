@@ -18,7 +18,8 @@ server takes one turn per repeat, in an order reversed from one repeat to the ne
 - ours/this: tablefree serve's tokens/s over this server's in the same repeat, median over repeats;
 - TTFT: request start to the first chunk with text (streamed only), median over all requests of all repeats;
 - tokens per CPU-second: tokens over the user+system CPU time of all the server's processes during the turn, and
-  cores: that CPU time over the turn's wall time (medians).
+  cores: that CPU time over the turn's wall time, busiest: the busiest process's CPU time over the wall time
+  (near 1: one core bounds that process; medians).
 Per server: resident memory summed over its processes after warm-up and at the end, its start-up (process start
 to /health answering 200, and to its first completion answered), and its stream check: at warm-up a greedy
 completion biased towards U+2028 (LINE SEPARATOR, which vLLM sends raw inside its JSON) must read the same
@@ -166,6 +167,7 @@ class Turn:
     tokens: int
     wall: float
     cpu: float
+    busiest: float  # CPU seconds of the server's busiest process (near `wall`: that process is the bound)
     failed: int
     ttfts: list[float]
     errors: list[str]
@@ -245,15 +247,16 @@ class Server:
             pass
         return [p for p in self.processes.values() if p.is_running()]
 
-    def cpu_seconds(self) -> float:
-        total = 0.0
+    def cpu_seconds(self) -> dict[int, float]:
+        """User + system CPU seconds of each of the server's processes, by pid."""
+        seconds = {}
         for process in self.tree():
             try:
                 times = process.cpu_times()
-                total += times.user + times.system
+                seconds[process.pid] = times.user + times.system
             except psutil.NoSuchProcess:
                 pass
-        return total
+        return seconds
 
     def rss(self) -> int:
         total = 0
@@ -303,15 +306,15 @@ class Server:
     def turn(self, stream: bool, clients: int, requests: int, max_tokens: int) -> Turn:
         self.resume()
         try:
-            cpu = self.cpu_seconds()
+            before = self.cpu_seconds()
             body = completion_body(self.model, max_tokens, stream)
             results, failures, wall = asyncio.run(level(self.url, body, clients, requests, self.count_chunks))
-            cpu = self.cpu_seconds() - cpu
+            spent = [seconds - before.get(pid, 0.0) for pid, seconds in self.cpu_seconds().items()]
         finally:
             self.pause()
         separators = sum(text.count(LINE_SEPARATOR) + text.count("\u2029") for _, _, text in results)
-        return Turn(sum(t for t, _, _ in results), wall, cpu, len(failures), [f for _, f, _ in results],
-                    failures[:3], separators)
+        return Turn(sum(t for t, _, _ in results), wall, sum(spent), max(spent, default=0.0), len(failures),
+                    [f for _, f, _ in results], failures[:3], separators)
 
     def close(self) -> None:
         """Stops every process of the server, those its root leaves behind too."""
@@ -434,7 +437,7 @@ def report(all_servers: list[Server], turns: dict, args, skipped: list[str]) -> 
     for line in skipped:
         print(line)
     print(f"{'dtype':<9}{'mode':<7}{'clients':>7}  {'server':<19}{'tokens/s':>9}{'ours/this':>10}{'TTFT ms':>9}"
-          f"{'tok/CPU-s':>10}{'cores':>6}{'failed':>7}{'U+2028/9':>9}")
+          f"{'tok/CPU-s':>10}{'cores':>6}{'busiest':>8}{'failed':>7}{'U+2028/9':>9}")
     for dtype in args.dtypes:
         for stream in (True, False):
             for clients in args.concurrency:
@@ -449,7 +452,8 @@ def report(all_servers: list[Server], turns: dict, args, skipped: list[str]) -> 
                     print(f"{dtype:<9}{'stream' if stream else 'plain':<7}{clients:>7}  {server.name:<19}"
                           f"{median([t.tokens / t.wall for t in mine]):>9.1f}{median(ratios):>10.2f}"
                           f"{ttft:>9.0f}{median([t.tokens / t.cpu if t.cpu else float('nan') for t in mine]):>10.1f}"
-                          f"{median([t.cpu / t.wall for t in mine]):>6.2f}{sum(t.failed for t in mine):>7}"
+                          f"{median([t.cpu / t.wall for t in mine]):>6.2f}{median([t.busiest / t.wall for t in mine]):>8.2f}"
+                          f"{sum(t.failed for t in mine):>7}"
                           f"{sum(t.separators for t in mine):>9}")
                     for error in sorted({e for t in mine for e in t.errors})[:3]:
                         print(f"    error: {error}")

@@ -412,7 +412,8 @@ def test_sampling_params_refuse_what_the_model_cannot_take():
         assert refused.value.status == 400 and refused.value.param == param, fields
 
 
-def test_every_body_on_the_wire_is_its_protocol_type(server):
+def test_every_body_on_the_wire_is_its_protocol_type(engine_server):
+    server = engine_server
     from tablefree.serve.protocol import (ChatCompletion, ChatCompletionChunk, Completion, DetokenizeResponse, ErrorResponse,
                                           Health, ModelList, TokenizeResponse)
 
@@ -508,10 +509,11 @@ def queued(server) -> float:
     return metric(server, "tablefree_queue_depth")
 
 
-def test_health_answers_while_a_huge_echo_body_is_built(server):
+def test_health_answers_while_a_huge_echo_body_is_built(engine_server):
     """4 prompts of 1,024 ids, n=16, echo, logprobs 20, max_tokens 0 make a ~34 MB body. It is
     built and encoded off the event loop, so /health keeps answering (it waited 3.5 s), and a small request queued
     after it finishes first (each prompt is scored once, not once per choice, and one request holds half the batch)."""
+    server = engine_server
     prompts = [[0x4E00 + (p * 1000 + i * 31) % 20000 for i in range(CARD_CONTEXT)] for p in range(4)]
     big = {"model": MODEL, "prompt": prompts, "n": 16, "best_of": 16, "echo": True, "logprobs": 20, "max_tokens": 0}
     done: dict[str, float] = {}

@@ -9,6 +9,7 @@ that fails to load is the same one-line error with either engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -146,8 +147,12 @@ def test_the_engine_process_exits_when_the_server_is_killed(tmp_path_factory):
     server = ServerProcess(serving_model(tmp_path_factory), tmp_path_factory.mktemp("logs") / "orphan.log",
                            "--engine", "process")
     engine = server.engine_pid()
-    busy = threading.Thread(target=lambda: httpx.post(f"{server.url}/v1/completions", timeout=60,
-                                                      json={"prompt": "x", "max_tokens": 1000, "ignore_eos": True}))
+    def generate():
+        with contextlib.suppress(httpx.HTTPError):  # the server is killed under it
+            httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 1000, "ignore_eos": True},
+                       timeout=60)
+
+    busy = threading.Thread(target=generate)
     busy.start()
     try:
         time.sleep(1)  # generating
@@ -199,3 +204,93 @@ def test_a_model_that_fails_to_load_is_the_same_one_line_error_with_either_engin
             assert code == 2, (engine, err)
             lines[engine] = one_line_error(out, err)
         assert lines["process"] == lines["thread"], lines
+
+
+def test_a_full_queue_is_503_before_the_engine_process_sees_it(tmp_path_factory):
+    """The server's process counts the sequences on their way to the engine process and those waiting in it, so a
+    flood is turned away at once with 503 and Retry-After; what it lets through is served whole."""
+    server = ServerProcess(serving_model(tmp_path_factory), tmp_path_factory.mktemp("logs") / "queue.log",
+                           "--engine", "process", "--max-batch-size", "2", "--max-queue", "4")
+    body = {"prompt": "x", "max_tokens": 60, "ignore_eos": True, "n": 4}
+
+    async def flood():
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as http:
+            return await asyncio.gather(*(http.post("/v1/completions", json=body) for _ in range(12)))
+
+    try:
+        responses = asyncio.run(flood())
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) == {200, 503} and statuses.count(200) >= 1, statuses
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.headers["retry-after"] and "server busy" in busy.json()["error"]["message"]
+        assert all(len(r.json()["choices"]) == 4 for r in responses if r.status_code == 200)
+        assert wait_until(lambda: "tablefree_queue_depth 0.0" in httpx.get(f"{server.url}/metrics").text)
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM), server.log_path.read_text()
+
+
+class Events(list):
+    """A sequence's sink: every event it is handed; `done` is set by the last."""
+
+    def __init__(self):
+        super().__init__()
+        self.done = threading.Event()
+
+    def __call__(self, event):
+        self.append(event)
+        if event.finish_reason:
+            self.done.set()
+
+
+def test_the_process_engine_serves_cancels_and_reports_its_death_without_http(saved_tiny_model):
+    """ProcessEngine as the app drives it: greedy ids equal the thread engine's, a cancellation ends a sequence in the
+    engine process, and a killed engine process ends the running sequence with an error, refuses new ones and calls
+    on_death once."""
+    from tablefree.serve.engine import Sequence
+    from tablefree.serve.engine_process import EngineDead, ProcessEngine
+    from tablefree.serve.params import SamplingParams
+    from tablefree.serve.server import EngineSpec, load_engine, load_serving_tokenizer
+
+    spec = EngineSpec(str(saved_tiny_model[0]), device="cpu", threads=1, max_model_len=64, seed=0)
+    tokenizer = load_serving_tokenizer(spec.model_path, False)
+    ids = tokenizer.encode("Hello there", add_special_tokens=False)
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+    def sequences(engine, count: int, params=greedy) -> list[Sequence]:
+        made = [Sequence(ids, params, tokenizer, Events(), set(), choice=i) for i in range(count)]
+        engine.submit(made)
+        return made
+
+    thread, _, _ = load_engine(spec)
+    thread.start()
+    try:
+        [alone] = sequences(thread, 1)
+        assert alone.sink.done.wait(60)
+        expected = [t for e in alone.sink for t in e.token_ids]
+    finally:
+        thread.stop()
+    engine, deaths = ProcessEngine(spec), []
+    engine.on_death = lambda: deaths.append(engine.failure)
+    try:
+        assert engine.ready().max_model_len == 64
+        engine.start()
+        batch = sequences(engine, 3)
+        assert all(s.sink.done.wait(60) for s in batch)
+        assert [[t for e in s.sink for t in e.token_ids] for s in batch] == [expected] * 3
+        assert all(s.finished and s.sink[-1].finish_reason == "length" for s in batch)
+        [cancelled] = sequences(engine, 1, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+        assert wait_until(lambda: len(cancelled.sink) > 0)
+        cancelled.cancel()
+        assert cancelled.sink.done.wait(60) and cancelled.sink[-1].finish_reason == "abort"
+        assert len(cancelled.sink) < 60
+        [running] = sequences(engine, 1, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
+        assert wait_until(lambda: len(running.sink) > 0)
+        os.kill(engine._process.pid, signal.SIGKILL)
+        assert running.sink.done.wait(60)
+        assert running.sink[-1].finish_reason == "error" and "engine process died (killed by SIGKILL)" in running.sink[-1].error
+        assert wait_until(lambda: deaths) and deaths == [engine.failure]
+        with pytest.raises(EngineDead):
+            sequences(engine, 1)
+        assert engine.waiting == engine.running == 0
+    finally:
+        engine.stop()

@@ -26,6 +26,7 @@ from serve_process import ServerProcess, serving_model
 
 from tablefree.cli import main
 from tablefree.errors import TableFreeError
+from tablefree.serve import ENGINES
 from tablefree.serve import add_cli as add_serve_cli
 from tablefree.serve.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest, printable
 from tablefree.serve.server import RepeatFilter, resolve_api_key
@@ -477,10 +478,11 @@ def test_fuzz_every_field_with_hostile_values_never_5xx(strict_server, data):
 
 
 # ---- shutdown ----
-def test_sigterm_closes_a_stream_nobody_reads(tmp_path_factory):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_sigterm_closes_a_stream_nobody_reads(tmp_path_factory, engine):
     """The client asks for ~15 MB of events and never reads: after --shutdown-timeout the server closes it and exits."""
     model = serving_model(tmp_path_factory)
-    proc = ServerProcess(model, tmp_path_factory.mktemp("logs") / "unread.log", "--shutdown-timeout", "2")
+    proc = ServerProcess(model, tmp_path_factory.mktemp("logs") / "unread.log", "--shutdown-timeout", "2", "--engine", engine)
     body = json.dumps({"prompt": "x", "max_tokens": 1000, "n": 16, "logprobs": 20, "stream": True, "ignore_eos": True})
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

@@ -223,9 +223,9 @@ def run_engine_process(conn, spec, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent decides what stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the parent drains in-flight requests first, then stops this
     threading.Thread(target=_watch_parent, args=(parent,), name="tablefree-parent-watch", daemon=True).start()
+    from .. import register_auto_classes
     from ..cli import quiet_libraries
     from ..errors import TableFreeError, summary
-    from .. import register_auto_classes
     from .server import configure_logging, load_engine
 
     side = _EngineSide(conn)

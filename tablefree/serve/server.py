@@ -32,9 +32,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
 from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, pick_device, pick_dtype, resolve_runtime
+from . import ENGINES, HEAD_PRECISIONS, ServeLimits
 from .app import ServeSettings, create_app
 from .chat_template import ChatTemplate, ChatTemplateError
-from . import ENGINES, HEAD_PRECISIONS, ServeLimits
 from .engine import Engine, choose_head, end_of_sequence_ids, hand_over
 from .engine_process import EngineDead, ProcessEngine
 from .protocol import error_body, printable
