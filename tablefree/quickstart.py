@@ -32,6 +32,13 @@ MODEL = {"max_position_embeddings": 1024}  # the paper's context: rotary positio
 STEPS = 330  # optimizer steps per model
 TRAINING = dict(seq_len=128, batch_size=4, lr=5e-3, warmup_steps=20, eval_tokens=8192, checkpoint_every=110, log_every=10)
 VAL_FRACTION = 0.02
+HELDOUT = ("python-notes", "english-prose")  # corpus.PYTHON_NOTES and corpus.ENGLISH_PROSE, scored after training
+TRENDS = ("\nOne seed at one small budget is not the conclusion. Here the table is about half of the parameters and "
+          "each model sees a few hundred thousand tokens; in the paper it is 12.5% and 17 billion. Whether the gap "
+          "shrinks as training grows and as the table's share falls is what the trend studies measure, over three "
+          "seeds with 95% intervals: docs/study.md in the tablefree repository, with its plots "
+          "docs/results-tokens/gaps.png (the gap against training tokens) and docs/results-share/gaps.png (against "
+          "the table's share, and at equal parameters).")
 ABILITY = ("What a minutes-old model can do: it has learned spelling, common words and the look of Python's "
            "documentation, not facts or instructions, so it will not answer questions. What the quickstart measures is "
            "the paper's question: how close fixed codes with no input parameter come to a trained table (the gap above).")
@@ -40,7 +47,7 @@ ABILITY = ("What a minutes-old model can do: it has learned spelling, common wor
 def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: bool = True, force: bool = False,
                device: str = "auto", dtype: str = "auto") -> dict:
     from .compare import score_heldout
-    from .corpus import PYTHON_NOTES
+    from .corpus import ENGLISH_PROSE, PYTHON_NOTES
     from .data import PrepareSettings, Source, mixture_text, prepare
     from .files import claim_output_dir, output_lock
     from .tokenizer import as_transformers, build_tokenizer, load_tokenizer
@@ -65,8 +72,9 @@ def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: boo
               f"({manifest['train_bytes'] / manifest['train_tokens']:.2f} bytes per token)")
         base = TrainConfig(data=str(data_dir), size=SIZE, model=dict(MODEL), seed=seed, data_seed=seed, max_steps=steps,
                            progress=progress, device=device, dtype=dtype, **TRAINING)
-        print(f"[2/5] baselines: uniform, unigram and untrained, on the validation split and on {PYTHON_NOTES} "
-              f"(IDLE's change logs and Python's licence: text of another kind, never trained on)")
+        print(f"[2/5] baselines: uniform, unigram and untrained, on the validation split and on two texts of another "
+              f"kind, never trained on: {PYTHON_NOTES} (IDLE's change logs and Python's licence) and {ENGLISH_PROSE} "
+              f"(stories, letters and essays written for tablefree)")
         scores = baseline_scores(base, tokenizer)
         results = {}
         for number, variant in enumerate(VARIANTS, start=3):
@@ -80,8 +88,8 @@ def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: boo
             publish_model(Path(cfg.out) / "model", out / variant)
             if not (out / variant / "config.json").is_file():
                 raise TableFreeError(f"training {variant} left no model at {out / variant}")
-            held = score_heldout(out / variant, {PYTHON_NOTES: PYTHON_NOTES}, base)[PYTHON_NOTES]
-            scores[variant] = {"val": _val_score(results[variant]), PYTHON_NOTES: held}
+            held = score_heldout(out / variant, {text: text for text in HELDOUT}, base)
+            scores[variant] = {"val": _val_score(results[variant]), **held}
         print(table(scores, results))
         print(explain(scores))
         curves = plot_curves(out)
@@ -94,7 +102,8 @@ def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: boo
         print(wrapped(ABILITY))
         print(f"\nchat:   tablefree generate {out / 'affine'} --prompt \"{PROMPT}\" --temperature 0.8")
         print(f"serve:  tablefree serve {out / 'affine'}   # OpenAI-compatible API on port 30000")
-        print(f"eval:   tablefree eval {out / 'affine'} --data {PYTHON_NOTES}")
+        print(f"eval:   tablefree eval {out / 'affine'} --data {ENGLISH_PROSE}")
+        print(wrapped(TRENDS))
         print(f"done in {time.perf_counter() - began:.0f} s")
         return {"results": results, "scores": scores, "continuation": continuation}
 
@@ -121,7 +130,6 @@ def baseline_scores(cfg, tokenizer) -> dict:
     """Uniform, unigram and untrained scores on the validation split and on the held-out text, as training scores."""
     import numpy as np
 
-    from .corpus import PYTHON_NOTES
     from .evaluate import context_free_scores, data_windows, evaluate_windows, token_byte_lengths, unigram_log_probs
     from .presets import build_model
     from .runtime import resolve_runtime
@@ -133,7 +141,7 @@ def baseline_scores(cfg, tokenizer) -> dict:
     byte_lengths = token_byte_lengths(tokenizer, vocab)
     # Each text's windows once, as training's validation and `score_heldout` cut them; every baseline scores the same.
     windows = {text: list(data_windows(data, tokenizer, cfg.seq_len, cfg.eval_tokens))
-               for text, data in (("val", str(cfg.data)), (PYTHON_NOTES, PYTHON_NOTES))}
+               for text, data in (("val", str(cfg.data)), *((name, name) for name in HELDOUT))}
     scores = {}
     context_free = {"uniform": np.full(vocab, -math.log(vocab)), "unigram": unigram_log_probs(cfg.data, vocab)}
     for name, log_probs in context_free.items():
@@ -149,15 +157,15 @@ ROW_NAMES = {"uniform": "uniform over all ids", "unigram": "unigram (token frequ
 
 
 def table(scores: dict, results: dict) -> str:
-    from .corpus import PYTHON_NOTES
-
-    rows = [("model", "val bits/byte", f"{PYTHON_NOTES} bits/byte", "val PPL", "trainable input params", "tokens/s")]
+    rows = [("model", "val bits/byte", *(f"{text} bits/byte" for text in HELDOUT), "val PPL", "trainable input params",
+             "tokens/s")]
     for name, score in scores.items():
         result = results.get(name, {})
         params = f"{result['trainable_input_params']:,}" if result else ("0" if name == "untrained" else "-")
         speed = f"{result['tokens_per_s']:,.0f}" if result.get("tokens_per_s") else "-"
-        rows.append((ROW_NAMES[name], f"{score['val']['bits_per_byte']:.3f}", f"{score[PYTHON_NOTES]['bits_per_byte']:.3f}",
-                     f"{score['val']['ppl']:,.1f}", params, speed))
+        rows.append((ROW_NAMES[name], f"{score['val']['bits_per_byte']:.3f}",
+                     *(f"{score[text]['bits_per_byte']:.3f}" for text in HELDOUT), f"{score['val']['ppl']:,.1f}", params,
+                     speed))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -166,10 +174,7 @@ def table(scores: dict, results: dict) -> str:
 
 def explain(scores: dict) -> str:
     """What the table means, in words, from its own numbers."""
-    from .corpus import PYTHON_NOTES
-
     val = {name: s["val"]["bits_per_byte"] for name, s in scores.items()}
-    held = {name: s[PYTHON_NOTES]["bits_per_byte"] for name, s in scores.items()}
     gap = scores["affine"]["val"]["ppl"] / scores["learned"]["val"]["ppl"] - 1
     below = [n for n in VARIANTS if val[n] < val["unigram"]]
     lines = [
@@ -179,20 +184,24 @@ def explain(scores: dict) -> str:
         (f"Both models are below unigram on the validation split, by {val['unigram'] - val['affine']:.2f} (affine) and "
          f"{val['unigram'] - val['learned']:.2f} (learned) bits per byte." if len(below) == len(VARIANTS) else
          f"Below unigram on the validation split: {', '.join(below) or 'neither model yet'}."),
-        f"On {PYTHON_NOTES}, text of another kind (what transfers beyond the training corpus): "
-        + "; ".join(f"{n} {held[n]:.2f}, {'below' if held[n] < held['unigram'] else 'not yet below'} unigram's "
-                    f"{held['unigram']:.2f}" for n in VARIANTS) + ".",
         f"The fixed codes against the table: affine (no trainable input parameter) has a validation PPL {gap:+.1%} "
         f"relative to learned (a trainable table). One seed each cannot say whether such a gap is noise; "
         f"`tablefree compare` measures it over seeds.",
     ]
+    for text in HELDOUT:
+        if not all(text in s for s in scores.values()):
+            continue
+        held = {name: s[text]["bits_per_byte"] for name, s in scores.items()}
+        lines.insert(-1, f"On {text}, text of another kind (what transfers beyond the training corpus): "
+                     + "; ".join(f"{n} {held[n]:.2f}, {'below' if held[n] < held['unigram'] else 'not yet below'} "
+                                 f"unigram's {held['unigram']:.2f}" for n in VARIANTS) + ".")
     return "\n".join(wrapped(line) for line in lines) + "\n"
 
 
 def wrapped(text: str) -> str:
     import textwrap
 
-    return textwrap.fill(text, width=100, subsequent_indent="  ")
+    return textwrap.fill(text, width=100, subsequent_indent="  ", break_on_hyphens=False, break_long_words=False)
 
 
 def plot_curves(out: Path) -> Path:
