@@ -3,9 +3,10 @@ passes, sampling, detokenising and stop strings another, instead of sharing one 
 
 The child process is started with "spawn" (a fork of a process whose OpenMP threads have run can hang), loads the model
 by the serve command's own path (`server.load_engine`), runs the real `Engine` and sends each step's events back in one
-message. The parent's `ProcessEngine` has the `Engine`'s interface for the app: `submit` sends a request's sequences
-as plain data (ids, sampling fields, choice), `Sequence.cancel` sends a cancellation, and a reader thread hands each
-step's events to the sequences' sinks as the `Engine` would.
+message (two when the step prefilled new sequences: their first tokens go out before the decode). The parent's
+`ProcessEngine` has the `Engine`'s interface for the app: `submit` sends a request's sequences as plain data (ids,
+sampling fields, choice), `Sequence.cancel` sends a cancellation, and a reader thread hands each message's events to
+the sequences' sinks as the `Engine` would. Measured against the thread engine: docs/architecture.md.
 
 Failures: a model that fails to load is the same one-line error as with the thread engine. If the engine process dies
 (killed, out of memory), every sequence it was serving ends with an error event (its request gets a 500 naming the
@@ -164,44 +165,54 @@ class ProcessEngine:
                 message = self._conn.recv()
             except (EOFError, OSError):
                 break
-            _, events, (received, waiting, running) = message
-            self._received, self._waiting, self._running = received, waiting, running
-            outbox, ids = [], []
-            for sid, event in events:
-                seq = self._sequences.get(sid)
-                if seq is None:
-                    continue
-                if event.finish_reason:
-                    del self._sequences[sid], self._ids[seq]
-                if seq.finished:
-                    continue
-                seq.finished = bool(event.finish_reason)
-                outbox.append((seq, event))
-                ids.append(sid)
-            hand_over(outbox)
-            # A sink that refused its event ended its sequence here: the engine process stops it too.
-            refused = [sid for sid, (seq, event) in zip(ids, outbox) if seq.finished and not event.finish_reason]
-            if refused:
-                self._send(("cancel", refused))
+            try:
+                self._dispatch(*message[1:])
+            except Exception as exc:  # a bug here would leave every request waiting: end them all, loudly
+                log.exception("the server could not hand out the engine process's events; stopping it")
+                self._process.kill()
+                self._ended(f"the server could not read the engine process's events ({type(exc).__name__}: {exc})")
+                return
         self._ended()
 
-    def _ended(self) -> None:
-        """The engine process has closed its end: by `stop`, or by dying."""
+    def _dispatch(self, events: list, counts: tuple[int, int, int]) -> None:
+        self._received, self._waiting, self._running = counts
+        outbox, ids = [], []
+        for sid, event in events:
+            seq = self._sequences.get(sid)
+            if seq is None:
+                continue
+            if event.finish_reason:
+                del self._sequences[sid], self._ids[seq]
+            if seq.finished:
+                continue
+            seq.finished = bool(event.finish_reason)
+            outbox.append((seq, event))
+            ids.append(sid)
+        hand_over(outbox)
+        # A sink that refused its event ended its sequence here: the engine process stops it too.
+        refused = [sid for sid, (seq, event) in zip(ids, outbox) if seq.finished and not event.finish_reason]
+        if refused:
+            self._send(("cancel", refused))
+
+    def _ended(self, failure: str | None = None) -> None:
+        """The engine process has closed its end: by `stop`, by dying, or killed for `failure`."""
         self._process.join(5)
         self._running = self._waiting = 0
-        if self._stopping:
-            message, finish = "the server stopped", "abort"
-        else:
-            message, finish = f"the engine process died ({exit_status(self._process.exitcode)})", "error"
+        died = failure is not None or not self._stopping
+        if died:
+            message = failure or f"the engine process died ({exit_status(self._process.exitcode)})"
             log.error("%s; every request it was serving failed; the server shuts down", message)
+        else:
+            message = "the server stopped"
         with self._send_lock:
-            self._failure = None if self._stopping else message
+            self._failure = message if died else None
             left, self._sequences, self._ids = list(self._sequences.values()), {}, {}
             self._received = self._sent
         for seq in left:
             seq.finished = True
+        finish = "error" if died else "abort"
         hand_over([(seq, SequenceEvent("", [], finish_reason=finish, error=message)) for seq in left])
-        if not self._stopping and self.on_death is not None:
+        if died and self.on_death is not None:
             self.on_death()
 
 

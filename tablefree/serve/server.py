@@ -228,13 +228,22 @@ def start_engine(spec: EngineSpec, kind: str) -> tuple[Engine | ProcessEngine, o
     engine = ProcessEngine(spec)
     try:
         try:
-            facts = engine.ready()
-        except EngineDead as exc:
-            raise TableFreeError(str(exc)) from None
-        return engine, load_serving_tokenizer(spec.model_path, spec.trust_remote_code), facts
+            tokenizer = load_serving_tokenizer(spec.model_path, spec.trust_remote_code)  # while the model loads there
+        except TableFreeError:
+            wait_until_loaded(engine)  # when both fail, the engine process's error comes first, as in load_for_serving
+            raise
+        return engine, tokenizer, wait_until_loaded(engine)
     except BaseException:
         engine.stop()
         raise
+
+
+def wait_until_loaded(engine: ProcessEngine) -> EngineFacts:
+    """The facts of the model the engine process loaded, or its error as a TableFreeError."""
+    try:
+        return engine.ready()
+    except EngineDead as exc:
+        raise TableFreeError(str(exc)) from None
 
 
 def load_serving_tokenizer(model_path: str, trust_remote_code: bool):
