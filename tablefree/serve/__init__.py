@@ -23,9 +23,10 @@ HEAD_PRECISION_HELP = ("the output head's weights: float32 (the model's own; the
 # Where the engine runs (server.start_engine): a worker thread of the server's process, or a process of its own.
 # The default is what was faster here, measured by `python bench/serve.py --servers tablefree-process --dtypes float32`
 # (small-affine, 64 tokens per completion, paired turns, medians; a 2-core machine whose other core ran other
-# jobs' training throughout): process / thread tokens/s, three runs (threads default, 1, default):
-#   clients 1: streamed 0.99 0.98 0.99, plain 0.95 0.98 1.11;  clients 8: streamed 1.00 1.00 0.89, plain 0.96 0.98 1.04
-#   clients 32: streamed 1.01 1.01 1.09, plain 0.97 1.02 1.08
+# jobs' training throughout): process / thread tokens/s, four runs (threads default, 1, default, default):
+#   clients 1: streamed 0.99 0.98 0.99 0.97, plain 0.95 0.98 1.11 0.98
+#   clients 8: streamed 1.00 1.00 0.89 0.76, plain 0.96 0.98 1.04 1.00
+#   clients 32: streamed 1.01 1.01 1.09 1.01, plain 0.97 1.02 1.08 0.98
 # Equal within the noise, with the engine process busy 0.80-0.99 of a core and the server's own process 0.03-0.08:
 # serving HTTP costs little beside the model. The thread engine starts in half the time (6 s against 11-13 s) in
 # 0.58 GiB instead of 1.0, so it is the default; the engine process is for machines with a core to spare.
