@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from ..evaluate import token_byte_lengths
 from . import HEAD_PRECISIONS, ServeLimits
 from .params import SamplingParams
 from .sampling import NonFiniteLogits, Penalties, TokenSampler, finite_rows, top_logprobs
@@ -277,6 +278,7 @@ def head_quality(model, tokenizer, lower, positions: int = QUALITY_POSITIONS, co
     base, head = model.base_model, model.get_output_embeddings()
     context = context or getattr(model.config, "max_position_embeddings", None) or positions + 1
     ids = held_out_ids(tokenizer, positions + -(-positions // (context - 1)))
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)  # as `tablefree eval` counts them
     agree = counted = 0
     nats = {"own": 0.0, "lower": 0.0}
     n_bytes = 0
@@ -291,7 +293,7 @@ def head_quality(model, tokenizer, lower, positions: int = QUALITY_POSITIONS, co
         agree += int((own.argmax(-1) == low.argmax(-1)).sum())
         for name, logits in (("own", own), ("lower", low)):
             nats[name] += float(F.cross_entropy(logits, targets, reduction="sum"))
-        n_bytes += len(tokenizer.decode(window[1:]).encode("utf-8"))
+        n_bytes += int(byte_lengths[window[1:]].sum())
         counted += len(window) - 1
     scale = 1 / math.log(2) / max(1, n_bytes)
     return HeadQuality(counted, agree / max(1, counted), nats["own"] * scale, nats["lower"] * scale)
