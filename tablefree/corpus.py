@@ -110,23 +110,42 @@ def python_notes_documents() -> list[str]:
 # Held-out plain English: stories, letters, a travel diary, everyday essays, a book review, a speech and a news
 # report, written for this project and shipped with it (tablefree/heldout/english_prose); no corpus contains them.
 ENGLISH_PROSE = "english-prose"
+# English prose to train on, also written for this project and shipped with it (tablefree/prose): short stories,
+# letters and memoirs, essays on nature and science, everyday essays, reviews and reports, tales and dialogue.
+# Other documents by other hands than the english-prose held-out text, on other subjects (tests check they share
+# no passage). The quickstart mixes it with the embedded corpus so that its models meet English, not only Python's
+# documentation.
+PROSE = "prose"
+
+
+def package_texts(folder: str, name: str) -> list[str]:
+    """The documents of a text shipped with tablefree: one per .txt file of `folder`, in name order."""
+    from importlib.resources import files
+
+    where = files("tablefree").joinpath(*folder.split("/"))
+    try:
+        entries = sorted((entry for entry in where.iterdir() if entry.name.endswith(".txt")), key=lambda e: e.name)
+        documents = [entry.read_text(encoding="utf-8").strip() for entry in entries]
+    except OSError as exc:
+        raise TableFreeError(f"cannot read the {name} text of this tablefree installation ({exc}); "
+                             f"reinstall tablefree") from None
+    if not documents:
+        raise TableFreeError(f"this tablefree installation has no {name} files in {where}; reinstall it")
+    return documents
 
 
 def english_prose_documents() -> list[str]:
     """The `english-prose` held-out text: one document per .txt file of heldout/english_prose, in name order."""
-    from importlib.resources import files
+    return package_texts("heldout/english_prose", ENGLISH_PROSE)
 
-    folder = files("tablefree") / "heldout" / "english_prose"
-    try:
-        entries = sorted((entry for entry in folder.iterdir() if entry.name.endswith(".txt")), key=lambda e: e.name)
-        documents = [entry.read_text(encoding="utf-8").strip() for entry in entries]
-    except OSError as exc:
-        raise TableFreeError(f"cannot read the {ENGLISH_PROSE} text of this tablefree installation ({exc}); "
-                             f"reinstall tablefree") from None
-    if not documents:
-        raise TableFreeError(f"this tablefree installation has no {ENGLISH_PROSE} files in {folder}; reinstall it")
-    return documents
 
+def prose_documents() -> list[str]:
+    """The `prose` training corpus: one document per .txt file of tablefree/prose, in name order."""
+    return package_texts("prose", PROSE)
+
+
+# The corpora that ship with tablefree or Python, known by name wherever a corpus is (`--source`, `--corpus`).
+BUILTIN_CORPORA = {"embedded": embedded_documents, PROSE: prose_documents}
 
 # The held-out texts known by name (`tablefree eval --data NAME`, `compare --heldout NAME`) and their documents.
 HELDOUT_TEXTS = {PYTHON_NOTES: python_notes_documents, ENGLISH_PROSE: english_prose_documents}
@@ -346,12 +365,12 @@ def leading_text(documents: Iterable[str], limit_chars: int | None) -> Iterator[
 
 def read_corpus(sources: list[str], limit_chars: int | None = None, text_field: str = "text",
                 options: ReadOptions = ReadOptions(), counts: ReadCounts | None = None) -> Iterator[str]:
-    """Text from each source in turn (`embedded` or a local file), in pieces, stopping after `limit_chars`."""
+    """Text from each source in turn (a BUILTIN_CORPORA name or a file), in pieces, stopping after `limit_chars`."""
 
     def documents():
         for source in sources:
-            if source == "embedded":
-                yield from embedded_documents()
+            if source in BUILTIN_CORPORA:
+                yield from BUILTIN_CORPORA[source]()
             else:
                 yield from read_local_file(Path(source), text_field=text_field, options=options, counts=counts)
 

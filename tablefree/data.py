@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from . import files
-from .corpus import ReadCounts, ReadOptions, has_text, leading_text, pieces, record_text
+from .corpus import BUILTIN_CORPORA, ReadCounts, ReadOptions, has_text, leading_text, pieces, record_text
 from .errors import TableFreeError, WriteError, summary
 
 MANIFEST = "manifest.json"
@@ -46,7 +46,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 
 @dataclass(frozen=True)
 class Source:
-    """One entry of a mixture: `embedded`, a local .txt/.jsonl/.parquet path, or `hf:NAME[:CONFIG]`."""
+    """One entry of a mixture: `embedded`, `prose`, a local .txt/.jsonl/.parquet path, or `hf:NAME[:CONFIG]`."""
 
     spec: str
     weight: float = 1.0
@@ -56,8 +56,8 @@ class Source:
 
     @property
     def kind(self) -> str:
-        if self.spec == "embedded":
-            return "embedded"
+        if self.spec in BUILTIN_CORPORA:
+            return "builtin"
         return "hub" if self.spec.startswith("hf:") else "file"
 
 
@@ -82,11 +82,11 @@ def parse_source(text: str, streaming: bool = True) -> Source:
 
 def iter_documents(source: Source, options: ReadOptions = ReadOptions(), counts: ReadCounts | None = None) -> Iterator[str]:
     """The documents of one source, in their stored order; what reading replaced or skipped goes to `counts`."""
-    from .corpus import embedded_documents, read_local_file
+    from .corpus import read_local_file
 
     counts = ReadCounts() if counts is None else counts
-    if source.kind == "embedded":
-        yield from embedded_documents()
+    if source.kind == "builtin":
+        yield from BUILTIN_CORPORA[source.spec]()
     elif source.kind == "file":
         yield from read_local_file(Path(source.spec), text_field=source.text_field, options=options, counts=counts)
     else:
@@ -671,7 +671,8 @@ def add_cli(subparsers) -> None:
     verbs = data.add_subparsers(dest="data_command", metavar="VERB", required=True)
     prep = verbs.add_parser("prepare", help="tokenise a weighted mixture into token shards + manifest")
     prep.add_argument("--source", action="append", default=None, metavar="SPEC[@WEIGHT]",
-                      help="`embedded`, a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG] "
+                      help="`embedded` (Python's documentation), `prose` (English prose shipped with tablefree), "
+                           "a .txt/.jsonl/.parquet file, or hf:NAME[:CONFIG] "
                            "(e.g. hf:HuggingFaceFW/fineweb-edu:sample-10BT@0.7); repeat for a mixture")
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--force", action="store_true",

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from .corpus import ReadOptions
+from .corpus import BUILTIN_CORPORA, ReadOptions
 from .errors import TableFreeError, summary
 
 VOCAB_SIZE = 1 << 16
@@ -251,7 +251,7 @@ def build_tokenizer_dir(corpus: list[str], out: str | Path, limit_chars: int | N
         raise TableFreeError(f"--limit-chars must be positive, got {limit_chars}")
     if vocab_size is not None:
         check_vocab_size(vocab_size)
-    with files.output_lock(out, inputs=[Path(c) for c in corpus if c != "embedded"]):
+    with files.output_lock(out, inputs=[Path(c) for c in corpus if c not in BUILTIN_CORPORA]):
         return _build_into(out, corpus, limit_chars, force, text_field, options, vocab_size)
 
 
@@ -261,7 +261,7 @@ def _build_into(out: Path, corpus: list[str], limit_chars: int | None, force: bo
     from .corpus import ReadCounts, read_corpus
 
     files.claim_output_dir(out, "tokenizer", resumable=False, force=force, writes=TOKENIZER_FILES,
-                           inputs=[Path(c) for c in corpus if c != "embedded"])
+                           inputs=[Path(c) for c in corpus if c not in BUILTIN_CORPORA])
     counts = {"characters": 0, "unknown": 0}
     read = ReadCounts()
 
@@ -304,7 +304,9 @@ def add_cli(subparsers) -> None:
     verbs = tokenizer.add_subparsers(dest="tokenizer_command", metavar="VERB", required=True)
     build = verbs.add_parser("build", help="fill the n-gram slots from a corpus (or learn a byte-level BPE) and save "
                                            "tokenizer.json")
-    build.add_argument("--corpus", nargs="+", default=["embedded"], help="'embedded' or .txt/.jsonl/.parquet files")
+    build.add_argument("--corpus", nargs="+", default=["embedded"],
+                       help="'embedded' (Python's documentation), 'prose' (English prose shipped with tablefree) or "
+                            ".txt/.jsonl/.parquet files")
     build.add_argument("--out", required=True, help="output directory")
     build.add_argument("--vocab-size", type=int, default=None, metavar="N",
                        help=f"learn a byte-level BPE of exactly N ids ({SMALLEST_BPE} to {VOCAB_SIZE:,}; K = "

@@ -86,6 +86,50 @@ def test_english_prose_is_original_prose_that_no_corpus_holds():
     assert not shared, shared[:3]
 
 
+def test_prose_is_english_to_train_on_that_shares_no_passage_with_the_held_out_texts():
+    import re
+
+    from tablefree.corpus import BUILTIN_CORPORA, PROSE, english_prose_documents, prose_documents
+
+    documents = prose_documents()
+    assert BUILTIN_CORPORA[PROSE] is prose_documents
+    assert len(documents) >= 50 and sum(map(len, documents)) >= 300_000
+    assert len(set(documents)) == len(documents) and all(doc.count("\n\n") >= 5 for doc in documents)
+    assert {c for doc in documents for c in doc if not c.isascii()} <= set("\u00e9\u00f3\u0144")  # cafe, Bartok, Gdansk
+    # No run of 8 words in common with the held-out English prose (the quickstart scores the models on it).
+    def runs(text, n=8):
+        words = re.findall(r"\w+", text.lower())
+        return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    shared = runs("\n".join(documents)) & runs("\n".join(english_prose_documents()))
+    assert not shared, sorted(shared)[:3]
+
+
+def test_prose_is_a_source_by_name_beside_the_embedded_corpus(tmp_path, code_point_tokenizer, prepared_data, capsys):
+    from tablefree.corpus import prose_documents
+
+    documents = prose_documents()
+    settings = PrepareSettings(sources=[Source("prose")], val_fraction=0.1, shard_tokens=1 << 20)
+    manifest = prepare(settings, tmp_path / "out", code_point_tokenizer, progress=False)
+    (source,) = manifest["sources"]
+    assert source["spec"] == "prose" and source["documents"] == len(documents)
+    train_docs = _decode_split(tmp_path / "out", code_point_tokenizer, "train")
+    val_docs = _decode_split(tmp_path / "out", code_point_tokenizer, "val")
+    assert sorted(train_docs + val_docs) == sorted(documents)
+    # By name on the command line, in a weighted mixture: its share of the budget by weight.
+    notes = write_jsonl(tmp_path / "notes.jsonl", topic_documents(200))
+    code, err = _prepare_cli(capsys, "--source", "prose@3", "--source", f"{notes}@1", "--budget-tokens", 4000,
+                             "--tokenizer", prepared_data / "tokenizer", "--val-fraction", 0.5, "--out", tmp_path / "cli")
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "cli" / "manifest.json").read_text())
+    from tablefree.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(prepared_data / "tokenizer")
+    longest = max(len(tokenizer.encode(doc, add_special_tokens=False)) + 1 for doc in documents)
+    (prose, notes_count) = manifest["sources"]
+    assert prose["spec"] == "prose" and not prose["exhausted"]  # whole documents up to its share, no further
+    assert 3000 <= prose["train_tokens"] < 3000 + longest and notes_count["train_tokens"] >= 1000
+
+
 def test_jsonl_and_parquet_mixture_roundtrip(tmp_path, code_point_tokenizer):
     texts = topic_documents(120)
     jsonl = write_jsonl(tmp_path / "a.jsonl", texts[:60])
