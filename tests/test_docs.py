@@ -37,3 +37,38 @@ def test_readme_quotes_the_published_study():
     unigram = results["baselines"]["unigram"]
     assert f"| unigram (no model) | {unigram['val_ppl']:,.1f} | {unigram['val_bits_per_byte']:.3f} |" in readme
     assert results["provenance"]["command"] in readme
+
+
+def test_readme_quotes_the_published_trend_studies():
+    """The README's three lines on the trends are the published studies' figures (docs/results-*/results.json)."""
+    import json
+
+    from tablefree.study import paired_difference
+
+    def gap(value: dict) -> str:
+        return f"{value['mean']:+.3f} ± {value['ci95']:.3f}"
+
+    readme = (ROOT / "README.md").read_text()
+    tokens = json.loads((ROOT / "docs" / "results-tokens" / "results.json").read_text())
+    share = json.loads((ROOT / "docs" / "results-share" / "results.json").read_text())
+    at = {point["tokens"]: point["bits_gaps"]["affine"]["val"] for point in tokens["points"]}
+    assert min(at) == 32_768 and max(at) == 524_288  # the span the README names (16x)
+    for quoted in (f"from {gap(at[32_768])}", f"{gap(at[262_144])} at 256K", f"{gap(at[524_288])} at 512K"):
+        assert quoted in readme, quoted
+    shares = {f"{100 * point['table_share']:.1f}".removesuffix(".0"): point for point in share["points"]}
+    assert sorted(shares) == ["12.5", "19.9", "28.5", "42"]
+    for label in ("42", "19.9", "12.5"):
+        quoted = f"{gap(shares[label]['bits_gaps']['affine']['val'])} at {label}%"
+        assert quoted in readme, quoted
+    # affine-equal minus affine, paired by seed, at each share: the README quotes the smallest and largest.
+    differences = []
+    for point in share["points"]:
+        runs = {(run["name"], run["seed"]): run["val_bits_per_byte"] for run in point["runs"]}
+        seeds = sorted(seed for name, seed in runs if name == "affine")
+        differences.append(paired_difference([runs["affine-equal", s] for s in seeds], [runs["affine", s] for s in seeds]))
+        params = {name: facts["params"] for name, facts in point["variants"].items()}
+        assert abs(params["affine-equal"] / params["learned"] - 1) <= 0.004  # "within 0.4% of learned's total"
+    low, high = min(differences, key=lambda d: d["mean"]), max(differences, key=lambda d: d["mean"])
+    assert f"({gap(low)} to {gap(high)} bits per byte against it)" in readme
+    for study in (tokens, share):
+        assert study["provenance"]["command"].split(" --publish")[0] in (ROOT / "docs" / "study.md").read_text()
