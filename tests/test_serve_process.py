@@ -231,14 +231,15 @@ def test_a_full_queue_is_503_before_the_engine_process_sees_it(tmp_path_factory)
 
 
 class Events(list):
-    """A sequence's sink: every event it is handed; `done` is set by the last."""
+    """A sequence's sink: every event it is handed; `started` is set by the first (no polling), `done` by the last."""
 
     def __init__(self):
         super().__init__()
-        self.done = threading.Event()
+        self.started, self.done = threading.Event(), threading.Event()
 
     def __call__(self, event):
         self.append(event)
+        self.started.set()
         if event.finish_reason:
             self.done.set()
 
@@ -252,7 +253,9 @@ def test_the_process_engine_serves_cancels_and_reports_its_death_without_http(sa
     from tablefree.serve.params import SamplingParams
     from tablefree.serve.server import EngineSpec, load_engine, load_serving_tokenizer
 
-    spec = EngineSpec(str(saved_tiny_model[0]), device="cpu", threads=1, max_model_len=64, seed=0)
+    # Long sequences (the whole context), cancelled or killed as soon as their first event arrives (Events.started):
+    # polling every 0.1 s for it, 60 tokens of this model were sometimes all made before the test acted.
+    spec = EngineSpec(str(saved_tiny_model[0]), device="cpu", threads=1, max_model_len=256, seed=0)
     tokenizer = load_serving_tokenizer(spec.model_path, False)
     ids = tokenizer.encode("Hello there", add_special_tokens=False)
     greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
@@ -273,19 +276,19 @@ def test_the_process_engine_serves_cancels_and_reports_its_death_without_http(sa
     engine, deaths = ProcessEngine(spec), []
     engine.on_death = lambda: deaths.append(engine.failure)
     try:
-        assert engine.ready().max_model_len == 64
+        assert engine.ready().max_model_len == 256
         engine.start()
         batch = sequences(engine, 3)
         assert all(s.sink.done.wait(60) for s in batch)
         assert [[t for e in s.sink for t in e.token_ids] for s in batch] == [expected] * 3
         assert all(s.finished and s.sink[-1].finish_reason == "length" for s in batch)
-        [cancelled] = sequences(engine, 1, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
-        assert wait_until(lambda: len(cancelled.sink) > 0)
+        [cancelled] = sequences(engine, 1, SamplingParams(max_tokens=240, temperature=0.0, ignore_eos=True))
+        assert cancelled.sink.started.wait(60)
         cancelled.cancel()
         assert cancelled.sink.done.wait(60) and cancelled.sink[-1].finish_reason == "abort"
-        assert len(cancelled.sink) < 60
-        [running] = sequences(engine, 1, SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True))
-        assert wait_until(lambda: len(running.sink) > 0)
+        assert len(cancelled.sink) < 240
+        [running] = sequences(engine, 1, SamplingParams(max_tokens=240, temperature=0.0, ignore_eos=True))
+        assert running.sink.started.wait(60)
         os.kill(engine._process.pid, signal.SIGKILL)
         assert running.sink.done.wait(60)
         assert running.sink[-1].finish_reason == "error" and "engine process died (killed by SIGKILL)" in running.sink[-1].error
