@@ -1,11 +1,12 @@
 """`tablefree quickstart [--out DIR]`: the paper's comparison in miniature, offline, in a few CPU minutes.
 
 Builds the code-point tokenizer from Python's own documentation (the embedded corpus) and the English
-prose that ships with tablefree (corpus.PROSE), prepares the data, trains a small table-free `affine` model and the `learned`-table baseline of the same size on
-identical batches, and prints what a person wants to see: bits per byte on the validation split and
-on held-out text of another kind, beside the uniform, unigram and untrained baselines that give them
-meaning; the gap between the two models; the loss curves (OUT/loss_curves.png, and in the terminal);
-and a sampled continuation through AutoModelForCausalLM from the saved DIR/affine.
+prose that ships with tablefree (corpus.PROSE), prepares the data, trains a small table-free `affine`
+model and the `learned`-table baseline of the same size on identical batches, and prints what a
+person wants to see: bits per byte on the validation split and on held-out text of another kind,
+beside the uniform, unigram and untrained baselines that give them meaning; the gap between the two
+models; the loss curves (OUT/loss_curves.png, and in the terminal); and a sampled continuation through
+AutoModelForCausalLM from the saved DIR/affine.
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ TRENDS = ("\nOne seed at one small budget is not the conclusion. Here the table 
           "the table's share, and at equal parameters).")
 ABILITY = ("What a minutes-old model can do: it has learned spelling, common words and the look of Python's "
            "documentation and of English prose, not facts or instructions, so it will not answer questions. What the "
-           "quickstart measures is the paper's question: how close fixed codes with no input parameter come to a trained table (the gap above).")
+           "quickstart measures is the paper's question: how close fixed codes with no input parameter come to a "
+           "trained table (the gap above).")
 
 
 def quickstart(out: str | Path, steps: int = STEPS, seed: int = 0, progress: bool = True, force: bool = False,
