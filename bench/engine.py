@@ -46,7 +46,8 @@ def engine_rate(engine: Engine, ids: list[int], clients: int, temperature: float
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, ignore_eos=True)
     sequences = [Sequence(ids, params, engine.tokenizer, lambda event: None, set()) for _ in range(clients)]
     started = time.perf_counter()
-    engine.submit(sequences)
+    for seq in sequences:  # each its own request, as from clients: one request holds at most half the batch
+        engine.submit([seq])
     while not all(s.finished for s in sequences):
         engine.step()
     seconds = time.perf_counter() - started
@@ -70,7 +71,8 @@ def started_rate(engine, tokenizer, ids: list[int], clients: int, temperature: f
 
     sequences = [Sequence(ids, params, tokenizer, sink, set()) for _ in range(clients)]
     started = time.perf_counter()
-    engine.submit(sequences)
+    for seq in sequences:  # each its own request, as from clients
+        engine.submit([seq])
     if not done.wait(600):
         raise SystemExit("the engine did not finish in 600 s")
     seconds = time.perf_counter() - started
