@@ -570,40 +570,59 @@ def save_png(fig, path: Path) -> Path:
 COMPARE_KEYS = ("variants", "seeds", "reference", "heldout")  # what a compare config holds beside the training settings
 
 
-def compare_command(args) -> int:
+def read_command_config(args, keys) -> tuple[dict, dict, dict]:
+    """A comparison's or a study's config: (its training settings, its own `keys`, the overrides the flags give)."""
     from .presets import parse_overrides
-    from .runtime import process_rank
-    from .train import read_settings_file, train_config_from
+    from .train import read_settings_file
 
     values = read_settings_file(args.config)
-    study = {key: values.pop(key) for key in COMPARE_KEYS if key in values}
+    own = {key: values.pop(key) for key in keys if key in values}
     overrides = parse_overrides(args.overrides)
     for name in ("device", "dtype"):  # given flags win over the config's settings
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
-    base = train_config_from(values, overrides, where=str(args.config))
-    variants = parse_variants(args.variants or study.get("variants", DEFAULT_VARIANTS))
-    seeds = args.seeds or study.get("seeds", DEFAULT_SEEDS)
+    return values, own, overrides
+
+
+def checked_settings(args, own: dict, heldout_flag=None) -> tuple[list[int], list[str]]:
+    """The seeds and held-out texts of a comparison or study (a flag wins over the config), checked, and --jobs."""
+    seeds = args.seeds or own.get("seeds", DEFAULT_SEEDS)
     seeds = parse_list(seeds, int) if isinstance(seeds, str) else seeds
     if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
         raise TableFreeError(f"seeds in {args.config} must be a list of integers, got {seeds!r}")
+    heldout = heldout_flag or own.get("heldout", [])
+    heldout = [heldout] if isinstance(heldout, str) else heldout
+    if not (isinstance(heldout, list) and all(isinstance(x, str) for x in heldout)):
+        raise TableFreeError(f"heldout in {args.config} must be a list of file paths, python-notes or english-prose, "
+                             f"got {heldout!r}")
+    if not 1 <= args.jobs <= 256:
+        raise TableFreeError(f"--jobs must be between 1 and 256 runs at once, got {args.jobs}")
+    return seeds, heldout
+
+
+def print_written(out: Path, figure: str) -> None:
+    print((out / "results.md").read_text())
+    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / figure}")
+
+
+def compare_command(args) -> int:
+    from .runtime import process_rank
+    from .train import train_config_from
+
+    values, study, overrides = read_command_config(args, COMPARE_KEYS)
+    base = train_config_from(values, overrides, where=str(args.config))
+    variants = parse_variants(args.variants or study.get("variants", DEFAULT_VARIANTS))
+    seeds, heldout = checked_settings(args, study, args.heldout)
     reference = args.reference or study.get("reference")
     if reference is not None and not isinstance(reference, (str, list)):
         raise TableFreeError(f"reference in {args.config} must be a variant name or a list of them, got {reference!r}")
-    heldout = args.heldout or study.get("heldout", [])
-    heldout = [heldout] if isinstance(heldout, str) else heldout
-    if not (isinstance(heldout, list) and all(isinstance(x, str) for x in heldout)):
-        raise TableFreeError(f"heldout in {args.config} must be a list of file paths, python-notes or english-prose, got {heldout!r}")
     out = Path(args.out or base.out)
-    if not 1 <= args.jobs <= 256:
-        raise TableFreeError(f"--jobs must be between 1 and 256 runs at once, got {args.jobs}")
     compare(base, variants, seeds, out, force=args.force, reference=reference, heldout=heldout, jobs=args.jobs)
     if not process_rank().is_main:
         return 0
     if args.publish:
         publish(out, args.publish, args.command_line, force=args.force)
-    print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'loss_curves.png'}")
+    print_written(out, "loss_curves.png")
     return 0
 
 

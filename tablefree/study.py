@@ -18,17 +18,17 @@ the reference with its 95% interval over seeds); OUT/results.md the table; OUT/g
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .compare import (COMPARE_KEYS, DEFAULT_SEEDS, DEFAULT_VARIANTS, NAME_CHARACTERS, T_95, Variant, _mean_std, failure_report,
-                      heldout_label, machine, parse_list, parse_variants, run_in_processes, run_one, save_png,
-                      source_commit, summarise, unigram_baseline)
+from .compare import (COMPARE_KEYS, DEFAULT_VARIANTS, NAME_CHARACTERS, T_95, Variant, checked_settings,
+                      failure_report, heldout_label, machine, parse_list, parse_variants, print_written,
+                      read_command_config, run_in_processes, run_one, save_png, source_commit, summarise,
+                      unigram_baseline)
 from .errors import TableFreeError, WriteError
-from .files import atomic_path, claim_output_dir, output_lock, write_atomic, write_json
+from .files import claim_output_dir, output_lock, write_atomic, write_json
 
 STUDY_KEYS = (*COMPARE_KEYS, "points", "axis", "title")
 AXES = {"tokens": "training tokens per run", "table_share": "the learned table's share of the parameters",
@@ -358,15 +358,7 @@ def publish(out: Path, dest: str | Path, command: str, force: bool = False) -> P
 
 
 def study_command(args) -> int:
-    from .presets import parse_overrides
-    from .train import read_settings_file
-
-    values = read_settings_file(args.config)
-    settings = {key: values.pop(key) for key in STUDY_KEYS if key in values}
-    overrides = parse_overrides(args.overrides)
-    for name in ("device", "dtype"):
-        if getattr(args, name) is not None:
-            overrides[name] = getattr(args, name)
+    values, settings, overrides = read_command_config(args, STUDY_KEYS)
     variants = parse_variants(settings.get("variants", DEFAULT_VARIANTS))
     points = parse_points(settings.get("points"), values, overrides, variants, str(args.config))
     if args.points:
@@ -376,30 +368,20 @@ def study_command(args) -> int:
             raise TableFreeError(f"--points: no point {unknown[0]!r} in {args.config} "
                                  f"(its points: {', '.join(p.name for p in points)})")
         points = [p for p in points if p.name in wanted]
-    seeds = args.seeds or settings.get("seeds", DEFAULT_SEEDS)
-    seeds = parse_list(seeds, int) if isinstance(seeds, str) else seeds
-    if not (isinstance(seeds, list) and seeds and all(isinstance(x, int) and not isinstance(x, bool) for x in seeds)):
-        raise TableFreeError(f"seeds in {args.config} must be a list of integers, got {seeds!r}")
+    seeds, heldout = checked_settings(args, settings)
     reference = settings.get("reference", "learned")
     reference = reference[0] if isinstance(reference, list) and len(reference) == 1 else reference
     if not isinstance(reference, str):
         raise TableFreeError(f"reference in {args.config} must be one variant's name, got {reference!r}")
-    heldout = settings.get("heldout", [])
-    heldout = [heldout] if isinstance(heldout, str) else heldout
-    if not (isinstance(heldout, list) and all(isinstance(x, str) for x in heldout)):
-        raise TableFreeError(f"heldout in {args.config} must be a list of texts, got {heldout!r}")
     axis = settings.get("axis", "point")
     if axis not in AXES:
         raise TableFreeError(f"axis in {args.config} must be one of {', '.join(AXES)}, got {axis!r}")
-    if not 1 <= args.jobs <= 256:
-        raise TableFreeError(f"--jobs must be between 1 and 256 runs at once, got {args.jobs}")
     out = Path(args.out or values.get("out") or "runs/study")
     study(points, seeds, out, reference=reference, heldout=heldout, jobs=args.jobs, force=args.force, axis=axis,
           title=settings.get("title"))
     if args.publish:
         publish(out, args.publish, args.command_line, force=args.force)
-    print((out / "results.md").read_text())
-    print(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'gaps.png'}")
+    print_written(out, "gaps.png")
     return 0
 
 

@@ -599,16 +599,19 @@ def test_stop_strings_never_leak_into_the_stream(stop):
 
 
 # ---- models whose forward takes token ids alone: the uncached path ----
-@pytest.fixture(scope="module")
-def plain_forward_dir(tmp_path_factory, code_point_tokenizer):
+def save_plain_forward(path, tokenizer):
     """A remote-code model directory: config.json with auto_map, the modeling file, weights and a tokenizer."""
-    path = tmp_path_factory.mktemp("models") / "plain-forward"
     PlainForwardConfig.register_for_auto_class()
     PlainForwardLM.register_for_auto_class("AutoModelForCausalLM")
     torch.manual_seed(0)
     PlainForwardLM(PlainForwardConfig()).save_pretrained(path)
-    code_point_tokenizer.save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def plain_forward_dir(tmp_path_factory, code_point_tokenizer):
+    return save_plain_forward(tmp_path_factory.mktemp("models") / "plain-forward", code_point_tokenizer)
 
 
 @pytest.fixture(scope="module")

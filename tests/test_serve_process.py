@@ -19,9 +19,8 @@ import time
 import httpx
 import psutil
 import pytest
-import torch
-from plain_forward_model import PlainForwardConfig, PlainForwardLM
 from serve_process import ServerProcess, serving_model
+from test_engine import save_plain_forward
 from test_serve_robust import one_line_error, run_cli
 
 from tablefree.serve import ENGINES
@@ -34,12 +33,7 @@ POISON_AFTER = 5
 def faulty_model_dir(tmp_path_factory, code_point_tokenizer):
     """A remote-code model (forward takes token ids alone) whose forward raises for rows holding POISON once they are
     longer than POISON_AFTER tokens: a fault of one sequence in the middle of its decoding."""
-    path = tmp_path_factory.mktemp("models") / "faulty"
-    PlainForwardConfig.register_for_auto_class()
-    PlainForwardLM.register_for_auto_class("AutoModelForCausalLM")
-    torch.manual_seed(0)
-    PlainForwardLM(PlainForwardConfig()).save_pretrained(path)
-    code_point_tokenizer.save_pretrained(path)
+    path = save_plain_forward(tmp_path_factory.mktemp("models") / "faulty", code_point_tokenizer)
     modeling = path / "plain_forward_model.py"
     source = modeling.read_text()
     fault = (f"    def forward(self, idx):\n        if idx.shape[1] > {POISON_AFTER} and (idx == {POISON}).any():\n"
