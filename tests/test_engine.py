@@ -207,7 +207,9 @@ def test_failed_prefill_group_is_retried_one_by_one(engine, served, hooks):
 
 
 def test_failed_decode_step_is_retried_one_by_one(engine, served, hooks):
-    """The fault strikes the shortest row mid-generation; the batch's KV cache stays right for the rest."""
+    """The fault strikes the shortest row mid-generation; the batch's KV cache stays right for the rest. It is injected
+    where every decode step passes, the model's own forward or SlotDecoder's: the rotary embedding, given each row's
+    position."""
     tokenizer = served[1]
     short = prompt(tokenizer, "a, b; c")[:3]
     assert len(short) == 3
@@ -217,10 +219,11 @@ def test_failed_decode_step_is_retried_one_by_one(engine, served, hooks):
     doomed_length = len(short) + 3  # the short row's 3rd decode step; longer rows never hold so few tokens
 
     def refuse_length(module, args, kwargs):
-        if kwargs["input_ids"].shape[1] == 1 and (kwargs["attention_mask"].sum(-1) == doomed_length).any():
+        positions = kwargs["position_ids"]
+        if positions.shape[1] == 1 and (positions == doomed_length - 1).any():
             raise RuntimeError("injected decode fault")
 
-    hooks.append(engine.model.register_forward_pre_hook(refuse_length, with_kwargs=True))
+    hooks.append(engine.model.gpt_neox.rotary_emb.register_forward_pre_hook(refuse_length, with_kwargs=True))
     victim = sequence(engine, short, **GREEDY)
     seqs = [sequence(engine, longer[0], **GREEDY), victim, sequence(engine, longer[1], **SEEDED)]
     run(engine, {0: seqs})
@@ -781,11 +784,12 @@ def calls_per_decode_step(engine: Engine, ids: list[int], fields: dict, steps: i
 def test_a_requests_fields_add_the_same_work_to_a_decode_step_however_large(engine, served, field):
     """Each field at the most the server accepts (a logit_bias of every id, 16 long stop strings, every penalty, top-k
     of V-1, ...) adds a bounded number of vectorised operations per row, never a Python loop over its entries: the
-    calls per step stay within a small margin of a plain request of the same shape (a full logit_bias made ~800,000)."""
+    calls per step stay within a fixed margin of a plain request of the same shape (a plain step of 5 rows makes ~1,600;
+    all the fields together add about as many; a loop over a full logit_bias alone made ~800,000)."""
     ids = prompt(served[1], "The same request shape, a field at its largest: ")
     plain = calls_per_decode_step(engine, ids, {})
     heavy = calls_per_decode_step(engine, ids, HEAVY_FIELDS[field])
-    assert heavy < 1.5 * plain + 500, (field, heavy, plain)
+    assert heavy < plain + 2_500, (field, heavy, plain)
 
 
 def test_a_request_of_many_sequences_leaves_room_for_the_next(served):

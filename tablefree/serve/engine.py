@@ -30,6 +30,7 @@ from transformers import DynamicCache
 
 from ..evaluate import token_byte_lengths
 from . import HEAD_PRECISIONS, ServeLimits
+from .decoder import SlotDecoder, unsupported
 from .params import SamplingParams
 from .sampling import NonFiniteLogits, Penalties, TokenSampler, finite_rows, top_logprobs
 from .text import IncrementalText
@@ -347,8 +348,10 @@ class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = ServeLimits.max_batch_size, max_model_len: int,
                  max_queue: int = ServeLimits.max_queue,
                  max_prefill_tokens: int = 4096, seed: int | None = None, threads: int | None = None,
-                 max_rows_per_request: int | None = None, head: Int8Head | None = None, deliver=hand_over):
-        """`deliver` receives each phase's events as one list of (sequence, event); by default `hand_over`."""
+                 max_rows_per_request: int | None = None, head: Int8Head | None = None, lower_body: bool = False,
+                 deliver=hand_over):
+        """`deliver` receives each phase's events as one list of (sequence, event); by default `hand_over`.
+        `lower_body`: decode steps run the body's linear layers as int8 weights (`choose_precision`)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -367,6 +370,11 @@ class Engine:
         self._stopping = False
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
+        # GPT-NeoX-shaped models decode through SlotDecoder (its KV cache of slots in place of self._cache).
+        self._slots = SlotDecoder(model, max_batch_size, max_model_len, lower_body) \
+            if self._cache_arg and unsupported(model) is None else None
+        if lower_body and self._slots is None:
+            raise ValueError(f"int8 body weights need a GPT-NeoX-shaped model: {unsupported(model) or 'it has no KV cache'}")
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
         self._deliver_events = deliver
         # The output head every pass runs: a lower-precision one when given (`choose_head`), else the model's own,
@@ -451,6 +459,8 @@ class Engine:
             for seq in self._rows + admitted:
                 self._fail(seq, f"the engine step failed: {type(exc).__name__}: {exc}")
             self._rows, self._cache = [], None
+            if self._slots is not None:
+                self._slots.clear()
         finally:
             self._deliver()
 
@@ -632,6 +642,10 @@ class Engine:
         if layers is None:  # uncached: nothing outlives a step
             self._rows = self._rows + group
             return
+        if self._slots is not None:
+            self._slots.add(layers, [len(seq.prompt_ids) for seq in group])
+            self._rows = self._rows + group
+            return
         if self._rows:
             old = [(layer.keys, layer.values) for layer in self._cache.layers]
             width = max(old[0][0].shape[-2], layers[0][0].shape[-2])
@@ -648,6 +662,9 @@ class Engine:
         keep = [i for i, s in enumerate(self._rows) if not s.finished]
         if len(keep) == len(self._rows):
             return
+        if self._slots is not None:
+            self._rows = [self._rows[i] for i in self._slots.keep(keep)]
+            return
         self._rows = [self._rows[i] for i in keep]
         if not self._rows or not self.cached:
             self._cache = None
@@ -658,6 +675,9 @@ class Engine:
         self._cache = DynamicCache(ddp_cache_data=layers, config=self.model.config)
 
     def _decode(self) -> None:
+        if self._slots is not None:
+            self._decode_slots()
+            return
         # The forward appends new tensors to the cache and never edits these, so a failed step can restart from them.
         before = [(layer.keys, layer.values) for layer in self._cache.layers] if self.cached else None
         try:
@@ -667,6 +687,37 @@ class Engine:
                         type(exc).__name__, exc)
             logits = self._decode_one_by_one(before)
         self._next_tokens(self._rows, logits[:, -1])
+
+    def _decode_slots(self) -> None:
+        """One step of every row through SlotDecoder; if it fails, each row alone (a step only writes each row's own
+        new position, so a retry reads the cache as it was), and rows that fail alone end."""
+        rows = self._rows
+        ids = torch.tensor([s.output_ids[-1] for s in rows])
+        positions = torch.tensor([s.cached_tokens for s in rows])
+        try:
+            logits = self._slot_step(ids, positions, 0)
+        except Exception as exc:
+            log.warning("a decode step of %d rows failed (%s: %s); retrying them one by one", len(rows),
+                        type(exc).__name__, exc)
+            survivors, parts = [], []
+            for i, seq in enumerate(rows):
+                try:
+                    parts.append(self._slot_step(ids[i : i + 1], positions[i : i + 1], i))
+                    survivors.append(i)
+                except Exception as exc:
+                    log.exception("decode failed for one sequence")
+                    self._fail(seq, f"the forward pass failed: {type(exc).__name__}: {exc}")
+            order = self._slots.keep(survivors)
+            self._rows = [rows[i] for i in order]
+            if not self._rows:
+                return
+            by_row = dict(zip(survivors, parts))
+            logits = torch.cat([by_row[i] for i in order])
+        self._next_tokens(self._rows, logits[:, -1])
+
+    def _slot_step(self, ids: torch.Tensor, positions: torch.Tensor, first: int) -> torch.Tensor:
+        with self._head_for(last_only=True):
+            return self._slots.step(ids, positions, first, head=self.model.get_output_embeddings())
 
     def _decode_forward(self, rows: list[Sequence], cache: DynamicCache | None):
         """(logits, cache) of one step for `rows`: their last token through the cache, or whole sequences uncached."""
