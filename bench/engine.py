@@ -8,9 +8,11 @@ the small network one stream is also decoded in the same run by transformers' `g
 same weights) and, when llama-cpp-python is installed, by llama.cpp (`llama_cpp.Llama`) on the f32
 GGUF export (`tablefree export --format gguf`), fed the same prompt ids, with the same thread count.
 The machine may be shared: every figure is the best of --repeats runs, interleaved.
-The small network also runs with the int8 output head (`--head-precision int8`) in the same interleaved turns, and
-that head's quality is measured against the float32 head: top-1 agreement and bits per byte over 512 positions of
-held-out text (python-notes). Give a trained --small: a fresh network's near-uniform logits make agreement noise.
+The small network also runs, in the same interleaved turns, through transformers' own forward (the engine's decode
+path before SlotDecoder, as the reference for it), with the int8 output head (`--head-precision int8`) and with int8
+head and body (`--body-precision int8`); the quality of each int8 choice is measured against the model's own weights:
+top-1 agreement and bits per byte over 512 positions of held-out text (python-notes). Give a trained --small: a fresh
+network's near-uniform logits make agreement noise.
 With --engine-kinds the small network's sampled rates are also measured through a started engine of each kind
 (`tablefree serve --engine thread|process`): the worker thread, and the engine process, which adds the pipe both ways
 and the parent's reader thread, events counted by plain sinks; paired turns in alternating order, medians.
@@ -33,11 +35,15 @@ from pathlib import Path
 import torch
 
 from tablefree.runtime import add_runtime_flags, resolve_runtime
-from tablefree.serve.engine import Engine, Int8Head, Sequence, head_quality
+from tablefree.serve.engine import Engine, Sequence
+from tablefree.serve.precision import Int8Head, measure
 from tablefree.serve.params import SamplingParams
 from tablefree.serve.server import context_length, load_for_serving
 
 PROMPT = "Once upon a time,"
+# The small network's engines besides its float32 one: label -> (int8 head, int8 body); None: transformers' forward.
+SMALL_VARIANTS = {"small-hf": None, "small-int8": (True, False), "small-int8-body": (True, True)}
+LABELS = {"small-hf": "  hf forward", "small-int8": "  int8 head", "small-int8-body": "  int8 h+body"}
 MODES = {"greedy": 0.0, "sampled": 0.5}
 
 
@@ -182,16 +188,21 @@ def main() -> None:
     best: dict[tuple, float] = {}
     references: dict[str, float] = {}
     reasons = []
-    quality = None
+    quality = {}
     for name, path in paths.items():
         model, tokenizer = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
         context = context_length(model.config, None)
         engines = {name: Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context, seed=0)}
-        if name == "small" and Int8Head.of(model) is not None:
-            int8 = Int8Head.of(model)
-            engines["small-int8"] = Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context,
-                                           seed=0, head=int8)
-            quality = head_quality(model, tokenizer, int8)
+        for label, lower in SMALL_VARIANTS.items():
+            if name != "small" or (lower is not None and Int8Head.of(model) is None):
+                continue
+            head, lower_body = (Int8Head.of(model), lower[1]) if lower else (None, False)
+            engines[label] = Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context,
+                                    seed=0, head=head, lower_body=lower_body)
+            if lower is None:
+                engines[label]._slots = None  # the decode steps go through the model's own forward, as before SlotDecoder
+            else:
+                quality[label] = measure(model, tokenizer, head, lower_body)
         ids = tokenizer.encode(PROMPT, add_special_tokens=False)
         for engine in engines.values():
             engine_rate(engine, ids, 2, 0.5, 8)  # warm-up: first-call allocations
@@ -206,7 +217,7 @@ def main() -> None:
         for run in range(args.repeats):
             for mode, temperature in MODES.items():
                 for clients in args.concurrency:
-                    for label, engine in engines.items():  # float32 and int8 heads in alternating turns
+                    for label, engine in engines.items():  # every variant in alternating turns
                         key = (label, mode, clients)
                         best[key] = max(best.get(key, 0.0), engine_rate(engine, ids, clients, temperature, args.max_tokens))
             if name == "small":
@@ -222,18 +233,24 @@ def main() -> None:
           f"{runtime.describe()}")
     print(f"{'network':<14}{'mode':<9}" + "".join(f"{f'c{c} tok/s':>12}" for c in args.concurrency) + f"{'c8/c1':>8}")
     labels = {name: Path(path).name[:13] for name, path in paths.items()}
-    if quality is not None:
-        labels["small-int8"] = "  int8 head"
+    labels.update({label: LABELS[label] for label in SMALL_VARIANTS if ("small", "greedy", 1) in best and
+                   (label, "greedy", 1) in best})
     for name, label in labels.items():
         for mode in MODES:
             rates = [best[name, mode, c] for c in args.concurrency]
             ratio = best.get((name, mode, 8), float("nan")) / best.get((name, mode, 1), float("nan"))
             print(f"{label:<14}{mode:<9}" + "".join(f"{r:>12.0f}" for r in rates) + f"{ratio:>8.2f}")
-    if quality is not None:
-        speed = " ".join(f"c{c} {best['small-int8', 'sampled', c] / best['small', 'sampled', c]:.2f}x" for c in args.concurrency)
-        print(f"small int8 head vs float32 head, sampled: {speed}; quality over {quality.positions} held-out positions: "
-              f"top-1 agreement {quality.top1_agreement:.1%} (goal >= 98%), bits per byte {quality.bits_per_byte:.4f} -> "
-              f"{quality.bits_per_byte_lower:.4f} ({quality.bits_per_byte_change:+.2%}, goal within 0.5%)")
+    for label in SMALL_VARIANTS:
+        if (label, "sampled", 1) not in best:
+            continue
+        speed = " ".join(f"c{c} {best[label, 'sampled', c] / best['small', 'sampled', c]:.2f}x" for c in args.concurrency)
+        line = f"small {LABELS[label].strip()} vs float32 (SlotDecoder), sampled: {speed}"
+        if label in quality:
+            q = quality[label]
+            line += (f"; quality over {q.positions} held-out positions: top-1 agreement {q.top1_agreement:.1%} (goal >= 98%), "
+                     f"bits per byte {q.bits_per_byte:.4f} -> {q.bits_per_byte_lower:.4f} ({q.bits_per_byte_change:+.2%}, "
+                     f"goal within 0.5%)")
+        print(line)
     ones = best.get(("small", "greedy", 1))
     if "generate" in references and ones:
         print(f"small one stream, greedy: engine {ones:.0f} tok/s, transformers generate {references['generate']:.0f} "
@@ -242,10 +259,10 @@ def main() -> None:
         eights = best.get(("small", "sampled", 8), float("nan"))
         print(f"small vs llama.cpp f32 one stream {references['llama']:.0f} tok/s: engine c1 {ones / references['llama']:.2f}x "
               f"(goal >= 0.5), engine c8 sampled {eights / references['llama']:.2f}x (goal >= 1.5)")
-    if "llama q8_0" in references and quality is not None:
-        print(f"small one stream greedy vs llama.cpp q8_0 {references['llama q8_0']:.0f} tok/s: int8 head "
-              f"{best['small-int8', 'greedy', 1] / references['llama q8_0']:.2f}x, float32 "
-              f"{best['small', 'greedy', 1] / references['llama q8_0']:.2f}x (goal >= 1.0)")
+    if "llama q8_0" in references and ones:
+        against = ", ".join(f"{LABELS.get(label, 'float32').strip()} {best[label, 'greedy', 1] / references['llama q8_0']:.2f}x"
+                            for label in ("small", *SMALL_VARIANTS) if (label, "greedy", 1) in best)
+        print(f"small one stream greedy vs llama.cpp q8_0 {references['llama q8_0']:.0f} tok/s: {against} (goal >= 1.0)")
     for reason in reasons:
         print(reason)
     tiny = best.get(("tiny", "sampled", 8), float("nan")) / best.get(("tiny", "sampled", 1), float("nan"))

@@ -2,8 +2,8 @@
 
 For each row count, that many sequences on the prompt "Once upon a time," are admitted and run a few steps (warm-up),
 then --steps decode steps are timed. Phases, from the engine's own methods timed around each call: the model's
-forward (the body, the output head and the KV cache's growth: transformers' DynamicCache concatenates each layer's
-keys and values every step), sampling and handing out the tokens (`_next_tokens`: sampling, detokenising, stop
+forward (the body and the output head; through transformers' forward, with --hf-forward, also the KV cache's growth:
+its DynamicCache concatenates each layer's keys and values every step), sampling and handing out the tokens (`_next_tokens`: sampling, detokenising, stop
 strings, events), and the rest of the step (admission, dropping finished rows, Python around it). Then the same steps
 under torch.profiler: the operators that take the most self CPU time, so "the forward" splits into the head's matrix
 product, attention, the MLP and the cache's copies.
@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 
 from tablefree.runtime import add_runtime_flags, resolve_runtime
-from tablefree.serve.engine import Engine, Int8Head, Sequence
+from tablefree.serve.engine import Engine, Sequence
+from tablefree.serve.precision import Int8Head
 from tablefree.serve.params import SamplingParams
 from tablefree.serve.server import context_length, load_for_serving
 
 PROMPT = "Once upon a time,"
-PHASES = {"_decode_forward": "forward (body, head, cache growth)", "_next_tokens": "sampling and handing out"}
+PHASES = {"_slot_step": "forward (SlotDecoder: body, head)", "_decode_forward": "forward (body, head, cache growth)",
+          "_next_tokens": "sampling and handing out"}
 
 
 def timed_engine(engine: Engine, spent: dict[str, float]) -> None:
@@ -84,6 +86,8 @@ def profile_rows(engine: Engine, ids: list[int], rows: int, steps: int, top: int
     print(f"\n{rows} rows: {per_step:.2f} ms per decode step, {rows * steps / total:.0f} tokens/s")
     rest = total - sum(spent.values())
     for name, label in PHASES.items():
+        if name not in spent:
+            continue  # the other decode path
         print(f"  {label:<38}{1000 * spent[name] / steps:>8.2f} ms  {spent[name] / total:>6.1%}")
     print(f"  {'the rest of the step (Python, admission)':<38}{1000 * rest / steps:>8.2f} ms  {rest / total:>6.1%}")
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
@@ -101,6 +105,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48, help="decode steps timed per row count")
     parser.add_argument("--top", type=int, default=12, help="operators listed per row count")
     parser.add_argument("--head-precision", choices=("float32", "int8"), default="float32")
+    parser.add_argument("--body-precision", choices=("float32", "int8"), default="float32")
+    parser.add_argument("--hf-forward", action="store_true",
+                        help="decode through the model's own forward, as the engine did before SlotDecoder")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     add_runtime_flags(parser)
     args = parser.parse_args()
@@ -113,9 +120,11 @@ def main() -> None:
     model, tokenizer = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
     head = Int8Head.of(model) if args.head_precision == "int8" else None
     engine = Engine(model, tokenizer, max_batch_size=max(args.rows), max_model_len=context_length(model.config, None),
-                    seed=0, head=head)
+                    seed=0, head=head, lower_body=args.body_precision == "int8")
+    if args.hf_forward:
+        engine._slots = None
     ids = tokenizer.encode(PROMPT, add_special_tokens=False)
-    print(f"decode-step profile of {Path(path).name}, {args.head_precision} head, sampled (temperature 0.5); "
+    print(f"decode-step profile of {Path(path).name}, {args.head_precision} head, {args.body_precision} body, {'transformers forward' if args.hf_forward else 'SlotDecoder'}, sampled (temperature 0.5); "
           f"{runtime.describe()}")
     for rows in args.rows:
         profile_rows(engine, ids, rows, args.steps, args.top)

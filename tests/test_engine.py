@@ -18,8 +18,9 @@ from serve_process import ServerProcess
 from starlette.requests import Request
 
 from tablefree.hub import load_model
-from tablefree.serve.engine import (Engine, Int8Head, LoopSink, Sequence, choose_head, head_quality,
-                                    SlabHead, output_logits)
+from tablefree.serve.decoder import MIN_CAPACITY, SlotDecoder
+from tablefree.serve.engine import Engine, LoopSink, Sequence, SlabHead, output_logits
+from tablefree.serve.precision import Int8Head, choose_precision, measure
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
@@ -467,18 +468,114 @@ def test_int8_head_engine_is_batch_invariant(served, params):
     assert "forward" not in vars(model.get_output_embeddings())
 
 
-def test_head_precision_choice_is_measured_and_named(served):
-    """float32 keeps the model's head, int8 gives the int8 one, auto measures it over 512 held-out positions and says
-    what it found; an unknown name is one line naming the accepted ones. A head against itself agrees everywhere."""
+def test_precision_choice_is_measured_and_named(served, plain_served):
+    """float32 keeps the model's weights, int8 gives what was asked, auto measures over 512 held-out positions and says
+    what it found; an unknown name, or int8 body weights for a model the decode step cannot run, is one line naming
+    what is accepted. The model against itself agrees everywhere; with int8 weights, the measure is taken."""
     model, tokenizer = served
-    assert choose_head(model, tokenizer, "float32")[0] is None
-    assert isinstance(choose_head(model, tokenizer, "int8")[0], Int8Head)
-    head, why = choose_head(model, tokenizer, "auto")
-    assert "512 held-out positions" in why and ("int8" in why.split(":")[0]) == (head is not None)
+    own = choose_precision(model, tokenizer)
+    assert own.head is None and not own.lower_body and own.why == "the model's own weights"
+    asked = choose_precision(model, tokenizer, "int8", "int8")
+    assert isinstance(asked.head, Int8Head) and asked.lower_body and asked.why == "int8 head, int8 body: asked for"
+    assert choose_precision(model, tokenizer, "float32", "int8").why == "int8 body: asked for"
+    auto = choose_precision(model, tokenizer, "auto", "auto")
+    assert "512 held-out positions" in auto.why and ("int8 head" in auto.why.split(":")[0]) == (auto.head is not None)
+    assert ("int8 body" in auto.why.split(":")[0]) == auto.lower_body
     with pytest.raises(ValueError, match=r"^unknown head precision 'int4'; choose float32, int8, auto$"):
-        choose_head(model, tokenizer, "int4")
-    same = head_quality(model, tokenizer, model.get_output_embeddings())
+        choose_precision(model, tokenizer, "int4")
+    with pytest.raises(ValueError, match=r"^unknown body precision 'bf16'; choose float32, int8, auto$"):
+        choose_precision(model, tokenizer, "float32", "bf16")
+    with pytest.raises(ValueError, match=r"^int8 body weights need the engine's GPT-NeoX decode step, and it is "):
+        choose_precision(model, tokenizer, "float32", "int8", body_possible="it is nanoGPT-shaped")
+    with pytest.raises(ValueError, match=r"int8 body weights need the engine's GPT-NeoX decode step, and its forward takes no KV cache"):
+        Engine(plain_served[0], plain_served[1], max_model_len=64, lower_body=True)
+    same = measure(model, tokenizer, model.get_output_embeddings())
     assert same.positions == 512 and same.top1_agreement == 1.0 and same.bits_per_byte_change == 0.0 and same.equal
+    lower = measure(model, tokenizer, Int8Head.of(model), lower_body=True)
+    assert lower.positions == 512 and lower.bits_per_byte == same.bits_per_byte and lower.bits_per_byte_lower != same.bits_per_byte
+    assert "forward" not in vars(model.gpt_neox.layers[0].mlp.dense_h_to_4h)  # the int8 linears were swapped in for it only
+
+
+@pytest.mark.parametrize("lower_body", [False, True], ids=["float32-body", "int8-body"])
+def test_slot_decoder_steps_give_the_models_own_logits(served, lower_body):
+    """SlotDecoder's steps for rows of different lengths, added at different times, with a row dropped between steps
+    and the cache grown past its first capacity, give each row the logits the model's own forward gives its whole
+    sequence (float32: to rounding; int8 block linears: within quantisation's reach, the same top choice)."""
+    model, tokenizer = served
+    head = model.get_output_embeddings()
+    decoder = SlotDecoder(model, max_rows=4, max_len=3 * MIN_CAPACITY, lower_body=lower_body)
+    texts = ["One, two, three", "Two words here", "A third, longer prompt of several words", "Four, five and six"]
+    rows = [prompt(tokenizer, t) for t in texts]
+    assert all(len(r) >= 2 for r in rows)
+
+    def prefill(ids_list):
+        with torch.no_grad():
+            for ids in ids_list:
+                out = model(input_ids=torch.tensor([ids]), use_cache=True)
+                decoder.add([(layer.keys, layer.values) for layer in out.cache.layers], [len(ids)])
+
+    def step(live):
+        nonlocal rows
+        ids = torch.tensor([rows[i][-1] for i in live])
+        positions = torch.tensor([len(rows[i]) - 1 for i in live])
+        with torch.no_grad():
+            got = decoder.step(ids, positions, head=head)[:, -1]
+            for row, i in enumerate(live):
+                want = model(input_ids=torch.tensor([rows[i]])).logits[0, -1]
+                if lower_body:
+                    assert int(got[row].argmax()) == int(want.argmax()) or (got[row] - want).abs().max() < 0.05
+                else:
+                    assert torch.allclose(got[row], want, atol=1e-4), (row, (got[row] - want).abs().max())
+                rows[i] = rows[i] + [int(want.argmax())]
+
+    # The cache holds each prompt but its last token, which the first step feeds (as after a prefill and a sample).
+    prefill([r[:-1] for r in rows[:2]])
+    live = [0, 1]
+    for _ in range(3):
+        step(live)
+    prefill([r[:-1] for r in rows[2:]])
+    live = [0, 1, 2, 3]
+    step(live)
+    order = decoder.keep([0, 2, 3])  # row 1 leaves; the last row fills its slot
+    assert order == [0, 3, 2] and decoder.rows == 3
+    live = [live[i] for i in order]
+    while len(rows[live[0]]) < MIN_CAPACITY + 8:  # past the first capacity
+        step(live)
+    assert decoder.keys[0].shape[2] == 2 * MIN_CAPACITY
+
+
+def test_greedy_serving_equals_generate_past_the_first_cache_capacity(served):
+    """Greedy tokens from the engine (SlotDecoder, its cache grown as the sequences lengthen) are those of transformers'
+    generate, for a batch of different prompts, each alone and all together."""
+    model, tokenizer = served
+    engine = Engine(model, tokenizer, max_model_len=model.config.max_position_embeddings, seed=0)
+    assert engine._slots is not None
+    prompts = [prompt(tokenizer, t) for t in ("Once upon a time", "x", "The third prompt, the longest of them")]
+    new = MIN_CAPACITY + 16
+    with torch.no_grad():
+        expected = [model.generate(torch.tensor([p]), max_new_tokens=new, do_sample=False, eos_token_id=None,
+                                   pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    fields = dict(temperature=0.0, max_tokens=new, ignore_eos=True)
+    assert [alone(engine, p, **fields) for p in prompts] == expected
+    seqs = [sequence(engine, p, **fields) for p in prompts]
+    run(engine, {0: seqs[:2], 7: seqs[2:]})
+    assert [s.sink.ids for s in seqs] == expected
+
+
+@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
+def test_int8_body_engine_is_batch_invariant(served, params):
+    """With int8 head and body weights, a sequence's tokens are the same whenever it joins and whoever it runs beside;
+    the model's own linear layers are untouched."""
+    model, tokenizer = served
+    engine = Engine(model, tokenizer, max_model_len=64, seed=0, head=Int8Head.of(model), lower_body=True)
+    prompts = [prompt(tokenizer, t) for t in JOIN_TEXTS]
+    fields = [{**params, "max_tokens": n} for n in JOIN_LENGTHS]
+    expected = [alone(engine, p, **f) for p, f in zip(prompts, fields)]
+    for schedule in JOIN_SCHEDULES.values():
+        seqs = [sequence(engine, p, **f) for p, f in zip(prompts, fields)]
+        run(engine, {step: [seqs[i] for i in members] for step, members in schedule.items()})
+        assert [s.sink.ids for s in seqs] == expected
+    assert all("forward" not in vars(linear) for linear in model.modules() if isinstance(linear, torch.nn.Linear))
 
 
 def test_engine_thread_keeps_serving_after_faults(engine, served, hooks):

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
-# The output head's precision (engine.choose_head): float32 keeps greedy output equal to `generate`'s.
-HEAD_PRECISIONS = ("float32", "int8", "auto")
+# The weights' precision, of the output head and of the body's linear layers (precision.choose_precision): float32, the
+# model's own weights, keeps greedy output equal to `generate`'s.
+PRECISIONS = ("float32", "int8", "auto")
+AUTO_RULE = ("measured at start over 512 positions of held-out text, it keeps >= 98%% of the model's own top-1 choices "
+             "and bits per byte within 0.5%%")
 HEAD_PRECISION_HELP = ("the output head's weights: float32 (the model's own; the default), int8 (one scale per vocabulary "
-                       "row: a quarter of the bytes a decode step mostly reads), or auto (int8 on a CPU when, measured at "
-                       "start over 512 positions of held-out text, it keeps >= 98%% of float32's top-1 choices and bits "
-                       "per byte within 0.5%%, else float32)")
+                       "row: a quarter of the bytes a decode step mostly reads), or auto (int8 on a CPU when, "
+                       f"{AUTO_RULE}, else float32)")
+BODY_PRECISION_HELP = ("the weights of the blocks' linear layers in decode steps: float32 (the model's own; the default), "
+                       "int8 (one scale per output channel; GPT-NeoX-shaped models on a CPU), or auto (int8 where it "
+                       f"can run and, with the head's choice, {AUTO_RULE}, else float32)")
 
 
 # Where the engine runs (server.start_engine): a worker thread of the server's process, or a process of its own.
@@ -77,6 +82,7 @@ def add_cli(subparsers) -> None:
                        help="open connections at most; more are closed on arrival (default 1000, or fewer when the "
                             "open-file limit, ulimit -n, leaves less room)")
     serve.add_argument("--head-precision", default="float32", help=HEAD_PRECISION_HELP)
+    serve.add_argument("--body-precision", default="float32", help=BODY_PRECISION_HELP)
     serve.add_argument("--engine", default=DEFAULT_ENGINE, help=ENGINE_HELP)
     serve.add_argument("--threads", type=int, default=None,
                        help="CPU threads for the model (default: torch's, one per core; on a shared machine fewer is faster)")

@@ -24,6 +24,7 @@ from transformers import GPTNeoXForCausalLM
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding, apply_rotary_pos_emb
 
 from ..codes import CodeLift
+from .precision import Int8Linear
 
 MIN_CAPACITY = 64  # cache positions allocated at first; the capacity doubles from there up to the context length
 
@@ -42,24 +43,6 @@ def unsupported(model) -> str | None:
         if module is not head and (module._forward_hooks or module._forward_pre_hooks):
             return f"a hook is registered on {type(module).__name__} (the decode step would bypass it)"
     return None
-
-
-class Int8Linear:
-    """A linear layer's weight as int8 with one bfloat16 scale per output channel (torch's weight-only kernel)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        weight = linear.weight.detach().float()
-        # Scales rounded to bfloat16 first, so the weights are quantised against the scales the kernel multiplies by.
-        self.scales = (weight.abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16()
-        self.weight = torch.round(weight / self.scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(rows, self.weight, self.scales).to(x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(x.dtype)
-        return out.reshape(*x.shape[:-1], -1)
 
 
 class _Layer:

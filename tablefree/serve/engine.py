@@ -19,7 +19,6 @@ import collections
 import contextlib
 import inspect
 import logging
-import math
 import secrets
 import threading
 from dataclasses import dataclass, field
@@ -28,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from ..evaluate import token_byte_lengths
-from . import HEAD_PRECISIONS, ServeLimits
+from . import ServeLimits
 from .decoder import SlotDecoder, unsupported
 from .params import SamplingParams
+from .precision import Int8Head
 from .sampling import NonFiniteLogits, Penalties, TokenSampler, finite_rows, top_logprobs
 from .text import IncrementalText
 
@@ -151,6 +150,13 @@ def cache_argument(model) -> str | None:
     return cache if cache and "attention_mask" in params and "position_ids" in params else None
 
 
+def why_not_slots(model) -> str | None:
+    """Why the engine cannot decode `model` through SlotDecoder (it then runs the model's own forward), or None."""
+    if cache_argument(model) is None:
+        return "its forward takes no KV cache"
+    return unsupported(model)
+
+
 def output_logits(output) -> torch.Tensor:
     """The logits of a forward pass that returned them bare, first in a tuple (nanoGPT's `logits, loss`) or as `.logits`."""
     logits = getattr(output, "logits", None)
@@ -203,124 +209,6 @@ class SlabHead:
         return logits.reshape(*hidden.shape[:-1], self.vocab)
 
 
-QUALITY_POSITIONS = 512  # held-out positions the quality of a lower-precision head is measured over
-MIN_TOP1_AGREEMENT = 0.98
-MAX_BITS_PER_BYTE_CHANGE = 0.005
-
-
-class Int8Head:
-    """The output head as int8 weights with one bfloat16 scale per vocabulary row (per output channel).
-
-    A decode step of a small model mostly reads the V x d head (84% of small-affine's weight bytes); int8 reads a
-    quarter of float32's bytes. torch's int8 weight-only kernel takes bfloat16 activations and gives bfloat16
-    logits; each row's logits depend on that row alone, so the batch stays invariant. Quality is measured, not
-    assumed: `head_quality`.
-    """
-
-    def __init__(self, head: torch.nn.Linear):
-        weight = head.weight.detach().float()
-        # Scales rounded to bfloat16 first, so the weights are quantised against the scales the kernel multiplies by.
-        scales = (weight.abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16()
-        self.weight = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales
-        self.bias = None if head.bias is None else head.bias.detach().float()
-
-    @classmethod
-    def of(cls, model) -> Int8Head | None:
-        """The one for `model`'s head when it is a linear layer on a CPU, else None."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu":
-            return None
-        return cls(head)
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        rows = hidden.reshape(-1, hidden.shape[-1]).to(torch.bfloat16)
-        logits = torch._weight_int8pack_mm(rows, self.weight, self.scales).float()
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits.reshape(*hidden.shape[:-1], -1)
-
-
-@dataclass
-class HeadQuality:
-    """A lower-precision head against the model's own over held-out text."""
-
-    positions: int
-    top1_agreement: float  # share of positions whose most likely next token is the same
-    bits_per_byte: float  # the model's own head
-    bits_per_byte_lower: float  # the lower-precision head
-
-    @property
-    def bits_per_byte_change(self) -> float:
-        return self.bits_per_byte_lower / self.bits_per_byte - 1
-
-    @property
-    def equal(self) -> bool:
-        return self.top1_agreement >= MIN_TOP1_AGREEMENT and abs(self.bits_per_byte_change) <= MAX_BITS_PER_BYTE_CHANGE
-
-
-def held_out_ids(tokenizer, count: int) -> list[int]:
-    """`count` token ids of held-out text that ships with Python (python-notes), the same on every machine."""
-    from ..corpus import python_notes_documents
-
-    ids: list[int] = []
-    for document in python_notes_documents():
-        # A prefix long enough for `count` tokens of any tokenizer (none takes 16 characters per token here).
-        ids += tokenizer.encode(document[: 16 * count], add_special_tokens=False)
-        if len(ids) >= count:
-            break
-    return ids[:count]
-
-
-@torch.no_grad()
-def head_quality(model, tokenizer, lower, positions: int = QUALITY_POSITIONS, context: int | None = None) -> HeadQuality:
-    """Top-1 agreement and bits per byte of the head `lower` against the model's own over `positions` next-token
-    predictions of held-out text, in windows of the model's context; the backbone runs once for both heads."""
-    base, head = model.base_model, model.get_output_embeddings()
-    context = context or getattr(model.config, "max_position_embeddings", None) or positions + 1
-    ids = held_out_ids(tokenizer, positions + -(-positions // (context - 1)))
-    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)  # as `tablefree eval` counts them
-    agree = counted = 0
-    nats = {"own": 0.0, "lower": 0.0}
-    n_bytes = 0
-    device = next(model.parameters()).device
-    for start in range(0, len(ids) - 1, context):
-        window = ids[start : start + context][: positions - counted + 1]
-        if len(window) < 2:
-            break
-        hidden = base(input_ids=torch.tensor([window], device=device)).last_hidden_state[0, :-1]
-        targets = torch.tensor(window[1:], device=device)
-        own, low = head(hidden).float(), lower(hidden).float()
-        agree += int((own.argmax(-1) == low.argmax(-1)).sum())
-        for name, logits in (("own", own), ("lower", low)):
-            nats[name] += float(F.cross_entropy(logits, targets, reduction="sum"))
-        n_bytes += int(byte_lengths[window[1:]].sum())
-        counted += len(window) - 1
-    scale = 1 / math.log(2) / max(1, n_bytes)
-    return HeadQuality(counted, agree / max(1, counted), nats["own"] * scale, nats["lower"] * scale)
-
-
-def choose_head(model, tokenizer, precision: str) -> tuple[Int8Head | None, str]:
-    """(the head to run instead of the model's own, or None; why): `precision` is one of HEAD_PRECISIONS."""
-    if precision not in HEAD_PRECISIONS:
-        raise ValueError(f"unknown head precision {precision!r}; choose {', '.join(HEAD_PRECISIONS)}")
-    if precision == "float32":
-        return None, "the model's own head"
-    head = Int8Head.of(model)
-    if head is None:
-        if precision == "int8":
-            raise ValueError("an int8 head needs a linear output head on the CPU; use head precision float32")
-        return None, "the model's own head (int8 runs only on a CPU)"
-    if precision == "int8":
-        return head, "int8 head: asked for"
-    quality = head_quality(model, tokenizer, head)
-    verdict = (f"top-1 agreement {quality.top1_agreement:.1%}, bits per byte {quality.bits_per_byte_change:+.2%} over "
-               f"{quality.positions} held-out positions")
-    if quality.equal:
-        return head, f"int8 head (auto): {verdict}"
-    return None, f"the model's own head (auto): int8 would give {verdict}"
-
-
 def _prompt_key(seq: Sequence) -> tuple:
     """Sequences with equal keys share one prefill: the same prompt, scored (to the same depth) or not."""
     return tuple(seq.prompt_ids), seq.params.logprobs if seq.params.prompt_logprobs else None
@@ -371,10 +259,10 @@ class Engine:
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         # GPT-NeoX-shaped models decode through SlotDecoder (its KV cache of slots in place of self._cache).
-        self._slots = SlotDecoder(model, max_batch_size, max_model_len, lower_body) \
-            if self._cache_arg and unsupported(model) is None else None
-        if lower_body and self._slots is None:
-            raise ValueError(f"int8 body weights need a GPT-NeoX-shaped model: {unsupported(model) or 'it has no KV cache'}")
+        unfit = why_not_slots(model)
+        if lower_body and unfit:
+            raise ValueError(f"int8 body weights need the engine's GPT-NeoX decode step, and {unfit}")
+        self._slots = None if unfit else SlotDecoder(model, max_batch_size, max_model_len, lower_body)
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
         self._deliver_events = deliver
         # The output head every pass runs: a lower-precision one when given (`choose_head`), else the model's own,

@@ -32,10 +32,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
 from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, pick_device, pick_dtype, resolve_runtime
-from . import ENGINES, HEAD_PRECISIONS, ServeLimits
+from . import ENGINES, PRECISIONS, ServeLimits
 from .app import ServeSettings, create_app
 from .chat_template import ChatTemplate, ChatTemplateError
-from .engine import Engine, choose_head, end_of_sequence_ids, hand_over
+from .engine import Engine, end_of_sequence_ids, hand_over, why_not_slots
+from .precision import choose_precision
 from .engine_process import EngineDead, ProcessEngine
 from .protocol import error_body, printable
 
@@ -84,8 +85,9 @@ def check_flags(args) -> str:
         raise TableFreeError(f"unknown --device {args.device!r}; choose {DEVICE_HELP}")
     if args.dtype != "auto" and args.dtype not in DTYPE_NAMES:
         raise TableFreeError(f"unknown --dtype {args.dtype!r}; choose {DTYPE_HELP}")
-    if args.head_precision not in HEAD_PRECISIONS:
-        raise TableFreeError(f"unknown --head-precision {args.head_precision!r}; choose {', '.join(HEAD_PRECISIONS)}")
+    for flag, value in (("--head-precision", args.head_precision), ("--body-precision", args.body_precision)):
+        if value not in PRECISIONS:
+            raise TableFreeError(f"unknown {flag} {value!r}; choose {', '.join(PRECISIONS)}")
     if args.engine not in ENGINES:
         raise TableFreeError(f"unknown --engine {args.engine!r}; choose {', '.join(ENGINES)}")
     return model_path
@@ -184,6 +186,7 @@ class EngineSpec:
     threads: int | None = None
     trust_remote_code: bool = False
     head_precision: str = "float32"
+    body_precision: str = "float32"
     max_model_len: int | None = None  # None: the model's context
     max_batch_size: int = ServeLimits.max_batch_size
     max_queue: int = ServeLimits.max_queue
@@ -199,7 +202,7 @@ class EngineFacts:
     vocab_size: int
     eos_ids: frozenset[int]
     cached: bool  # False: the uncached path (a forward that takes token ids alone)
-    head_choice: str  # which output head runs, and why
+    precision: str  # which weights run, and why
     runtime: str  # Runtime.describe() of the process that runs the model
 
 
@@ -209,13 +212,14 @@ def load_engine(spec: EngineSpec, deliver=hand_over) -> tuple[Engine, object, En
     model, tokenizer = load_for_serving(spec.model_path, runtime.dtype, runtime.device, spec.trust_remote_code)
     max_model_len = context_length(model.config, spec.max_model_len)
     try:
-        head, head_choice = choose_head(model, tokenizer, spec.head_precision)
+        precision = choose_precision(model, tokenizer, spec.head_precision, spec.body_precision, why_not_slots(model))
     except ValueError as exc:
-        raise TableFreeError(f"--head-precision {spec.head_precision}: {exc}") from None
+        raise TableFreeError(f"--head-precision {spec.head_precision} --body-precision {spec.body_precision}: {exc}") from None
     engine = Engine(model, tokenizer, max_batch_size=spec.max_batch_size, max_model_len=max_model_len,
-                    max_queue=spec.max_queue, seed=spec.seed, threads=spec.threads, head=head, deliver=deliver)
+                    max_queue=spec.max_queue, seed=spec.seed, threads=spec.threads, head=precision.head,
+                    lower_body=precision.lower_body, deliver=deliver)
     facts = EngineFacts(max_model_len, model.config.vocab_size, frozenset(end_of_sequence_ids(model, tokenizer)),
-                        engine.cached, head_choice, runtime.describe())
+                        engine.cached, precision.why, runtime.describe())
     return engine, tokenizer, facts
 
 
@@ -491,7 +495,7 @@ def serve_command(args) -> int:
     max_connections = connection_budget(args.max_connections)
     listener = listen(args.host, args.port)
     spec = EngineSpec(model_path, args.device, args.dtype, args.threads, args.trust_remote_code, args.head_precision,
-                      args.max_model_len, args.max_batch_size, args.max_queue, args.seed, args.log_level)
+                      args.body_precision, args.max_model_len, args.max_batch_size, args.max_queue, args.seed, args.log_level)
     engine = None
     try:
         engine, tokenizer, facts = start_engine(spec, args.engine)
@@ -513,7 +517,7 @@ def serve_command(args) -> int:
     path_cost = "" if facts.cached else ", uncached: forward takes token ids alone"
     where = facts.runtime if args.engine == "thread" else f"{facts.runtime}, engine process"
     print(printable(f"serving {settings.model_name} ({Path(str(model_path)).name}, {where}, "
-                    f"context {facts.max_model_len}{path_cost}; {facts.head_choice}) on http://{address}:{port}"), flush=True)
+                    f"context {facts.max_model_len}{path_cost}; {facts.precision}) on http://{address}:{port}"), flush=True)
     protocol = functools.partial(GuardedH11Protocol, max_connections=max_connections, read_timeout=args.request_read_timeout)
     config = uvicorn.Config(app, http=protocol, ws="none", lifespan="on", log_config=None, log_level=args.log_level,
                             timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=args.shutdown_timeout,

@@ -1,0 +1,197 @@
+"""Lower-precision weights for serving: int8 weight-only linear layers (one scale per output channel) for the output
+head and the body, and the measurement that decides whether they may run.
+
+A decode step of a small model is bound by the bytes of weight it reads, and int8 reads a quarter of float32's.
+torch's int8 weight-only kernel takes bfloat16 activations; each row's output depends on that row alone, so the batch
+stays invariant. Quality is measured, not assumed (`measure`): top-1 agreement with the model's own weights and the
+change in bits per byte over 512 positions of held-out text. `auto` takes the fastest choice that keeps >= 98% of the
+top-1 choices and bits per byte within 0.5%.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..evaluate import token_byte_lengths
+from . import PRECISIONS
+
+QUALITY_POSITIONS = 512  # held-out positions the quality of lower-precision weights is measured over
+MIN_TOP1_AGREEMENT = 0.98
+MAX_BITS_PER_BYTE_CHANGE = 0.005
+
+
+class Int8Linear:
+    """A linear layer as int8 weights with one bfloat16 scale per output channel; its output has `out_dtype` (by
+    default the input's)."""
+
+    def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype | None = None):
+        weight = linear.weight.detach().float()
+        # Scales rounded to bfloat16 first, so the weights are quantised against the scales the kernel multiplies by.
+        scales = (weight.abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16()
+        self.weight = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scales = scales
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.out_dtype = out_dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        out = torch._weight_int8pack_mm(rows, self.weight, self.scales).to(self.out_dtype or x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*x.shape[:-1], -1)
+
+
+class Int8Head(Int8Linear):
+    """The output head as Int8Linear, giving float32 logits (84% of small-affine's weight bytes are its head)."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__(head, out_dtype=torch.float32)
+
+    @classmethod
+    def of(cls, model) -> Int8Head | None:
+        """The one for `model`'s head when it is a linear layer on a CPU, else None."""
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu":
+            return None
+        return cls(head)
+
+
+def body_linears(model) -> list[torch.nn.Linear]:
+    """The linear layers of a GPT-NeoX-shaped model's blocks (attention and MLP), the ones int8 body weights replace."""
+    return [module for layer in model.gpt_neox.layers for module in layer.modules() if isinstance(module, torch.nn.Linear)]
+
+
+@contextlib.contextmanager
+def int8_body(model):
+    """Runs the model's block linears as Int8Linear inside the block, as the engine's decode step would."""
+    linears = body_linears(model)
+    for linear in linears:
+        linear.forward = Int8Linear(linear)  # an instance attribute: removed on the way out
+    try:
+        yield
+    finally:
+        for linear in linears:
+            del linear.forward
+
+
+@dataclass
+class Quality:
+    """Lower-precision weights against the model's own over held-out text."""
+
+    positions: int
+    top1_agreement: float  # share of positions whose most likely next token is the same
+    bits_per_byte: float  # the model's own weights
+    bits_per_byte_lower: float  # the lower-precision ones
+
+    @property
+    def bits_per_byte_change(self) -> float:
+        return self.bits_per_byte_lower / self.bits_per_byte - 1
+
+    @property
+    def equal(self) -> bool:
+        return self.top1_agreement >= MIN_TOP1_AGREEMENT and abs(self.bits_per_byte_change) <= MAX_BITS_PER_BYTE_CHANGE
+
+    def describe(self) -> str:
+        return (f"top-1 agreement {self.top1_agreement:.1%}, bits per byte {self.bits_per_byte_change:+.2%} over "
+                f"{self.positions} held-out positions")
+
+
+def held_out_ids(tokenizer, count: int) -> list[int]:
+    """`count` token ids of held-out text that ships with Python (python-notes), the same on every machine."""
+    from ..corpus import python_notes_documents
+
+    ids: list[int] = []
+    for document in python_notes_documents():
+        # A prefix long enough for `count` tokens of any tokenizer (none takes 16 characters per token here).
+        ids += tokenizer.encode(document[: 16 * count], add_special_tokens=False)
+        if len(ids) >= count:
+            break
+    return ids[:count]
+
+
+@torch.no_grad()
+def measure(model, tokenizer, head=None, lower_body: bool = False, positions: int = QUALITY_POSITIONS,
+            context: int | None = None) -> Quality:
+    """Top-1 agreement and bits per byte of the model with the output head `head` (None: its own) and, if
+    `lower_body`, int8 block linears, against the model as loaded, over `positions` next-token predictions of
+    held-out text in windows of the model's context."""
+    base, own_head = model.base_model, model.get_output_embeddings()
+    head = head or own_head
+    context = context or getattr(model.config, "max_position_embeddings", None) or positions + 1
+    ids = held_out_ids(tokenizer, positions + -(-positions // (context - 1)))
+    byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)  # as `tablefree eval` counts them
+    agree = counted = 0
+    nats = {"own": 0.0, "lower": 0.0}
+    n_bytes = 0
+    device = next(model.parameters()).device
+    for start in range(0, len(ids) - 1, context):
+        window = ids[start : start + context][: positions - counted + 1]
+        if len(window) < 2:
+            break
+        inputs = torch.tensor([window], device=device)
+        hidden = base(input_ids=inputs).last_hidden_state[0, :-1]
+        if lower_body:
+            with int8_body(model):
+                lower_hidden = base(input_ids=inputs).last_hidden_state[0, :-1]
+        else:
+            lower_hidden = hidden
+        targets = torch.tensor(window[1:], device=device)
+        own, low = own_head(hidden).float(), head(lower_hidden).float()
+        agree += int((own.argmax(-1) == low.argmax(-1)).sum())
+        for name, logits in (("own", own), ("lower", low)):
+            nats[name] += float(F.cross_entropy(logits, targets, reduction="sum"))
+        n_bytes += int(byte_lengths[window[1:]].sum())
+        counted += len(window) - 1
+    scale = 1 / math.log(2) / max(1, n_bytes)
+    return Quality(counted, agree / max(1, counted), nats["own"] * scale, nats["lower"] * scale)
+
+
+@dataclass
+class Precision:
+    """What the engine runs: `head` in place of the model's own (None: its own), int8 block linears in decode steps
+    if `lower_body`, and why."""
+
+    head: Int8Head | None
+    lower_body: bool
+    why: str
+
+
+def choose_precision(model, tokenizer, head: str = "float32", body: str = "float32", body_possible: str | None = None
+                     ) -> Precision:
+    """The weights to serve `model` with, for the head's and the body's precision (each one of PRECISIONS).
+    `body_possible`: why int8 body weights cannot run (the engine's decode step does not take this model), or None.
+    `auto` tries the faster choices first and takes the first that measures equal to the model's own weights."""
+    for name, value in (("head", head), ("body", body)):
+        if value not in PRECISIONS:
+            raise ValueError(f"unknown {name} precision {value!r}; choose {', '.join(PRECISIONS)}")
+    int8_head = Int8Head.of(model) if head != "float32" else None
+    if head == "int8" and int8_head is None:
+        raise ValueError("an int8 head needs a linear output head on the CPU; use head precision float32")
+    if body == "int8" and body_possible:
+        raise ValueError(f"int8 body weights need the engine's GPT-NeoX decode step, and {body_possible}; "
+                         f"use body precision float32")
+    if body == "int8" and next(model.parameters()).device.type != "cpu":
+        raise ValueError("int8 body weights run only on a CPU; use body precision float32")
+    heads = [int8_head] if head == "int8" else [None] if head == "float32" or int8_head is None else [int8_head, None]
+    cpu = next(model.parameters()).device.type == "cpu"
+    bodies = ([True] if body == "int8" else [False] if body == "float32" or body_possible or not cpu else [True, False])
+    refused = []
+    for choice in heads:  # the head is most of what a step reads: an int8 head first
+        for lower_body in bodies:
+            what = ", ".join(part for part, low in (("int8 head", choice is not None), ("int8 body", lower_body)) if low)
+            if not what:
+                suffix = f" (auto): {'; '.join(refused)}" if refused else ""
+                return Precision(None, False, f"the model's own weights{suffix}")
+            asked = (choice is None or head == "int8") and (not lower_body or body == "int8")
+            if asked:
+                return Precision(choice, lower_body, f"{what}: asked for")
+            quality = measure(model, tokenizer, choice, lower_body)
+            if quality.equal:
+                return Precision(choice, lower_body, f"{what} (auto): {quality.describe()}")
+            refused.append(f"{what} would give {quality.describe()}")
+    raise AssertionError("unreachable: float32 weights end the search")
