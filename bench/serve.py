@@ -51,9 +51,13 @@ import psutil
 
 PROMPT = "Once upon a time,"
 SERVERS = {"tablefree": "tablefree serve", "tablefree-thread": "tablefree thread", "tablefree-process": "tablefree process",
+           "tablefree-int8": "tablefree int8",
            "vllm": "vLLM", "transformers": "transformers serve", "llama-f32": "llama.cpp f32", "llama-q8": "llama.cpp q8_0"}
 REFERENCES = ("vllm", "transformers", "llama-f32", "llama-q8")  # measured unless --servers says otherwise
-ENGINE_OF = {"tablefree": None, "tablefree-thread": "thread", "tablefree-process": "process"}  # --engine (None: default)
+ENGINE_OF = {"tablefree": None, "tablefree-thread": "thread", "tablefree-process": "process",
+             "tablefree-int8": None}  # --engine (None: default)
+# Further flags of a tablefree server: tablefree-int8 runs int8 head and body weights (`auto` would measure them).
+FLAGS_OF = {"tablefree-int8": ["--head-precision", "int8", "--body-precision", "int8"]}
 DTYPES = ("float32", "bfloat16")
 FIXED_PRECISION = ("llama-f32", "llama-q8")  # their weights carry their own precision: run in the float32 part only
 VLLM_KV_CACHE_BYTES = 1 << 28  # vLLM's CPU build otherwise reserves most of the machine's memory for its KV cache
@@ -349,7 +353,7 @@ def build_servers(keys: list[str], dtype: str, files: dict, args, workdir: Path)
         if key in ENGINE_OF:
             command = [sys.executable, "-m", "tablefree.cli", "serve", files["model"], "--port", str(port),
                        "--served-model-name", "bench", "--log-level", "warning", "--device", args.device,
-                       "--dtype", dtype] + (["--engine", ENGINE_OF[key]] if ENGINE_OF[key] else [])
+                       "--dtype", dtype] + (["--engine", ENGINE_OF[key]] if ENGINE_OF[key] else []) + FLAGS_OF.get(key, [])
             servers.append(Server(key, dtype, command, port, "bench", log, env))
         elif key == "vllm":
             command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", files["model"],
