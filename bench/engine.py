@@ -198,10 +198,8 @@ def main() -> None:
                 continue
             head, lower_body = (Int8Head.of(model), lower[1]) if lower else (None, False)
             engines[label] = Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context,
-                                    seed=0, head=head, lower_body=lower_body)
-            if lower is None:
-                engines[label]._slots = None  # the decode steps go through the model's own forward, as before SlotDecoder
-            else:
+                                    seed=0, head=head, lower_body=lower_body, slots=lower is not None)
+            if lower is not None:
                 quality[label] = measure(model, tokenizer, head, lower_body)
         ids = tokenizer.encode(PROMPT, add_special_tokens=False)
         for engine in engines.values():

@@ -120,9 +120,7 @@ def main() -> None:
     model, tokenizer = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
     head = Int8Head.of(model) if args.head_precision == "int8" else None
     engine = Engine(model, tokenizer, max_batch_size=max(args.rows), max_model_len=context_length(model.config, None),
-                    seed=0, head=head, lower_body=args.body_precision == "int8")
-    if args.hf_forward:
-        engine._slots = None
+                    seed=0, head=head, lower_body=args.body_precision == "int8", slots=not args.hf_forward)
     ids = tokenizer.encode(PROMPT, add_special_tokens=False)
     print(f"decode-step profile of {Path(path).name}, {args.head_precision} head, {args.body_precision} body, {'transformers forward' if args.hf_forward else 'SlotDecoder'}, sampled (temperature 0.5); "
           f"{runtime.describe()}")

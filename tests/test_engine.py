@@ -207,11 +207,13 @@ def test_failed_prefill_group_is_retried_one_by_one(engine, served, hooks):
     assert [seqs[0].sink.ids, seqs[2].sink.ids] == expected
 
 
-def test_failed_decode_step_is_retried_one_by_one(engine, served, hooks):
-    """The fault strikes the shortest row mid-generation; the batch's KV cache stays right for the rest. It is injected
-    where every decode step passes, the model's own forward or SlotDecoder's: the rotary embedding, given each row's
-    position."""
-    tokenizer = served[1]
+@pytest.mark.parametrize("slots", [True, False], ids=["slot-decoder", "model-forward"])
+def test_failed_decode_step_is_retried_one_by_one(served, hooks, slots):
+    """The fault strikes the shortest row mid-generation; the batch's KV cache stays right for the rest, on either
+    decode path: SlotDecoder's step, or the model's own forward."""
+    model, tokenizer = served
+    engine = Engine(model, tokenizer, max_model_len=64, seed=0, slots=slots)
+    assert (engine._slots is not None) == slots
     short = prompt(tokenizer, "a, b; c")[:3]
     assert len(short) == 3
     longer = [prompt(tokenizer, t) for t in ("a much longer prompt, with more words in it", "and another long one, which goes on and on")]
@@ -219,12 +221,21 @@ def test_failed_decode_step_is_retried_one_by_one(engine, served, hooks):
     expected = [alone(engine, longer[0], **GREEDY), alone(engine, longer[1], **SEEDED)]
     doomed_length = len(short) + 3  # the short row's 3rd decode step; longer rows never hold so few tokens
 
-    def refuse_length(module, args, kwargs):
-        positions = kwargs["position_ids"]
-        if positions.shape[1] == 1 and (positions == doomed_length - 1).any():
-            raise RuntimeError("injected decode fault")
+    if slots:
+        step = engine._slots.step
 
-    hooks.append(engine.model.gpt_neox.rotary_emb.register_forward_pre_hook(refuse_length, with_kwargs=True))
+        def refuse_length(ids, positions, first=0, head=None):
+            if (positions == doomed_length - 1).any():
+                raise RuntimeError("injected decode fault")
+            return step(ids, positions, first, head)
+
+        engine._slots.step = refuse_length
+    else:
+        def refuse_mask(module, args, kwargs):
+            if kwargs["input_ids"].shape[1] == 1 and (kwargs["attention_mask"].sum(-1) == doomed_length).any():
+                raise RuntimeError("injected decode fault")
+
+        hooks.append(engine.model.register_forward_pre_hook(refuse_mask, with_kwargs=True))
     victim = sequence(engine, short, **GREEDY)
     seqs = [sequence(engine, longer[0], **GREEDY), victim, sequence(engine, longer[1], **SEEDED)]
     run(engine, {0: seqs})
@@ -541,7 +552,39 @@ def test_slot_decoder_steps_give_the_models_own_logits(served, lower_body):
     live = [live[i] for i in order]
     while len(rows[live[0]]) < MIN_CAPACITY + 8:  # past the first capacity
         step(live)
-    assert decoder.keys[0].shape[2] == 2 * MIN_CAPACITY
+    assert decoder.keys[0].shape[1] == 2 * MIN_CAPACITY
+
+
+@pytest.mark.parametrize("shape", [dict(use_parallel_residual=True, partial_rotary_factor=0.25),
+                                   dict(use_parallel_residual=False, rope_type="dynamic")], ids=["pythia-like", "dynamic-rope"])
+def test_slot_decoder_follows_other_gpt_neox_shapes(shape):
+    """Stock GPT-NeoX with a parallel residual and a quarter of each head rotated (Pythia's shape), or a rope that
+    rescales with the length seen: SlotDecoder's steps give the model's own logits at every position."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    rope = {"rope_type": shape.get("rope_type", "default"), "rope_theta": 10000.0,
+            "partial_rotary_factor": shape.get("partial_rotary_factor", 1.0)}
+    if rope["rope_type"] == "dynamic":
+        rope["factor"] = 2.0
+    config = GPTNeoXConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, max_position_embeddings=32, rope_parameters=rope,
+                           use_parallel_residual=shape["use_parallel_residual"])
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config).eval()
+    decoder = SlotDecoder(model, max_rows=2, max_len=32)
+    assert (decoder._table is None) == (rope["rope_type"] == "dynamic")
+    ids = [[3, 14, 15, 92, 65], [35, 89]]
+    with torch.no_grad():
+        for row in ids:
+            out = model(input_ids=torch.tensor([row[:-1]]), use_cache=True)
+            decoder.add([(layer.keys, layer.values) for layer in out.cache.layers], [len(row) - 1])
+        for _ in range(6):
+            got = decoder.step(torch.tensor([r[-1] for r in ids]), torch.tensor([len(r) - 1 for r in ids]),
+                               head=model.get_output_embeddings())[:, -1]
+            for row, r in enumerate(ids):
+                want = model(input_ids=torch.tensor([r])).logits[0, -1]
+                assert torch.allclose(got[row], want, atol=1e-5), (row, (got[row] - want).abs().max())
+                r.append(int(want.argmax()))
 
 
 def test_greedy_serving_equals_generate_past_the_first_cache_capacity(served):

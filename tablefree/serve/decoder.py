@@ -5,7 +5,7 @@ concatenation, so the batch's cache is copied whenever rows join or leave. A dec
 more time there than in its arithmetic (docs/architecture.md, "Where a decode step's time goes"). Here one step is
 the same arithmetic as GPTNeoXModel.forward for one new token per row, written as the few tensor operations it is:
 
-* The cache is preallocated per layer as (rows, heads, capacity, head size), grown by doubling. Row i of the batch
+* The cache is preallocated per layer as (rows, capacity, heads, head size), grown by doubling. Row i of the batch
   lives in slot i, its tokens at positions 0..n-1 (aligned left): a step writes each row's new key and value in place
   at its own position and attends over the slots' first L positions, L the longest row, masking each row's tail.
 * A finished row's slot is refilled by the last row's (one copy of that row), so the live rows stay slots 0..n-1.
@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from transformers import GPTNeoXForCausalLM
-from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
 from ..codes import CodeLift
 from .precision import Int8Linear
@@ -45,16 +45,28 @@ def unsupported(model) -> str | None:
     return None
 
 
+def _norm(module: torch.nn.LayerNorm):
+    """The layer norm's function on its own weights: what the module computes, without a module call per use."""
+    shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+    return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+
+
+def _linear(module: torch.nn.Linear):
+    weight, bias = module.weight, module.bias
+    return lambda x: F.linear(x, weight, bias)
+
+
 class _Layer:
     """One GPTNeoXLayer's weights, read once."""
 
     def __init__(self, layer, lower: bool):
         attention, mlp = layer.attention, layer.mlp
-        self.norm1, self.norm2 = layer.input_layernorm, layer.post_attention_layernorm
-        linear = Int8Linear if lower else (lambda module: module)
+        self.norm1, self.norm2 = _norm(layer.input_layernorm), _norm(layer.post_attention_layernorm)
+        linear = Int8Linear if lower else _linear
         self.qkv, self.dense = linear(attention.query_key_value), linear(attention.dense)
         self.up, self.down = linear(mlp.dense_h_to_4h), linear(mlp.dense_4h_to_h)
-        self.act = mlp.act
+        # transformers' activation modules keep their function as `act` (GELUActivation: F.gelu): call it bare.
+        self.act = getattr(mlp.act, "act", None) if callable(getattr(mlp.act, "act", None)) else mlp.act
         self.parallel = layer.use_parallel_residual
         self.head_size, self.scaling = attention.head_size, attention.scaling
 
@@ -77,6 +89,12 @@ class SlotDecoder:
         config = model.config
         self.heads = config.num_attention_heads
         self.head_size = config.hidden_size // self.heads
+        self._table = None
+        if self.rotary.rope_type == "default":
+            with torch.no_grad():
+                probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
+                cos, sin = self.rotary(probe, position_ids=torch.arange(max_len, device=self.device)[None])
+            self._table = (cos[0], sin[0])
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rows = 0  # live rows, in slots 0..rows-1
@@ -84,7 +102,7 @@ class SlotDecoder:
     # ---- the cache ----
     def _reserve(self, rows: int, length: int) -> None:
         """Room for `rows` slots of `length` positions, keeping what the live slots hold."""
-        have_rows, have_len = (self.keys[0].shape[0], self.keys[0].shape[2]) if self.keys else (0, 0)
+        have_rows, have_len = (self.keys[0].shape[0], self.keys[0].shape[1]) if self.keys else (0, 0)
         if rows <= have_rows and length <= have_len:
             return
         new_rows, new_len = max(have_rows, 1), max(have_len, MIN_CAPACITY)
@@ -92,13 +110,13 @@ class SlotDecoder:
             new_rows *= 2
         while new_len < length:
             new_len *= 2
-        shape = (min(new_rows, self.max_rows), self.heads, min(new_len, self.max_len), self.head_size)
+        shape = (min(new_rows, self.max_rows), min(new_len, self.max_len), self.heads, self.head_size)
 
         def grown(old: torch.Tensor | None) -> torch.Tensor:
             # Zeros: a masked position's value meets a zero weight, and 0 x NaN would still be NaN.
             new = torch.zeros(shape, dtype=self.dtype, device=self.device)
             if old is not None and self.rows:
-                new[: self.rows, :, :have_len] = old[: self.rows]
+                new[: self.rows, :have_len] = old[: self.rows]
             return new
 
         self.keys = [grown(old) for old in self.keys or [None] * len(self.layers)]
@@ -113,10 +131,10 @@ class SlotDecoder:
             width = keys.shape[2]
             for row, length in enumerate(lengths):
                 slot = first + row
-                own_keys[slot, :, :length] = keys[row, :, width - length :]
-                own_values[slot, :, :length] = values[row, :, width - length :]
-                own_keys[slot, :, length:] = 0
-                own_values[slot, :, length:] = 0
+                own_keys[slot, :length] = keys[row, :, width - length :].transpose(0, 1)
+                own_values[slot, :length] = values[row, :, width - length :].transpose(0, 1)
+                own_keys[slot, length:] = 0
+                own_values[slot, length:] = 0
         self.rows += len(lengths)
 
     def keep(self, keep: list[int]) -> list[int]:
@@ -139,35 +157,48 @@ class SlotDecoder:
 
     # ---- a step ----
     def step(self, ids: torch.Tensor, positions: torch.Tensor, first: int = 0, head=None) -> torch.Tensor:
-        """The last hidden state, (rows, 1, width), or given `head` the logits, (rows, 1, V), of one new token per row for the rows in slots
-        first..first+len(ids)-1: `ids` and `positions` (where each token is written, its row's length so far) are
-        1-D. Each row reads its own slot's positions 0..position and nothing else."""
-        n = len(ids)
+        """The last hidden state, (rows, 1, width), or given `head` the logits, (rows, 1, V), of one new token per row
+        for the rows in slots first..first+len(ids)-1: `ids` and `positions` (where each token is written, its row's
+        length so far) are 1-D. Each row reads its own slot's positions 0..position and nothing else.
+
+        The same operations as GPTNeoXModel's forward for one token, in the same order, so they round alike; only the
+        rows are kept 2-D and the query and key are rotated together."""
+        n, heads, size = len(ids), self.heads, self.head_size
         end = int(positions.max()) + 1
         self._reserve(first + n, end)
         ids, positions = ids.to(self.device), positions.to(self.device)
-        if isinstance(self.embed, CodeLift):
-            x = self.embed(ids[:, None], dtype=self.dtype)
-        else:
-            x = self.embed(ids[:, None])
-        cos, sin = self.rotary(x, position_ids=positions[:, None])  # (n, 1, rotary dims), as GPTNeoXModel calls it
+        x = self.embed(ids, dtype=self.dtype) if isinstance(self.embed, CodeLift) else self.embed(ids)
+        cos, sin = self._rotation(x, positions)  # (n, 1, 1, rotary dims)
         mask = (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        rows = torch.arange(first, first + n, device=self.device)
+        capacity = self.keys[0].shape[1]
+        where = (torch.arange(first, first + n, device=self.device) * capacity + positions)  # into (slots x capacity)
+        rot, half = cos.shape[-1], cos.shape[-1] // 2
         for layer, keys, values in zip(self.layers, self.keys, self.values):
-            hidden = layer.norm1(x)
-            qkv = layer.qkv(hidden).view(n, 1, -1, 3 * self.head_size).transpose(1, 2)
-            q, k, v = qkv.chunk(3, dim=-1)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            keys[rows, :, positions] = k[:, :, 0]
-            values[rows, :, positions] = v[:, :, 0]
-            attended = F.scaled_dot_product_attention(q, keys[first : first + n, :, :end],
-                                                      values[first : first + n, :, :end], attn_mask=mask,
-                                                      scale=layer.scaling)
-            attended = layer.dense(attended.transpose(1, 2).reshape(n, 1, -1))
+            qkv = layer.qkv(layer.norm1(x)).view(n, heads, 3, size)
+            qk = qkv[:, :, :2]
+            turned = qk[..., :rot]
+            turned = turned * cos + torch.cat((-turned[..., half:], turned[..., :half]), dim=-1) * sin
+            qk = turned if rot == size else torch.cat((turned, qk[..., rot:]), dim=-1)
+            keys.view(-1, heads, size).index_copy_(0, where, qk[:, :, 1])
+            values.view(-1, heads, size).index_copy_(0, where, qkv[:, :, 2])
+            attended = F.scaled_dot_product_attention(qk[:, :, :1], keys[first : first + n, :end].transpose(1, 2),
+                                                      values[first : first + n, :end].transpose(1, 2), attn_mask=mask,
+                                                      scale=layer.scaling)  # (n, heads, 1, size)
+            attended = layer.dense(attended.reshape(n, heads * size))
             if layer.parallel:  # the sums in GPTNeoXLayer's order, so they round alike
                 x = layer.down(layer.act(layer.up(layer.norm2(x)))) + attended + x
             else:
                 x = x + attended
                 x = x + layer.down(layer.act(layer.up(layer.norm2(x))))
-        x = self.final_norm(x)
+        x = self.final_norm(x)[:, None]
         return x if head is None else head(x)
+
+    def _rotation(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin of each row's position, (n, 1, 1, rotary dims): looked up in a table the model's own rotary
+        module computed for every position (the same values), or from the module per step when its rope type
+        rescales with the length seen (dynamic rope)."""
+        if self._table is None:
+            cos, sin = self.rotary(x[:, None], position_ids=positions[:, None])  # as GPTNeoXModel calls it
+            return cos[:, :, None], sin[:, :, None]
+        cos, sin = self._table
+        return cos[positions][:, None, None], sin[positions][:, None, None]

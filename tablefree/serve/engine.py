@@ -237,9 +237,11 @@ class Engine:
                  max_queue: int = ServeLimits.max_queue,
                  max_prefill_tokens: int = 4096, seed: int | None = None, threads: int | None = None,
                  max_rows_per_request: int | None = None, head: Int8Head | None = None, lower_body: bool = False,
-                 deliver=hand_over):
+                 slots: bool = True, deliver=hand_over):
         """`deliver` receives each phase's events as one list of (sequence, event); by default `hand_over`.
-        `lower_body`: decode steps run the body's linear layers as int8 weights (`choose_precision`)."""
+        `lower_body`: decode steps run the body's linear layers as int8 weights (`choose_precision`).
+        `slots`: GPT-NeoX-shaped models decode through SlotDecoder; False: through their own forward (the reference
+        the benchmarks and tests hold it to)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -259,7 +261,7 @@ class Engine:
         self._rows: list[Sequence] = []
         self._cache: DynamicCache | None = None
         # GPT-NeoX-shaped models decode through SlotDecoder (its KV cache of slots in place of self._cache).
-        unfit = why_not_slots(model)
+        unfit = why_not_slots(model) if slots else "the engine was asked to decode through its forward"
         if lower_body and unfit:
             raise ValueError(f"int8 body weights need the engine's GPT-NeoX decode step, and {unfit}")
         self._slots = None if unfit else SlotDecoder(model, max_batch_size, max_model_len, lower_body)
