@@ -27,7 +27,7 @@ MAX_BITS_PER_BYTE_CHANGE = 0.005
 
 class Int8Linear:
     """A linear layer as int8 weights with one bfloat16 scale per output channel; its output has `out_dtype` (by
-    default the input's)."""
+    default the layer's own dtype)."""
 
     def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype | None = None):
         weight = linear.weight.detach().float()
@@ -35,15 +35,17 @@ class Int8Linear:
         scales = (weight.abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16()
         self.weight = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
         self.scales = scales
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
-        self.out_dtype = out_dtype
+        self.out_dtype = out_dtype or linear.weight.dtype
+        self.bias = None if linear.bias is None else linear.bias.detach().to(self.out_dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        out = torch._weight_int8pack_mm(rows, self.weight, self.scales).to(self.out_dtype or x.dtype)
+        rows = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        out = torch._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scales)
+        if self.out_dtype != torch.bfloat16:
+            out = out.to(self.out_dtype)
         if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
-        return out.reshape(*x.shape[:-1], -1)
+            out += self.bias  # a new tensor of its own: added in place
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], -1)
 
 
 class Int8Head(Int8Linear):
