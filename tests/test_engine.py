@@ -621,31 +621,6 @@ def test_int8_body_engine_is_batch_invariant(served, params):
     assert all("forward" not in vars(linear) for linear in model.modules() if isinstance(linear, torch.nn.Linear))
 
 
-@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
-def test_sparing_a_core_keeps_tokens_batch_invariant(served, int8):
-    """With spare_core, steps of few rows run on one thread fewer than steps of many; a sequence's greedy tokens are
-    still the same alone and in every batch."""
-    model, tokenizer = served
-    engine = Engine(model, tokenizer, max_model_len=64, seed=0, spare_core=True, head=Int8Head.of(model) if int8 else None,
-                    lower_body=int8)
-    engine.few_rows = 3
-    threads, decode = [], engine._decode
-    engine._decode = lambda: (threads.append((len(engine._rows), torch.get_num_threads())), decode())
-    before = torch.get_num_threads()
-    try:
-        prompts = [prompt(tokenizer, t) for t in JOIN_TEXTS]
-        fields = [{**GREEDY, "max_tokens": n} for n in JOIN_LENGTHS]
-        expected = [alone(engine, p, **f) for p, f in zip(prompts, fields)]
-        for schedule in JOIN_SCHEDULES.values():
-            seqs = [sequence(engine, p, **f) for p, f in zip(prompts, fields)]
-            run(engine, {step: [seqs[i] for i in members] for step, members in schedule.items()})
-            assert [s.sink.ids for s in seqs] == expected
-    finally:
-        torch.set_num_threads(before)
-    assert {n for rows, n in threads if rows < 3} == {max(1, before - 1)}
-    assert {n for rows, n in threads if rows >= 3} == {before}
-
-
 def test_engine_thread_keeps_serving_after_faults(engine, served, hooks):
     tokenizer = served[1]
     text = prompt(tokenizer, "serve me after a fault")

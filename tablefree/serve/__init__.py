@@ -85,8 +85,7 @@ def add_cli(subparsers) -> None:
     serve.add_argument("--body-precision", default="float32", help=BODY_PRECISION_HELP)
     serve.add_argument("--engine", default=DEFAULT_ENGINE, help=ENGINE_HELP)
     serve.add_argument("--threads", type=int, default=None,
-                       help="CPU threads for the model in every pass (default: one per core in passes of 16 rows or more, one fewer "
-                            "in smaller ones, leaving a core to HTTP; on a shared machine fewer is faster)")
+                       help="CPU threads for the model (default: torch's, one per core; on a shared machine fewer is faster)")
     serve.add_argument("--seed", type=int, default=None,
                        help="seed of the generator shared by requests without their own 'seed': the same requests in the "
                             "same order then sample the same text (default: a random seed)")

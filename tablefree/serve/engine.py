@@ -170,18 +170,6 @@ def output_logits(output) -> torch.Tensor:
     return logits
 
 
-# Passes of fewer rows (or prompt tokens) than this leave a core to the server's HTTP thread (Engine's spare_core,
-# the server's default). Its HTTP and JSON work wakes on every step; where the model's threads take every core, it
-# takes one of theirs mid-step and each parallel operator waits for it. Measured by bench/serve.py on this project's
-# 2-core machine (small-affine, float32 and int8 head and body, 64 tokens per completion, 3 paired repeats), tokens/s
-# of streamed completions with 1 thread always / 2 always / 1 below 16 rows and 2 from 16:
-#   clients 1: float32 211 / 169 / 208, int8 341 / 202 / 340
-#   clients 8: float32 821 / 808 / 775, int8 958 / 899 / 933
-#   clients 16: float32 1,008 / 1,080 / 1,136, int8 1,060 / 1,190 / 1,174
-#   clients 32: float32 1,395 / 1,547 / 1,595, int8 1,187 / 1,428 / 1,490
-# (non-streamed alike). A step of many rows has enough work per operator to pay for the second core.
-FEW_ROWS = 16
-
 SLAB_COLUMNS = 2048  # vocabulary ids per slab of SlabHead: a 256-wide float32 slab is 2 MiB
 
 
@@ -249,13 +237,11 @@ class Engine:
                  max_queue: int = ServeLimits.max_queue,
                  max_prefill_tokens: int = 4096, seed: int | None = None, threads: int | None = None,
                  max_rows_per_request: int | None = None, head: Int8Head | None = None, lower_body: bool = False,
-                 slots: bool = True, spare_core: bool = False, deliver=hand_over):
+                 slots: bool = True, deliver=hand_over):
         """`deliver` receives each phase's events as one list of (sequence, event); by default `hand_over`.
         `lower_body`: decode steps run the body's linear layers as int8 weights (`choose_precision`).
         `slots`: GPT-NeoX-shaped models decode through SlotDecoder; False: through their own forward (the reference
-        the benchmarks and tests hold it to).
-        `spare_core` (without `threads`): passes of fewer than `few_rows` rows run on one thread fewer than the
-        machine's cores, leaving one to the server's HTTP thread (see FEW_ROWS)."""
+        the benchmarks and tests hold it to)."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -264,9 +250,6 @@ class Engine:
         self.max_queue = max_queue
         self.max_prefill_tokens = max_prefill_tokens
         self.threads = threads
-        self.few_rows = FEW_ROWS
-        self._spare_core = spare_core and not threads
-        self._all_threads = self._threads_now = torch.get_num_threads()  # the worker thread sets its own
         self.vocab_size = model.config.vocab_size
         self.device = next(model.parameters()).device
         # Unseeded requests share one generator; its seed is drawn without reseeding torch's global one.
@@ -337,7 +320,6 @@ class Engine:
     def _run(self) -> None:
         if self.threads:
             torch.set_num_threads(self.threads)  # set here: OpenMP thread counts are per calling thread
-        self._all_threads = self._threads_now = torch.get_num_threads()
         while True:
             with self._wake:
                 while not self._pending and not self._rows and not self._stopping:
@@ -349,14 +331,6 @@ class Engine:
             self._emit(seq, SequenceEvent("", [], finish_reason="abort", error="the server stopped"))
         self._deliver()
 
-    def _use_threads_for(self, rows: int) -> None:
-        if not self._spare_core:
-            return
-        wanted = max(1, self._all_threads - 1) if rows < self.few_rows else self._all_threads
-        if wanted != self._threads_now:
-            torch.set_num_threads(wanted)
-            self._threads_now = wanted
-
     @torch.no_grad()
     def step(self) -> None:
         """One round: admit waiting sequences and prefill them, then one decode step for every live row."""
@@ -364,12 +338,10 @@ class Engine:
             admitted = self._admit()
         try:
             for group in self._prefill_groups(admitted):
-                self._use_threads_for(sum(len(s.token_ids) for s in group))
                 self._prefill(group)
             self._deliver()  # first tokens go out before the decode step, not after it
             self._drop_done()
             if self._rows:
-                self._use_threads_for(len(self._rows))
                 self._decode()
                 self._drop_done()
         except Exception as exc:  # a fault no single sequence explains (an engine bug): fail this batch, keep serving

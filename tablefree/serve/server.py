@@ -217,8 +217,7 @@ def load_engine(spec: EngineSpec, deliver=hand_over) -> tuple[Engine, object, En
         raise TableFreeError(f"--head-precision {spec.head_precision} --body-precision {spec.body_precision}: {exc}") from None
     engine = Engine(model, tokenizer, max_batch_size=spec.max_batch_size, max_model_len=max_model_len,
                     max_queue=spec.max_queue, seed=spec.seed, threads=spec.threads, head=precision.head,
-                    lower_body=precision.lower_body, spare_core=spec.threads is None,
-                    deliver=deliver)
+                    lower_body=precision.lower_body, deliver=deliver)
     facts = EngineFacts(max_model_len, model.config.vocab_size, frozenset(end_of_sequence_ids(model, tokenizer)),
                         engine.cached, precision.why, runtime.describe())
     return engine, tokenizer, facts
