@@ -1,13 +1,14 @@
 """Where device and dtype are decided (tablefree/runtime.py): the CPU's bfloat16 choice and how it is said."""
 
 import contextlib
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
 from tablefree.errors import TableFreeError
-from tablefree.runtime import native_bf16, resolve_runtime
+from tablefree.runtime import in_passing_thread, native_bf16, resolve_runtime
 
 
 def _cpu_flags() -> set[str]:
@@ -47,3 +48,16 @@ def test_unknown_dtypes_name_the_choices():
     with pytest.raises(TableFreeError, match="float16 is not supported on the CPU"):
         resolve_runtime("cpu", "float16")
 
+
+
+def test_in_passing_thread_returns_and_raises_in_the_caller():
+    """The work runs in another thread, which has ended by the time its result (or its exception) comes back."""
+    worker = in_passing_thread(threading.current_thread)
+    assert worker is not threading.current_thread() and not worker.is_alive()
+    assert in_passing_thread(lambda a, b=0: a + b, 2, b=3) == 5
+    with pytest.raises(TableFreeError, match="no such model"):
+        in_passing_thread(_refuse, "no such model")
+
+
+def _refuse(reason: str):
+    raise TableFreeError(reason)

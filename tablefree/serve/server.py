@@ -31,7 +31,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
-from ..runtime import DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, pick_device, pick_dtype, resolve_runtime
+from ..runtime import (DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, in_passing_thread, pick_device, pick_dtype,
+                       resolve_runtime)
 from . import ENGINES, PRECISIONS, ServeLimits
 from .app import ServeSettings, create_app
 from .chat_template import ChatTemplate, ChatTemplateError
@@ -207,7 +208,12 @@ class EngineFacts:
 
 
 def load_engine(spec: EngineSpec, deliver=hand_over) -> tuple[Engine, object, EngineFacts]:
-    """(engine, tokenizer, facts): the model loaded as `spec` says, in this process; `deliver` as Engine takes it."""
+    """(engine, tokenizer, facts): the model loaded as `spec` says, in this process; `deliver` as Engine takes it.
+    The loading runs in a passing thread, so the engine's thread holds the process's only OpenMP pool."""
+    return in_passing_thread(_load_engine, spec, deliver)
+
+
+def _load_engine(spec: EngineSpec, deliver) -> tuple[Engine, object, EngineFacts]:
     runtime = resolve_runtime(spec.device, spec.dtype, spec.threads)
     model, tokenizer = load_for_serving(spec.model_path, runtime.dtype, runtime.device, spec.trust_remote_code)
     max_model_len = context_length(model.config, spec.max_model_len)
