@@ -139,6 +139,9 @@ def llama_model(model_dir: str, workdir: Path, threads: int, context: int, outty
         import llama_cpp
     except ImportError:
         return None, "llama-cpp-python is not installed"
+    from tablefree.gguf import llama_cpp_without_repacking
+
+    llama_cpp_without_repacking()  # q8_0 files crash llama.cpp where it repacks them for AMX (see the function)
     out = workdir / f"gguf-{outtype}"
     export = subprocess.run([sys.executable, "-m", "tablefree.cli", "export", model_dir, str(out), "--format", "gguf",
                              "--outtype", outtype], capture_output=True, text=True)

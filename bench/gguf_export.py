@@ -23,6 +23,7 @@ import torch
 
 from tablefree.corpus import embedded_documents
 from tablefree.export import export_model
+from tablefree.gguf import llama_cpp_without_repacking
 from tablefree.hub import save_model
 from tablefree.presets import build_config, build_model
 from tablefree.runtime import resolve_runtime
@@ -71,6 +72,7 @@ def main() -> None:
     source = save_model(model, work / "small-affine", tokenizer)
     files = {t: export_model(str(source), str(work / t), "gguf", outtype=t) for t in ("f32", "q8_0")}
     threads = torch.get_num_threads()
+    llama_cpp_without_repacking()  # q8_0 files crash llama.cpp where it repacks them for AMX (see the function)
     llamas = {t: llama_cpp.Llama(model_path=str(f), n_ctx=1024, n_batch=1024, logits_all=True, verbose=False, n_threads=threads)
               for t, f in files.items()}
     f32, q8 = llamas["f32"], llamas["q8_0"]

@@ -62,6 +62,10 @@ DTYPES = ("float32", "bfloat16")
 FIXED_PRECISION = ("llama-f32", "llama-q8")  # their weights carry their own precision: run in the float32 part only
 VLLM_KV_CACHE_BYTES = 1 << 28  # vLLM's CPU build otherwise reserves most of the machine's memory for its KV cache
 LINE_SEPARATOR = "\u2028"
+# `python -m llama_cpp.server`, with the weights kept as the file stores them: q8_0 files crash llama.cpp where it
+# repacks them for AMX (tablefree.gguf.llama_cpp_without_repacking).
+LLAMA_SERVER = ("import runpy; from tablefree.gguf import llama_cpp_without_repacking; llama_cpp_without_repacking(); "
+                "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)")
 
 
 def free_port() -> int:
@@ -372,7 +376,7 @@ def build_servers(keys: list[str], dtype: str, files: dict, args, workdir: Path)
         else:
             gguf = files[key]
             # one request at a time (it has no batching of its own), never interrupted
-            command = [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", "bench",
+            command = [sys.executable, "-c", LLAMA_SERVER, "--model", gguf, "--model_alias", "bench",
                        "--port", str(port), "--host", "127.0.0.1", "--n_ctx", "2048", "--n_threads", threads,
                        "--n_threads_batch", threads, "--logits_all", "False", "--interrupt_requests", "False",
                        "--n_gpu_layers", "-1" if args.device.startswith("cuda") else "0"]

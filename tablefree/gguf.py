@@ -37,6 +37,31 @@ def import_gguf():
     return gguf
 
 
+def llama_cpp_without_repacking() -> None:
+    """Every llama_cpp.Llama this process makes from now on keeps its weights as the file stores them, without
+    llama.cpp's extra buffer types (the AMX and CPU repacking of quantized weights).
+
+    On an Intel Xeon with AMX (this project's development machine, llama-cpp-python 0.3.36 compiled for it), llama.cpp
+    repacks a q8_0 file's weights for AMX and its first evaluation then ends the process (SIGSEGV); without
+    repacking the same file runs (small-affine's q8_0 export: 886 tokens/s on one stream, 2 threads). The tests
+    and benches that run llama.cpp call this; llama-cpp-python has no argument for it, so its default model
+    parameters are wrapped.
+    """
+    from llama_cpp import llama as high_level
+
+    defaults = high_level.llama_cpp.llama_model_default_params
+    if getattr(defaults, "without_repacking", False):
+        return
+
+    def without_repacking():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    without_repacking.without_repacking = True
+    high_level.llama_cpp.llama_model_default_params = without_repacking
+
+
 def _byte_level(text: str, alphabet: dict[int, str]) -> str:
     return "".join(alphabet[b] for b in text.encode("utf-8"))
 

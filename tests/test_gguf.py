@@ -13,9 +13,12 @@ from conftest import tiny_config
 
 from tablefree.errors import TableFreeError
 from tablefree.export import export_model
+from tablefree.gguf import llama_cpp_without_repacking
 from tablefree.hub import save_model
 from tablefree.presets import build_model
 from tablefree.tokenizer import UNK_ID, unknown_characters
+
+llama_cpp_without_repacking()  # q8_0 files crash llama.cpp where it repacks them for AMX (see the function)
 
 PROMPTS = [
     "Question: What is the capital of UK?\nAnswer:",
