@@ -155,8 +155,8 @@ def in_passing_thread(fn, *args, **kwargs):
     ends; once its pools hold more threads than there are cores, every waiting worker sleeps almost at once instead
     of spinning, and each operator then waits for its workers to wake. A server whose main thread loaded the model
     and whose engine thread decodes has two pools: on this project's 2-core machine the engine's int8 small-affine
-    made 212-221 tokens/s at 1 sequence and 1,781-1,855 at 32 so, and 447-467 and 2,139-2,193 with the model
-    loaded in a passing thread.
+    made 212-221 tokens/s at 1 sequence and 1,781-1,855 at 32 so (its workers asleep between operators), and
+    447-467 and 2,139-2,193 with the model loaded in a passing thread.
     """
     outcome = {}
 
