@@ -439,7 +439,8 @@ def median(values: list[float]) -> float:
 
 
 def report(all_servers: list[Server], turns: dict, args, skipped: list[str]) -> None:
-    print(f"\nsmall-affine completions of {args.max_tokens} new tokens, temperature 0.5, prompt {PROMPT!r}; "
+    network = Path(args.model).name if args.model else "small-affine"
+    print(f"\n{network} completions of {args.max_tokens} new tokens, temperature 0.5, prompt {PROMPT!r}; "
           f"{args.repeats} repeats of paired turns, order alternated, idle servers paused; "
           f"{os.cpu_count()} CPUs, threads {args.threads or 'default'}, device {args.device}")
     for line in skipped:
