@@ -463,12 +463,13 @@ def test_int8_head_is_row_independent_close_to_float32_and_a_quarter_of_its_byte
         assert together.dtype == torch.float32 and bool((together - exact).abs().le(bound).all())
 
 
+@pytest.mark.parametrize("body", [False, True], ids=["int8-head", "int8-head-and-body"])
 @pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_int8_head_engine_is_batch_invariant(served, params):
-    """With the int8 head, a sequence's tokens are the same whenever it joins and whoever it runs beside; the head is
-    swapped in for each pass only."""
+def test_int8_engine_is_batch_invariant(served, params, body):
+    """With the int8 head (and int8 body weights), a sequence's tokens are the same whenever it joins and whoever it
+    runs beside; the int8 weights are swapped in for each pass only, the model's own linear layers are untouched."""
     model, tokenizer = served
-    engine = Engine(model, tokenizer, max_model_len=64, seed=0, head=Int8Head.of(model))
+    engine = Engine(model, tokenizer, max_model_len=64, seed=0, head=Int8Head.of(model), lower_body=body)
     prompts = [prompt(tokenizer, t) for t in JOIN_TEXTS]
     fields = [{**params, "max_tokens": n} for n in JOIN_LENGTHS]
     expected = [alone(engine, p, **f) for p, f in zip(prompts, fields)]
@@ -476,7 +477,7 @@ def test_int8_head_engine_is_batch_invariant(served, params):
         seqs = [sequence(engine, p, **f) for p, f in zip(prompts, fields)]
         run(engine, {step: [seqs[i] for i in members] for step, members in schedule.items()})
         assert [s.sink.ids for s in seqs] == expected
-    assert "forward" not in vars(model.get_output_embeddings())
+    assert all("forward" not in vars(linear) for linear in model.modules() if isinstance(linear, torch.nn.Linear))
 
 
 def test_precision_choice_is_measured_and_named(served, plain_served):
@@ -603,22 +604,6 @@ def test_greedy_serving_equals_generate_past_the_first_cache_capacity(served):
     seqs = [sequence(engine, p, **fields) for p in prompts]
     run(engine, {0: seqs[:2], 7: seqs[2:]})
     assert [s.sink.ids for s in seqs] == expected
-
-
-@pytest.mark.parametrize("params", [GREEDY, SEEDED], ids=["greedy", "seeded"])
-def test_int8_body_engine_is_batch_invariant(served, params):
-    """With int8 head and body weights, a sequence's tokens are the same whenever it joins and whoever it runs beside;
-    the model's own linear layers are untouched."""
-    model, tokenizer = served
-    engine = Engine(model, tokenizer, max_model_len=64, seed=0, head=Int8Head.of(model), lower_body=True)
-    prompts = [prompt(tokenizer, t) for t in JOIN_TEXTS]
-    fields = [{**params, "max_tokens": n} for n in JOIN_LENGTHS]
-    expected = [alone(engine, p, **f) for p, f in zip(prompts, fields)]
-    for schedule in JOIN_SCHEDULES.values():
-        seqs = [sequence(engine, p, **f) for p, f in zip(prompts, fields)]
-        run(engine, {step: [seqs[i] for i in members] for step, members in schedule.items()})
-        assert [s.sink.ids for s in seqs] == expected
-    assert all("forward" not in vars(linear) for linear in model.modules() if isinstance(linear, torch.nn.Linear))
 
 
 def test_engine_thread_keeps_serving_after_faults(engine, served, hooks):
