@@ -238,6 +238,24 @@ class Events(list):
             self.done.set()
 
 
+def test_the_model_loads_in_a_thread_that_has_ended(saved_tiny_model, monkeypatch):
+    """load_engine (both engines' path) loads the model in a passing thread, so the engine's own thread holds the
+    process's only OpenMP pool (runtime.in_passing_thread says why)."""
+    from tablefree.serve import server
+
+    loaders, load = [], server.load_for_serving
+
+    def recorded(*args, **kwargs):
+        loaders.append(threading.current_thread())
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(server, "load_for_serving", recorded)
+    engine, _, facts = server.load_engine(server.EngineSpec(str(saved_tiny_model[0]), device="cpu", max_model_len=256))
+    [loader] = loaders
+    assert loader is not threading.current_thread() and not loader.is_alive()
+    assert facts.max_model_len == 256 and engine.model is not None
+
+
 def test_the_process_engine_serves_cancels_and_reports_its_death_without_http(saved_tiny_model):
     """ProcessEngine as the app drives it: greedy ids equal the thread engine's, a cancellation ends a sequence in the
     engine process, and a killed engine process ends the running sequence with an error, refuses new ones and calls
