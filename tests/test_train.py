@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from training_data import prepared_data, train_overrides  # noqa: F401  (fixture)
 
 from tablefree.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -392,14 +393,28 @@ def test_a_run_resumed_at_its_end_writes_strict_json_results(prepared_data, tmp_
 
 @pytest.mark.parametrize("kind", ["loss", "weights"])
 def test_divergence_stops_naming_the_step_and_keeps_the_last_good_checkpoint(prepared_data, tmp_path, kind):
-    # Real divergences: an enormous decoupled weight decay, or Adam without a second-moment average.
-    extra = {"weight_decay": 1e30} if kind == "loss" else {"beta2": 0.0}
+    # A real divergence of the loss: an enormous decoupled weight decay. Weights that an optimizer step makes
+    # non-finite while the loss before it was finite come from chaotic runs (Adam without a second-moment average
+    # did it within 8 steps on one CPU and not on another), so a NaN is written into one weight after the 3rd step.
+    extra = {"lr": 1.0, "weight_decay": 1e30} if kind == "loss" else {}
     run = tmp_path / "run"
-    values = train_overrides(prepared_data, run, max_steps=8, lr=1.0, warmup_steps=0, checkpoint_every=1, **extra)
-    with pytest.raises(TableFreeError, match=r"training diverged: .* at step (\d+); the checkpoint of step (\d+) in .* is kept") as caught:
-        train(make_config(values))
+    values = train_overrides(prepared_data, run, max_steps=8, warmup_steps=0, checkpoint_every=1, **extra)
+    steps = []
+
+    def poison(optimizer, args, kwargs) -> None:
+        steps.append(optimizer)
+        if kind == "weights" and len(steps) == 3:
+            with torch.no_grad():
+                optimizer.param_groups[0]["params"][0].view(-1)[0] = float("nan")
+
+    hook = register_optimizer_step_post_hook(poison)
+    try:
+        with pytest.raises(TableFreeError, match=r"training diverged: .* at step (\d+); the checkpoint of step (\d+) in .* is kept") as caught:
+            train(make_config(values))
+    finally:
+        hook.remove()
     message = str(caught.value)
-    assert ("the loss is nan" in message) == (kind == "loss")
+    assert ("the loss is nan" in message) == (kind == "loss") and ("are not finite" in message) == (kind == "weights")
     failed, kept = (int(n) for n in __import__("re").search(r"at step (\d+).* step (\d+)", message).groups())
     state = load_checkpoint(run / CHECKPOINT)
     assert kept == failed - 1 == state["step"]
