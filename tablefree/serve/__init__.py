@@ -35,7 +35,7 @@ BODY_PRECISION_HELP = ("the weights of the blocks' linear layers in decode steps
 # Equal within the noise, with the engine process busy 0.80-0.99 of a core and the server's own process 0.03-0.08:
 # serving HTTP costs little beside the model. The thread engine starts in half the time (6 s against 11-13 s) in
 # 0.58 GiB instead of 1.0, so it is the default; the engine process is for machines with a core to spare. Again
-# once the model loaded in a passing thread (both engines' OpenMP workers then spin; an idle 2-core Xeon, 3 runs),
+# once the model loaded in a passing thread (both engines' OpenMP workers then spin; a 2-core Xeon, 3 repeats),
 # thread / process: clients 1, 8, 32 streamed 1.06 1.03 1.05, plain 1.00 1.01 1.08.
 ENGINES = ("thread", "process")
 DEFAULT_ENGINE = "thread"
