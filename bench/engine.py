@@ -196,10 +196,11 @@ def main() -> None:
         model, tokenizer = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
         context = context_length(model.config, None)
         engines = {name: Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context, seed=0)}
+        int8 = Int8Head.of(model) if name == "small" else None  # quantised once for every int8 variant
         for label, lower in SMALL_VARIANTS.items():
-            if name != "small" or (lower is not None and Int8Head.of(model) is None):
+            if name != "small" or (lower is not None and int8 is None):
                 continue
-            head, lower_body = (Int8Head.of(model), lower[1]) if lower else (None, False)
+            head, lower_body = (int8, lower[1]) if lower else (None, False)
             engines[label] = Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context,
                                     seed=0, head=head, lower_body=lower_body, slots=lower is not None)
             if lower is not None:

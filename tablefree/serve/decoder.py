@@ -68,7 +68,7 @@ class _Layer:
         # transformers' activation modules keep their function as `act` (GELUActivation: F.gelu): call it bare.
         self.act = getattr(mlp.act, "act", None) if callable(getattr(mlp.act, "act", None)) else mlp.act
         self.parallel = layer.use_parallel_residual
-        self.head_size, self.scaling = attention.head_size, attention.scaling
+        self.scaling = attention.scaling
 
 
 class SlotDecoder:
@@ -79,7 +79,6 @@ class SlotDecoder:
         problem = unsupported(model)
         if problem:
             raise ValueError(f"the slot decoder cannot run this model: {problem}")
-        self.model = model
         base = model.gpt_neox
         self.embed, self.rotary, self.final_norm = base.embed_in, base.rotary_emb, base.final_layer_norm
         self.layers = [_Layer(layer, lower_body) for layer in base.layers]

@@ -267,7 +267,7 @@ class Engine:
         self._slots = None if unfit else SlotDecoder(model, max_batch_size, max_model_len, lower_body)
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
         self._deliver_events = deliver
-        # The output head every pass runs: a lower-precision one when given (`choose_head`), else the model's own,
+        # The output head every pass runs: a lower-precision one when given (`choose_precision`), else the model's own,
         # as SlabHead for the passes that keep the last positions only (every decode step).
         self._head = head
         self._slab_head = None if head is not None else SlabHead.of(model)

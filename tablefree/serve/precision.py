@@ -127,28 +127,28 @@ def measure(model, tokenizer, head=None, lower_body: bool = False, positions: in
     context = context or getattr(model.config, "max_position_embeddings", None) or positions + 1
     ids = held_out_ids(tokenizer, positions + -(-positions // (context - 1)))
     byte_lengths = token_byte_lengths(tokenizer, model.config.vocab_size)  # as `tablefree eval` counts them
-    agree = counted = 0
-    nats = {"own": 0.0, "lower": 0.0}
-    n_bytes = 0
     device = next(model.parameters()).device
+    windows, counted = [], 0
     for start in range(0, len(ids) - 1, context):
         window = ids[start : start + context][: positions - counted + 1]
         if len(window) < 2:
             break
-        inputs = torch.tensor([window], device=device)
-        hidden = base(input_ids=inputs).last_hidden_state[0, :-1]
-        if lower_body:
-            with int8_body(model):
-                lower_hidden = base(input_ids=inputs).last_hidden_state[0, :-1]
-        else:
-            lower_hidden = hidden
+        windows.append(window)
+        counted += len(window) - 1
+    inputs = [torch.tensor([window], device=device) for window in windows]
+    hidden = [base(input_ids=x).last_hidden_state[0, :-1] for x in inputs]
+    lower_hidden = hidden
+    if lower_body:
+        with int8_body(model):  # quantised once for every window
+            lower_hidden = [base(input_ids=x).last_hidden_state[0, :-1] for x in inputs]
+    agree, nats, n_bytes = 0, {"own": 0.0, "lower": 0.0}, 0
+    for window, own_hidden, low_hidden in zip(windows, hidden, lower_hidden):
         targets = torch.tensor(window[1:], device=device)
-        own, low = own_head(hidden).float(), head(lower_hidden).float()
+        own, low = own_head(own_hidden).float(), head(low_hidden).float()
         agree += int((own.argmax(-1) == low.argmax(-1)).sum())
         for name, logits in (("own", own), ("lower", low)):
             nats[name] += float(F.cross_entropy(logits, targets, reduction="sum"))
         n_bytes += int(byte_lengths[window[1:]].sum())
-        counted += len(window) - 1
     scale = 1 / math.log(2) / max(1, n_bytes)
     return Quality(counted, agree / max(1, counted), nats["own"] * scale, nats["lower"] * scale)
 
@@ -177,10 +177,10 @@ def choose_precision(model, tokenizer, head: str = "float32", body: str = "float
     if body == "int8" and body_possible:
         raise ValueError(f"int8 body weights need the engine's GPT-NeoX decode step, and {body_possible}; "
                          f"use body precision float32")
-    if body == "int8" and next(model.parameters()).device.type != "cpu":
+    cpu = next(model.parameters()).device.type == "cpu"
+    if body == "int8" and not cpu:
         raise ValueError("int8 body weights run only on a CPU; use body precision float32")
     heads = [int8_head] if head == "int8" else [None] if head == "float32" or int8_head is None else [int8_head, None]
-    cpu = next(model.parameters()).device.type == "cpu"
     bodies = ([True] if body == "int8" else [False] if body == "float32" or body_possible or not cpu else [True, False])
     refused = []
     for choice in heads:  # the head is most of what a step reads: an int8 head first
