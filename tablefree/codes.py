@@ -356,8 +356,15 @@ class CodeLift(nn.Module):
     def forward(self, input_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         if input_ids.dtype.is_floating_point:
             raise TypeError(f"CodeLift takes integer token ids, got a {input_ids.dtype} tensor")
-        bits = self.code.encode(input_ids).to(dtype)
-        values = bits * (2 * self.scale) - self.scale if self.values == "bipolar" else bits * self.scale
+        return self.tile(self.code_values(self.code.encode(input_ids), dtype))
+
+    def code_values(self, bits: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(..., K) code bits -> their K values (`values` and `scale`), before the layout widens them to d."""
+        bits = bits.to(dtype)
+        return bits * (2 * self.scale) - self.scale if self.values == "bipolar" else bits * self.scale
+
+    def tile(self, values: torch.Tensor) -> torch.Tensor:
+        """(..., K) code values -> (..., d) vectors by the layout."""
         k, d = self.code.bits, self.embedding_dim
         if self.layout == "interleave":
             return values.repeat_interleave(d // k, dim=-1)

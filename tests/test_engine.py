@@ -13,6 +13,7 @@ import threading
 import httpx
 import pytest
 import torch
+import torch.nn.functional as F
 from plain_forward_model import PlainForwardConfig, PlainForwardLM
 from serve_process import ServerProcess
 from starlette.requests import Request
@@ -554,6 +555,19 @@ def test_slot_decoder_steps_give_the_models_own_logits(served, lower_body):
     while len(rows[live[0]]) < MIN_CAPACITY + 8:  # past the first capacity
         step(live)
     assert decoder.keys[0].shape[1] == 2 * MIN_CAPACITY
+
+
+def test_attention_without_a_mask_is_attention_under_a_mask_of_all_true():
+    """SlotDecoder drops the mask when every row reads every position: the kernel gives the same bits either way, so a
+    row's output does not depend on whether its batch needed a mask."""
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for end in (1, 7, 64, 513):
+            for n, heads, size in ((1, 4, 64), (3, 2, 16)):
+                q, k, v = (torch.randn(n, heads, length, size, dtype=dtype) for length in (1, end, end))
+                every = torch.ones(n, 1, 1, end, dtype=torch.bool)
+                masked = F.scaled_dot_product_attention(q, k, v, attn_mask=every, scale=0.125)
+                assert torch.equal(masked, F.scaled_dot_product_attention(q, k, v, scale=0.125)), (dtype, end, n)
 
 
 @pytest.mark.parametrize("shape", [dict(use_parallel_residual=True, partial_rotary_factor=0.25),

@@ -27,6 +27,7 @@ from ..codes import CodeLift
 from .precision import Int8Linear
 
 MIN_CAPACITY = 64  # cache positions allocated at first; the capacity doubles from there up to the context length
+MAX_CODE_VALUES = 1 << 24  # code values (V x K) the decoder keeps at most, 64 MiB in float32
 
 
 def unsupported(model) -> str | None:
@@ -43,6 +44,12 @@ def unsupported(model) -> str | None:
         if module is not head and (module._forward_hooks or module._forward_pre_hooks):
             return f"a hook is registered on {type(module).__name__} (the decode step would bypass it)"
     return None
+
+
+def _signed(sin: torch.Tensor) -> torch.Tensor:
+    """sin with its first half negated: rotate_half(t) * sin == roll(t, half) * _signed(sin), exactly (a sign)."""
+    half = sin.shape[-1] // 2
+    return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
 
 def _norm(module: torch.nn.LayerNorm):
@@ -93,7 +100,15 @@ class SlotDecoder:
             with torch.no_grad():
                 probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
                 cos, sin = self.rotary(probe, position_ids=torch.arange(max_len, device=self.device)[None])
-            self._table = (cos[0], sin[0])
+            self._table = (cos[0], _signed(sin[0]))
+        # The code's K values of every id, computed once (V x K, 4 MiB for V = 65,536 and K = 16 in float32): a step
+        # then looks its ids up instead of running the code's integer operations. A cache of a fixed function, not a
+        # parameter; skipped when it would be large (wide hashed codes of a large vocabulary).
+        self._code_values = None
+        if isinstance(self.embed, CodeLift) and self.embed.num_embeddings * self.embed.code.bits <= MAX_CODE_VALUES:
+            with torch.no_grad():
+                every = torch.arange(self.embed.num_embeddings, device=self.device)
+                self._code_values = self.embed.code_values(self.embed.code.encode(every), self.dtype)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
         self.rows = 0  # live rows, in slots 0..rows-1
@@ -166,9 +181,12 @@ class SlotDecoder:
         end = int(positions.max()) + 1
         self._reserve(first + n, end)
         ids, positions = ids.to(self.device), positions.to(self.device)
-        x = self.embed(ids, dtype=self.dtype) if isinstance(self.embed, CodeLift) else self.embed(ids)
-        cos, sin = self._rotation(x, positions)  # (n, 1, 1, rotary dims)
-        mask = (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        x = self._embed(ids)
+        cos, sin = self._rotation(x, positions)  # (n, 1, 1, rotary dims); sin signed for the roll below
+        # Rows as long as the longest read every position up to `end`: no mask (the same kernel result as a mask of
+        # all True, tests/test_engine.py checks it, so a row's output does not depend on its batch).
+        full = n == 1 or int(positions.min()) == end - 1
+        mask = None if full else (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         capacity = self.keys[0].shape[1]
         where = (torch.arange(first, first + n, device=self.device) * capacity + positions)  # into (slots x capacity)
         rot, half = cos.shape[-1], cos.shape[-1] // 2
@@ -176,7 +194,9 @@ class SlotDecoder:
             qkv = layer.qkv(layer.norm1(x)).view(n, heads, 3, size)
             qk = qkv[:, :, :2]
             turned = qk[..., :rot]
-            turned = turned * cos + torch.cat((-turned[..., half:], turned[..., :half]), dim=-1) * sin
+            # GPT-NeoX's rotate_half, cat(-t2, t1), is the roll cat(t2, t1) times the signs that `sin` carries:
+            # the same products, so the same rounding.
+            turned = turned * cos + torch.roll(turned, half, -1) * sin
             qk = turned if rot == size else torch.cat((turned, qk[..., rot:]), dim=-1)
             keys.view(-1, heads, size).index_copy_(0, where, qk[:, :, 1])
             values.view(-1, heads, size).index_copy_(0, where, qkv[:, :, 2])
@@ -192,12 +212,17 @@ class SlotDecoder:
         x = self.final_norm(x)[:, None]
         return x if head is None else head(x)
 
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        if self._code_values is not None:
+            return self.embed.tile(self._code_values[ids])
+        return self.embed(ids, dtype=self.dtype) if isinstance(self.embed, CodeLift) else self.embed(ids)
+
     def _rotation(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of each row's position, (n, 1, 1, rotary dims): looked up in a table the model's own rotary
-        module computed for every position (the same values), or from the module per step when its rope type
-        rescales with the length seen (dynamic rope)."""
+        """cos and signed sin (`_signed`) of each row's position, (n, 1, 1, rotary dims): looked up in a table the
+        model's own rotary module computed for every position (the same values), or from the module per step when
+        its rope type rescales with the length seen (dynamic rope)."""
         if self._table is None:
             cos, sin = self.rotary(x[:, None], position_ids=positions[:, None])  # as GPTNeoXModel calls it
-            return cos[:, :, None], sin[:, :, None]
+            return cos[:, :, None], _signed(sin)[:, :, None]
         cos, sin = self._table
         return cos[positions][:, None, None], sin[positions][:, None, None]

@@ -100,9 +100,13 @@ class TokenSampler:
 
         `rows[i]` has `.params`, `.prompt_ids`, `.output_ids`, `.generator` (None unless seeded) and `.penalties`
         (None until this sampler builds it).
+
+        One pass over the rows' V logits finds each block's maximum (`Maxima`); the finiteness screen, greedy's argmax
+        and the plain draw's shift all read those, so a step of greedy or plain rows reads its logits twice at most.
         """
         logits = logits.float()
-        finite = finite_rows(logits)
+        maxima = Maxima(logits)
+        finite = maxima.finite()
         chosen: list[int | Exception] = [
             0 if ok else NonFiniteLogits("the model produced non-finite logits (NaN or infinity) for this sequence")
             for ok in finite
@@ -110,23 +114,25 @@ class TokenSampler:
         for i in [i for i, ok in enumerate(finite) if ok and rows[i].params.penalized]:
             try:
                 logits[i] = self._penalties(rows[i], logits).apply(logits[i])
-                if torch.isnan(logits[i]).any() or not torch.isfinite(logits[i].max()):
+                if not maxima.refresh(i):
                     raise NonFiniteLogits("the penalties and logit_bias left no finite logits to sample from")
             except Exception as exc:  # this row's penalties failed: it ends alone, the others are sampled
                 chosen[i] = exc
         usable = [i for i, ok in enumerate(finite) if ok and not isinstance(chosen[i], Exception)]
         greedy = [i for i in usable if rows[i].params.greedy]
         if greedy:
-            for i, token in zip(greedy, first_argmax(logits if len(greedy) == len(rows) else logits[greedy]).tolist()):
+            for i, token in zip(greedy, maxima.first_argmax(greedy).tolist()):
                 chosen[i] = token
         plain = [i for i in usable if _is_plain(rows[i].params)]
         if plain:
             # The common case (temperature only, no seed) takes one batched draw, in place when it is every row.
             temps = torch.tensor([rows[i].params.temperature for i in plain], device=logits.device)[:, None]
-            scaled = logits if len(plain) == len(rows) else logits[plain]
+            every = len(plain) == len(rows)
+            scaled = logits if every else logits[plain]
+            top = maxima.top if every else maxima.top[plain]
             # Shifted to a top logit of 0 before scaling, so no temperature can overflow the division; softmax's
             # exp is the fast one (torch.exp is ~2x slower over a 65,536-wide row).
-            weights = torch.softmax(scaled.sub_(scaled.amax(-1, keepdim=True)).div_(temps), dim=-1).cpu()
+            weights = torch.softmax(scaled.sub_(top[:, None]).div_(temps), dim=-1).cpu()
             for i, token in zip(plain, draw(weights, torch.rand(len(plain), generator=self.shared)).tolist()):
                 chosen[i] = token
         for i in sorted(set(usable) - set(greedy) - set(plain)):
@@ -171,12 +177,40 @@ def blocks(rows: torch.Tensor, fill: float) -> torch.Tensor:
 
 
 def first_argmax(logits: torch.Tensor) -> torch.Tensor:
-    """`logits.argmax(-1)` for rows without NaN (the first id of the largest value), ~10x faster over 65,536 ids:
+    """`logits.argmax(-1)` for rows without NaN (the first id of the largest value), ~4x faster over 65,536 ids:
     argmax over the blocks' maxima finds the first block holding the row's maximum, then argmax within it."""
-    tiles = blocks(logits, float("-inf"))
-    block = tiles.amax(-1).argmax(-1)
-    rows = torch.arange(len(tiles), device=logits.device)
-    return (block * BLOCK + tiles[rows, block].argmax(-1)).clamp(max=logits.shape[-1] - 1)
+    return Maxima(logits).first_argmax()
+
+
+class Maxima:
+    """Each row's maximum per block of BLOCK ids, from one pass over (rows, V) logits, and what follows from them."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.tiles = blocks(logits, float("-inf"))  # a view of `logits` when BLOCK divides V
+        self.logits = logits
+        self.blocks = self.tiles.amax(-1)  # NaN propagates: a row holding one has NaN maxima
+        self.top = self.blocks.amax(-1)
+
+    def finite(self) -> list[bool]:
+        """Whether each row's largest logit is finite: it holds no NaN and no +inf, and not only -inf (-inf entries
+        are ids the model rules out; a token is still well defined)."""
+        return torch.isfinite(self.top).tolist()
+
+    def refresh(self, row: int) -> bool:
+        """Reads row `row` again after its logits changed; whether its largest logit is finite."""
+        tiles = blocks(self.logits[row : row + 1], float("-inf"))
+        if self.logits.shape[-1] % BLOCK:  # padded: the tiles are a copy, not a view of the logits
+            self.tiles[row] = tiles[0]
+        self.blocks[row] = tiles.amax(-1)[0]
+        self.top[row] = self.blocks[row].amax()
+        return bool(torch.isfinite(self.top[row]))
+
+    def first_argmax(self, rows: list[int] | None = None) -> torch.Tensor:
+        """The first id of each row's largest logit, for `rows` (default: all), from the first block holding it."""
+        tiles, maxima = (self.tiles, self.blocks) if rows is None else (self.tiles[rows], self.blocks[rows])
+        block = maxima.argmax(-1)
+        index = torch.arange(len(tiles), device=tiles.device)
+        return (block * BLOCK + tiles[index, block].argmax(-1)).clamp(max=self.logits.shape[-1] - 1)
 
 
 def draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
