@@ -21,7 +21,7 @@ from starlette.requests import Request
 from tablefree.hub import load_model
 from tablefree.serve.decoder import MIN_CAPACITY, SlotDecoder
 from tablefree.serve.engine import Engine, LoopSink, Sequence, SlabHead, output_logits
-from tablefree.serve.precision import Int8Head, choose_precision, measure
+from tablefree.serve.precision import Int8Head, choose_precision, measure, onednn_int8_exact
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
@@ -450,18 +450,47 @@ def test_slab_head_gives_the_heads_logits(served, columns):
 
 def test_int8_head_is_row_independent_close_to_float32_and_a_quarter_of_its_bytes(served):
     """Each row's int8-head logits are the same alone or in any batch (bitwise), within the quantisation's bound of
-    the float32 head's, from int8 weights with one scale per vocabulary row."""
+    the float32 head's, from int8 weights with one scale per vocabulary row (and, where oneDNN's integer product is
+    exact, int8 activations with one scale per row); a NaN or infinite row gives non-finite logits, for the sampler."""
     model, _ = served
     head = model.get_output_embeddings()
     int8 = Int8Head.of(model)
-    assert int8.weight.dtype == torch.int8 and int8.weight.shape == head.weight.shape and int8.scales.shape == (head.out_features,)
+    assert int8.kind == ("int8 weights and activations (oneDNN)" if onednn_int8_exact() else "int8 weights")
+    stored = int8.packed if int8.packed is not None else int8.weight
+    assert stored.dtype == torch.int8 and stored.numel() == head.weight.numel() and int8.scales.shape == (head.out_features,)
     hidden = torch.randn(32, 1, head.in_features)
     with torch.no_grad():
         together, exact = int8(hidden), head(hidden)
         assert all(torch.equal(int8(hidden[i : i + rows]), together[i : i + rows]) for i, rows in ((0, 1), (5, 3), (8, 8), (3, 17)))
-        # A weight is off by half a step (scale / 2) at most and the hidden state by bfloat16's rounding.
-        bound = (hidden.abs().sum(-1, keepdim=True) * int8.scales.float() / 2) + exact.abs() * 2**-7 + 1e-3
-        assert together.dtype == torch.float32 and bool((together - exact).abs().le(bound).all())
+        # A weight is off by half a step (scale / 2) at most; an activation by half its row's step, or by bfloat16's
+        # rounding for the weight-only kernel.
+        weights = hidden.abs().sum(-1, keepdim=True) * int8.scales.float() / 2
+        if int8.packed is not None:
+            step = hidden.abs().amax(-1, keepdim=True) / 127
+            activations = head.weight.abs().sum(-1) * step / 2 + head.in_features * int8.scales * step / 4
+        else:
+            activations = exact.abs() * 2**-7
+        assert together.dtype == torch.float32 and bool((together - exact).abs().le(weights + activations + 1e-3).all())
+        hidden[3, 0, 5], hidden[4, 0, 0] = float("nan"), float("inf")
+        assert torch.isfinite(int8(hidden)).all(-1)[:, 0].tolist() == [True] * 3 + [False] * 2 + [True] * 27
+
+
+def test_onednn_int8_product_is_used_only_where_exact():
+    """The check behind the int8 head's kernel: where it says yes, the integer product of extreme and random codes is
+    the exact sum for 1 to 64 rows (where it says no, the weight-only kernel runs, tested above)."""
+    if not onednn_int8_exact():
+        assert Int8Head(torch.nn.Linear(8, 16)).packed is None
+        return
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randint(-127, 128, (300, 64), dtype=torch.int8, generator=generator)
+    weight[0] = 127
+    packed = torch.ops.onednn.qlinear_prepack(weight, [1, 64])
+    for rows in (1, 2, 7, 64):
+        codes = torch.randint(0, 256, (rows, 64), dtype=torch.uint8, generator=generator)
+        codes[0] = 255
+        got = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, torch.ones(300), torch.zeros(300, dtype=torch.long),
+                                                 None, 1.0, 0, torch.float32, "none", [], "")
+        assert torch.equal(got.double(), (codes.double() - 128) @ weight.double().t())
 
 
 @pytest.mark.parametrize("body", [False, True], ids=["int8-head", "int8-head-and-body"])
