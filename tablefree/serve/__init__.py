@@ -18,7 +18,8 @@ PRECISIONS = ("float32", "int8", "auto")
 AUTO_RULE = ("measured at start over 512 positions of held-out text, it keeps >= 98%% of the model's own top-1 choices "
              "and bits per byte within 0.5%%")
 HEAD_PRECISION_HELP = ("the output head's weights: float32 (the model's own; the default), int8 (one scale per vocabulary "
-                       "row: a quarter of the bytes a decode step mostly reads), or auto (int8 on a CPU when, "
+                       "row: a quarter of the bytes a decode step mostly reads; on CPUs with VNNI or AMX the hidden "
+                       "states are quantised to int8 per row too), or auto (int8 on a CPU when, "
                        f"{AUTO_RULE}, else float32)")
 BODY_PRECISION_HELP = ("the weights of the blocks' linear layers in decode steps: float32 (the model's own; the default), "
                        "int8 (one scale per output channel; GPT-NeoX-shaped models on a CPU), or auto (int8 where it "

@@ -1,11 +1,12 @@
-"""Lower-precision weights for serving: int8 weight-only linear layers (one scale per output channel) for the output
-head and the body, and the measurement that decides whether they may run.
+"""Lower-precision weights for serving: int8 linear layers (one scale per output channel) for the output head and the
+body, and the measurement that decides whether they may run.
 
 A decode step of a small model is bound by the bytes of weight it reads, and int8 reads a quarter of float32's.
-torch's int8 weight-only kernel takes bfloat16 activations; each row's output depends on that row alone, so the batch
-stays invariant. Quality is measured, not assumed (`measure`): top-1 agreement with the model's own weights and the
-change in bits per byte over 512 positions of held-out text. `auto` takes the fastest choice that keeps >= 98% of the
-top-1 choices and bits per byte within 0.5%.
+The head multiplies int8 activations (one scale per row) by its int8 weights through oneDNN where that product is
+exact, else runs torch's int8 weight-only kernel on bfloat16 activations, as the body always does. Either way each
+row's output depends on that row alone, so the batch stays invariant. Quality is measured, not assumed (`measure`):
+top-1 agreement with the model's own weights and the change in bits per byte over 512 positions of held-out text.
+`auto` takes the fastest choice that keeps >= 98% of the top-1 choices and bits per byte within 0.5%.
 """
 
 from __future__ import annotations

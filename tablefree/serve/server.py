@@ -225,7 +225,8 @@ def _load_engine(spec: EngineSpec, deliver) -> tuple[Engine, object, EngineFacts
                     max_queue=spec.max_queue, seed=spec.seed, threads=spec.threads, head=precision.head,
                     lower_body=precision.lower_body, deliver=deliver)
     facts = EngineFacts(max_model_len, model.config.vocab_size, frozenset(end_of_sequence_ids(model, tokenizer)),
-                        engine.cached, precision.why, runtime.describe())
+                        engine.cached, precision.why if precision.head is None else f"{precision.why}; the head: "
+                        f"{precision.head.kind}", runtime.describe())
     return engine, tokenizer, facts
 
 
