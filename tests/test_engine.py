@@ -21,7 +21,7 @@ from starlette.requests import Request
 from tablefree.hub import load_model
 from tablefree.serve.decoder import MIN_CAPACITY, SlotDecoder
 from tablefree.serve.engine import Engine, LoopSink, Sequence, SlabHead, output_logits
-from tablefree.serve.precision import Int8Head, choose_precision, measure, onednn_int8_exact
+from tablefree.serve.precision import Int8Head, choose_precision, integer_product, measure, onednn_int8_exact
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
@@ -488,8 +488,7 @@ def test_onednn_int8_product_is_used_only_where_exact():
     for rows in (1, 2, 7, 64):
         codes = torch.randint(0, 256, (rows, 64), dtype=torch.uint8, generator=generator)
         codes[0] = 255
-        got = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, torch.ones(300), torch.zeros(300, dtype=torch.long),
-                                                 None, 1.0, 0, torch.float32, "none", [], "")
+        got = integer_product(codes, packed, torch.ones(300), torch.zeros(300, dtype=torch.long))
         assert torch.equal(got.double(), (codes.double() - 128) @ weight.double().t())
 
 

@@ -178,15 +178,17 @@ class SlotDecoder:
         The same operations as GPTNeoXModel's forward for one token, in the same order, so they round alike; only the
         rows are kept 2-D and the query and key are rotated together."""
         n, heads, size = len(ids), self.heads, self.head_size
-        end = int(positions.max()) + 1
+        shortest, longest = (int(bound) for bound in positions.aminmax())
+        end = longest + 1
         self._reserve(first + n, end)
         ids, positions = ids.to(self.device), positions.to(self.device)
         x = self._embed(ids)
         cos, sin = self._rotation(x, positions)  # (n, 1, 1, rotary dims); sin signed for the roll below
         # Rows as long as the longest read every position up to `end`: no mask (the same kernel result as a mask of
         # all True, tests/test_engine.py checks it, so a row's output does not depend on its batch).
-        full = n == 1 or int(positions.min()) == end - 1
-        mask = None if full else (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
+        mask = None
+        if shortest != longest:
+            mask = (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         capacity = self.keys[0].shape[1]
         where = (torch.arange(first, first + n, device=self.device) * capacity + positions)  # into (slots x capacity)
         rot, half = cos.shape[-1], cos.shape[-1] // 2

@@ -69,9 +69,9 @@ class Int8Head(Int8Linear):
         weight = head.weight.detach().float()
         self.out_dtype = torch.float32
         self.scales = (weight.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        self.weight = torch.round(weight / self.scales[:, None]).clamp(-127, 127).to(torch.int8)
-        self.packed = torch.ops.onednn.qlinear_prepack(self.weight, [1, weight.shape[1]])  # oneDNN's own layout
-        self.weight = None  # the packed copy is the one kept
+        codes = torch.round(weight / self.scales[:, None]).clamp(-127, 127).to(torch.int8)
+        self.packed = torch.ops.onednn.qlinear_prepack(codes, [1, weight.shape[1]])  # oneDNN's own layout, kept alone
+        self.weight = None
         self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
         self.bias = None if head.bias is None else head.bias.detach().float()
 
@@ -87,8 +87,7 @@ class Int8Head(Int8Linear):
         scale = (torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True) / 127).clamp_(
             min=torch.finfo(torch.float32).tiny)
         codes = torch.round(rows / scale).clamp_(-127, 127).add_(128).to(torch.uint8)
-        out = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, self.packed, self.scales, self.zero_points, None,
-                                                 1.0, 0, torch.float32, "none", [], "")
+        out = integer_product(codes, self.packed, self.scales, self.zero_points)
         out.mul_(scale)
         if self.bias is not None:
             out += self.bias
@@ -101,6 +100,14 @@ class Int8Head(Int8Linear):
         if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu":
             return None
         return cls(head)
+
+
+def integer_product(codes: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                    zero_points: torch.Tensor) -> torch.Tensor:
+    """oneDNN's product of uint8 `codes` (zero point 128, so codes - 128 in [-127, 127]) and int8 weights prepacked by
+    `torch.ops.onednn.qlinear_prepack`, summed in int32, as float32 times each output channel's scale."""
+    return torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, scales, zero_points, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
 
 
 @functools.cache
@@ -117,8 +124,7 @@ def onednn_int8_exact() -> bool:
         for rows in (1, 3, 32):
             codes = torch.randint(0, 256, (rows, 256), dtype=torch.uint8, generator=generator)
             codes[0] = 255
-            got = torch.ops.onednn.qlinear_pointwise(codes, 1.0, 128, packed, torch.ones(96), torch.zeros(96, dtype=torch.long),
-                                                     None, 1.0, 0, torch.float32, "none", [], "")
+            got = integer_product(codes, packed, torch.ones(96), torch.zeros(96, dtype=torch.long))
             want = (codes.double() - 128) @ weight.double().t()  # sums below 2**24: exact in float32 too
             if not torch.equal(got.double(), want):
                 return False
