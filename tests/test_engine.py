@@ -21,7 +21,8 @@ from starlette.requests import Request
 from tablefree.hub import load_model
 from tablefree.serve.decoder import MIN_CAPACITY, SlotDecoder
 from tablefree.serve.engine import Engine, LoopSink, Sequence, SlabHead, output_logits
-from tablefree.serve.precision import Int8Head, choose_precision, integer_product, measure, onednn_int8_exact
+from tablefree.serve.precision import (Int8Head, choose_precision, integer_product, lower_activation, measure,
+                                      onednn_int8_exact, without_onednn)
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
@@ -365,6 +366,8 @@ def test_blockwise_argmax_is_argmax(vocab):
     logits[1, vocab - 1] = 0.0
     logits[2, vocab // 2 :] = 9.0
     assert torch.equal(first_argmax(logits), logits.argmax(-1))
+    for r in range(len(logits)):  # one row takes its own path (a view of its block, no gather)
+        assert torch.equal(first_argmax(logits[r : r + 1]), logits[r : r + 1].argmax(-1)), r
 
 
 def test_two_level_draw_picks_the_first_id_past_its_target():
@@ -583,6 +586,44 @@ def test_slot_decoder_steps_give_the_models_own_logits(served, lower_body):
     while len(rows[live[0]]) < MIN_CAPACITY + 8:  # past the first capacity
         step(live)
     assert decoder.keys[0].shape[1] == 2 * MIN_CAPACITY
+
+
+def test_a_one_row_step_reads_its_tables_as_views_and_checks_the_id(served):
+    """A step of one row reads its code values and rotation as views of their tables: the entries indexing reads,
+    the model's own logits, and an id outside the vocabulary is an IndexError, as indexing the table would raise."""
+    model, tokenizer = served
+    ids = prompt(tokenizer, "One, two, three")
+    decoder = SlotDecoder(model, max_rows=2, max_len=MIN_CAPACITY)
+    for token, position in ((ids[-1], len(ids) - 1), (0, 0), (model.config.vocab_size - 1, MIN_CAPACITY - 1)):
+        x = decoder._embed([token])
+        assert torch.equal(x, decoder._embed(torch.tensor([token])))
+        for view, gathered in zip(decoder._rotation(x, [position]), decoder._rotation(x, torch.tensor([position]))):
+            assert torch.equal(view, gathered)
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
+        decoder.add([(layer.keys, layer.values) for layer in out.cache.layers], [len(ids) - 1])
+        position = torch.tensor([len(ids) - 1])
+        for bad in (model.config.vocab_size, -1):
+            with pytest.raises(IndexError, match="out of bounds"):
+                decoder.step(torch.tensor([bad]), position, head=model.get_output_embeddings())
+        got = decoder.step(torch.tensor(ids[-1:]), position, head=model.get_output_embeddings())[0, -1]
+        want = model(input_ids=torch.tensor([ids])).logits[0, -1]
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_int8_body_activation_runs_without_onednn_and_restores_it():
+    """The int8 body's gelu is ATen's own kernel (oneDNN switched off around it, also for the quality measurement),
+    and torch's switch is as it was afterwards, even when the call fails."""
+    x = torch.randn(3, 1024) * 4
+    gelu = lower_activation(F.gelu)
+    with without_onednn():
+        want = F.gelu(x)
+        assert not torch.backends.mkldnn.is_available() or not torch._C._get_mkldnn_enabled()
+    assert torch.equal(gelu(x), want)
+    before = torch._C._get_mkldnn_enabled()
+    with pytest.raises(TypeError):
+        gelu("not a tensor")
+    assert torch._C._get_mkldnn_enabled() == before
 
 
 def test_attention_without_a_mask_is_attention_under_a_mask_of_all_true():

@@ -24,7 +24,7 @@ from transformers import GPTNeoXForCausalLM
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
 from ..codes import CodeLift
-from .precision import Int8Linear
+from .precision import Int8Linear, lower_activation
 
 MIN_CAPACITY = 64  # cache positions allocated at first; the capacity doubles from there up to the context length
 MAX_CODE_VALUES = 1 << 24  # code values (V x K) the decoder keeps at most, 64 MiB in float32
@@ -74,6 +74,8 @@ class _Layer:
         self.up, self.down = linear(mlp.dense_h_to_4h), linear(mlp.dense_4h_to_h)
         # transformers' activation modules keep their function as `act` (GELUActivation: F.gelu): call it bare.
         self.act = getattr(mlp.act, "act", None) if callable(getattr(mlp.act, "act", None)) else mlp.act
+        if lower:
+            self.act = lower_activation(self.act)
         self.parallel = layer.use_parallel_residual
         self.scaling = attention.scaling
 
@@ -178,19 +180,22 @@ class SlotDecoder:
         The same operations as GPTNeoXModel's forward for one token, in the same order, so they round alike; only the
         rows are kept 2-D and the query and key are rotated together."""
         n, heads, size = len(ids), self.heads, self.head_size
-        shortest, longest = (int(bound) for bound in positions.aminmax())
+        # The rows' positions as Python ints, read once: a step of one row costs a few hundred microseconds, and each
+        # small tensor operation about 5-20 us of it (the head's product has just evicted the caches).
+        at = positions.tolist()
+        shortest, longest = min(at), max(at)
         end = longest + 1
         self._reserve(first + n, end)
-        ids, positions = ids.to(self.device), positions.to(self.device)
-        x = self._embed(ids)
-        cos, sin = self._rotation(x, positions)  # (n, 1, 1, rotary dims); sin signed for the roll below
+        capacity = self.keys[0].shape[1]
+        where = torch.tensor([(first + row) * capacity + p for row, p in enumerate(at)], device=self.device)
+        rows = ids.tolist() if n == 1 else ids.to(self.device)  # one row: its tables' entries are read as views
+        x = self._embed(rows)
+        cos, sin = self._rotation(x, at if n == 1 else positions.to(self.device))  # (n, 1, 1, rotary dims), signed sin
         # Rows as long as the longest read every position up to `end`: no mask (the same kernel result as a mask of
         # all True, tests/test_engine.py checks it, so a row's output does not depend on its batch).
         mask = None
         if shortest != longest:
-            mask = (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
-        capacity = self.keys[0].shape[1]
-        where = (torch.arange(first, first + n, device=self.device) * capacity + positions)  # into (slots x capacity)
+            mask = (torch.arange(end, device=self.device)[None, :] <= positions.to(self.device)[:, None])[:, None, None, :]
         rot, half = cos.shape[-1], cos.shape[-1] // 2
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             qkv = layer.qkv(layer.norm1(x)).view(n, heads, 3, size)
@@ -214,17 +219,30 @@ class SlotDecoder:
         x = self.final_norm(x)[:, None]
         return x if head is None else head(x)
 
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def _embed(self, ids: torch.Tensor | list[int]) -> torch.Tensor:
+        """The rows' input vectors, for `ids` as a tensor or (one row) a list."""
         if self._code_values is not None:
-            return self.embed.tile(self._code_values[ids])
+            return self.embed.tile(_entries(self._code_values, ids))
+        ids = torch.tensor(ids, device=self.device) if isinstance(ids, list) else ids
         return self.embed(ids, dtype=self.dtype) if isinstance(self.embed, CodeLift) else self.embed(ids)
 
-    def _rotation(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotation(self, x: torch.Tensor, positions: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and signed sin (`_signed`) of each row's position, (n, 1, 1, rotary dims): looked up in a table the
         model's own rotary module computed for every position (the same values), or from the module per step when
         its rope type rescales with the length seen (dynamic rope)."""
         if self._table is None:
+            positions = torch.tensor(positions, device=self.device) if isinstance(positions, list) else positions
             cos, sin = self.rotary(x[:, None], position_ids=positions[:, None])  # as GPTNeoXModel calls it
             return cos[:, :, None], _signed(sin)[:, :, None]
         cos, sin = self._table
-        return cos[positions][:, None, None], sin[positions][:, None, None]
+        return _entries(cos, positions)[:, None, None], _entries(sin, positions)[:, None, None]
+
+
+def _entries(table: torch.Tensor, index: torch.Tensor | list[int]) -> torch.Tensor:
+    """table[index]: for a list of one index, a view of that entry (no gather), checked as indexing would check it."""
+    if isinstance(index, torch.Tensor):
+        return table[index]
+    (i,) = index
+    if not 0 <= i < len(table):
+        raise IndexError(f"index {i} is out of bounds for a table of {len(table)} entries")
+    return table[i : i + 1]

@@ -139,13 +139,40 @@ def body_linears(model) -> list[torch.nn.Linear]:
 
 
 @contextlib.contextmanager
+def without_onednn():
+    """oneDNN off inside (torch's global switch, restored on the way out). torch sends a float32 gelu to oneDNN, which
+    costs about 9 us a call whatever the size; ATen's own vectorised kernel costs 1.5 us for a decode step's row.
+    The two differ by up to 1e-6, so only int8 body weights, already a different arithmetic, run it
+    (`lower_activation`, and `int8_body` for the quality measurement). oneDNN's int8 head product is called by name
+    and runs either way."""
+    was = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(was)
+
+
+def lower_activation(act):
+    """A block's activation as int8 body weights run it: `act` without oneDNN (`without_onednn`)."""
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with without_onednn():
+            return act(x)
+
+    return run
+
+
+@contextlib.contextmanager
 def int8_body(model):
-    """Runs the model's block linears as Int8Linear inside the block, as the engine's decode step would."""
+    """Runs the model's block linears as Int8Linear inside the block, and its activation without oneDNN, as the
+    engine's decode step would."""
     linears = body_linears(model)
     for linear in linears:
         linear.forward = Int8Linear(linear)  # an instance attribute: removed on the way out
     try:
-        yield
+        with without_onednn():
+            yield
     finally:
         for linear in linears:
             del linear.forward
