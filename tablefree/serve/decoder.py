@@ -47,7 +47,7 @@ def unsupported(model) -> str | None:
 
 
 def _signed(sin: torch.Tensor) -> torch.Tensor:
-    """sin with its first half negated: rotate_half(t) * sin == roll(t, half) * _signed(sin), exactly (a sign)."""
+    """sin with its first half negated: rotate_half(t) * sin == cat(t2, t1) * _signed(sin), exactly (a sign)."""
     half = sin.shape[-1] // 2
     return torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
 
@@ -201,9 +201,9 @@ class SlotDecoder:
             qkv = layer.qkv(layer.norm1(x)).view(n, heads, 3, size)
             qk = qkv[:, :, :2]
             turned = qk[..., :rot]
-            # GPT-NeoX's rotate_half, cat(-t2, t1), is the roll cat(t2, t1) times the signs that `sin` carries:
-            # the same products, so the same rounding.
-            turned = turned * cos + torch.roll(turned, half, -1) * sin
+            # GPT-NeoX's rotate_half, cat(-t2, t1), is cat(t2, t1) times the signs that `sin` carries: the same
+            # products, so the same rounding.
+            turned = turned * cos + torch.cat((turned[..., half:], turned[..., :half]), dim=-1) * sin
             qk = turned if rot == size else torch.cat((turned, qk[..., rot:]), dim=-1)
             keys.view(-1, heads, size).index_copy_(0, where, qk[:, :, 1])
             values.view(-1, heads, size).index_copy_(0, where, qkv[:, :, 2])

@@ -86,7 +86,8 @@ class Int8Head(Int8Linear):
         # A NaN or infinite row gives a non-finite scale, so its logits are non-finite too (the sampler screens them).
         scale = (torch.linalg.vector_norm(rows, float("inf"), dim=1, keepdim=True) / 127).clamp_(
             min=torch.finfo(torch.float32).tiny)
-        codes = torch.round(rows / scale).clamp_(-127, 127).add_(128).to(torch.uint8)
+        # |rows / scale| <= 127 up to a rounding of the division, so the rounded codes lie in [-127, 127] unclamped.
+        codes = torch.round(rows / scale).add_(128).to(torch.uint8)
         out = integer_product(codes, self.packed, self.scales, self.zero_points)
         out.mul_(scale)
         if self.bias is not None:
