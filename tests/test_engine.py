@@ -618,12 +618,12 @@ def test_int8_body_activation_runs_without_onednn_and_restores_it():
     gelu = lower_activation(F.gelu)
     with without_onednn():
         want = F.gelu(x)
-        assert not torch.backends.mkldnn.is_available() or not torch._C._get_mkldnn_enabled()
+        assert not torch.backends.mkldnn.enabled
     assert torch.equal(gelu(x), want)
-    before = torch._C._get_mkldnn_enabled()
+    before = torch.backends.mkldnn.enabled
     with pytest.raises(TypeError):
         gelu("not a tensor")
-    assert torch._C._get_mkldnn_enabled() == before
+    assert torch.backends.mkldnn.enabled == before
 
 
 def test_attention_without_a_mask_is_attention_under_a_mask_of_all_true():

@@ -141,17 +141,17 @@ def body_linears(model) -> list[torch.nn.Linear]:
 
 @contextlib.contextmanager
 def without_onednn():
-    """oneDNN off inside (torch's global switch, restored on the way out). torch sends a float32 gelu to oneDNN, which
-    costs about 9 us a call whatever the size; ATen's own vectorised kernel costs 1.5 us for a decode step's row.
-    The two differ by up to 1e-6, so only int8 body weights, already a different arithmetic, run it
-    (`lower_activation`, and `int8_body` for the quality measurement). oneDNN's int8 head product is called by name
-    and runs either way."""
-    was = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
+    """oneDNN off inside (torch's process-wide switch, restored on the way out; a server computes in one thread, its
+    engine's, so nothing else runs meanwhile). torch sends a float32 gelu to oneDNN, which costs about 9 us a call
+    whatever the size; ATen's own vectorised kernel costs 1.5 us for a decode step's row. The two differ by up to
+    1e-6, so only int8 body weights, already a different arithmetic, run it (`lower_activation`, and `int8_body` for
+    the quality measurement). oneDNN's int8 head product is called by name and runs either way."""
+    was = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch._C._set_mkldnn_enabled(was)
+        torch.backends.mkldnn.enabled = was
 
 
 def lower_activation(act):
