@@ -41,12 +41,19 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-        limit = None if open_files is None else lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
+        def child_setup() -> None:
+            # Ctrl-C reaches the server as from a terminal even where the tests run with SIGINT ignored (a background
+            # job inherits that, and uvicorn then re-raises a handled SIGINT into the ignore: exit 0, not 130).
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if open_files is not None:  # the child's RLIMIT_NOFILE
+                resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
         self.log = open(log_path, "w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tablefree.cli", "serve", str(model), "--port", str(self.port), "--host", "127.0.0.1",
              "--log-level", "warning", "--threads", "1", *args],  # one thread: test machines are shared
-            stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=limit, start_new_session=new_session,
+            stdout=self.log, stderr=subprocess.STDOUT, env=env, preexec_fn=child_setup, start_new_session=new_session,
         )
         self.wait_ready()
 
