@@ -345,6 +345,28 @@ def test_sampler_reports_non_finite_rows_and_never_overflows():
     assert [chosen[0], chosen[3], chosen[4]] == [17, 17, 17]
 
 
+@pytest.mark.parametrize("case", ["nan", "+inf", "all -inf", "some -inf"])
+def test_a_row_alone_is_screened_as_in_a_batch(case):
+    """One row takes the sampler's one-row paths (its block read as a view): a NaN, +inf or all -inf row still fails
+    alone with NonFiniteLogits, and a row whose ruled-out ids are -inf is sampled among the rest, greedy or not."""
+    logits = torch.randn(1, 1000)
+    logits[0, 300] = 9.0
+    if case == "nan":
+        logits[0, 7] = float("nan")
+    elif case == "+inf":
+        logits[0, 999] = float("inf")
+    elif case == "all -inf":
+        logits[:] = float("-inf")
+    else:
+        logits[0, :300] = float("-inf")
+    for params in (dict(temperature=0), dict(temperature=1e-3)):
+        chosen = TokenSampler(0).sample(logits.clone(), [row(**params)])
+        if case == "some -inf":
+            assert chosen == [300], params
+        else:
+            assert isinstance(chosen[0], NonFiniteLogits), (case, params)
+
+
 def test_sampler_penalty_overflow_fails_only_that_row():
     sampler = TokenSampler(0)
     logits = torch.randn(2, 50)
