@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tablefree.errors import TableFreeError
-from tablefree.runtime import in_passing_thread, native_bf16, resolve_runtime
+from tablefree.runtime import in_passing_thread, native_bf16, resolve_runtime, settle_heap
 
 
 def _cpu_flags() -> set[str]:
@@ -61,3 +61,29 @@ def test_in_passing_thread_returns_and_raises_in_the_caller():
 
 def _refuse(reason: str):
     raise TableFreeError(reason)
+
+
+def test_settle_heap_collects_the_garbage_then_sets_the_live_objects_aside():
+    """What is garbage now is collected first; what is alive leaves the collector's generations (a full collection
+    no longer walks it), and objects made afterwards are tracked as usual."""
+    import gc
+    import weakref
+
+    class Node:
+        pass
+
+    cycle = Node()
+    cycle.me = cycle  # garbage only a collection frees
+    dead = weakref.ref(cycle)
+    del cycle
+    keep = [Node() for _ in range(100)]
+    try:
+        frozen = settle_heap()
+        assert dead() is None, "the garbage cycle was frozen instead of collected"
+        assert frozen == gc.get_freeze_count() >= len(keep)
+        walked = {id(obj) for obj in gc.get_objects()}
+        assert not any(id(node) in walked for node in keep)
+        later = [Node()]
+        assert id(later) in {id(obj) for obj in gc.get_objects()}
+    finally:
+        gc.unfreeze()

@@ -237,6 +237,7 @@ def run_engine_process(conn, spec, parent: int) -> None:
     from .. import register_auto_classes
     from ..cli import quiet_libraries
     from ..errors import TableFreeError, summary
+    from ..runtime import settle_heap
     from .server import configure_logging, load_engine
 
     side = _EngineSide(conn)
@@ -253,6 +254,7 @@ def run_engine_process(conn, spec, parent: int) -> None:
         return
     configure_logging(spec.log_level)
     side.engine = engine
+    settle_heap()  # the model is loaded: no full collection walks it again
     engine.start()
     conn.send(("ready", facts))
     side.serve()

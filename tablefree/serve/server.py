@@ -32,7 +32,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
 from ..runtime import (DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, in_passing_thread, pick_device, pick_dtype,
-                       resolve_runtime)
+                       resolve_runtime, settle_heap)
 from . import ENGINES, PRECISIONS, ServeLimits
 from .app import ServeSettings, create_app
 from .chat_template import ChatTemplate, ChatTemplateError
@@ -530,6 +530,7 @@ def serve_command(args) -> int:
                             timeout_keep_alive=args.timeout_keep_alive, timeout_graceful_shutdown=args.shutdown_timeout,
                             backlog=BACKLOG)
     server = uvicorn.Server(config)
+    settle_heap()  # the model, tokenizer and app are loaded: no full collection walks them again
     if isinstance(engine, ProcessEngine):
         engine.on_death = lambda: setattr(server, "should_exit", True)  # drain what is left, then exit with the error
     server.run(sockets=[listener])
