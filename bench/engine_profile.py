@@ -4,7 +4,8 @@ For each row count, that many sequences on the prompt "Once upon a time," are ad
 then --steps decode steps are timed. Phases, from the engine's own methods timed around each call: the model's
 forward (the body and the output head; through transformers' forward, with --hf-forward, also the KV cache's growth:
 its DynamicCache concatenates each layer's keys and values every step), sampling and handing out the tokens (`_next_tokens`: sampling, detokenising, stop
-strings, events), and the rest of the step (admission, dropping finished rows, Python around it). Then the same steps
+strings, events), and the rest of the step (admission, dropping finished rows, Python around it); the forward's output
+head is timed by hooks on its module (the rest of the forward is the body). Then the same steps
 under torch.profiler: the operators that take the most self CPU time, so "the forward" splits into the head's matrix
 product, attention, the MLP and the cache's copies.
 Network: `small-affine` (4 layers, width 256, V = 65,536) fresh from `tablefree new` unless --model is given; sampled
@@ -50,6 +51,20 @@ def timed_engine(engine: Engine, spent: dict[str, float]) -> None:
         setattr(engine, name, wrapper)
 
 
+def timed_head(engine: Engine, spent: dict[str, float]):
+    """Times the output head's calls (the module the forward calls, whatever precision runs inside it) into
+    spent["head"], by a pre-hook and a hook on it; returns their handles."""
+    head, began = engine.model.get_output_embeddings(), []
+
+    def before(module, args):
+        began.append(time.perf_counter())
+
+    def after(module, args, output):
+        spent["head"] += time.perf_counter() - began.pop()
+
+    return [head.register_forward_pre_hook(before), head.register_forward_hook(after)]
+
+
 def admitted(engine: Engine, ids: list[int], rows: int, max_tokens: int) -> list[Sequence]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.5, ignore_eos=True)
     sequences = [Sequence(ids, params, engine.tokenizer, lambda event: None, set()) for _ in range(rows)]
@@ -63,6 +78,7 @@ def admitted(engine: Engine, ids: list[int], rows: int, max_tokens: int) -> list
 def profile_rows(engine: Engine, ids: list[int], rows: int, steps: int, top: int) -> None:
     spent: dict[str, float] = defaultdict(float)
     timed_engine(engine, spent)
+    hooks = timed_head(engine, spent)
     sequences = admitted(engine, ids, rows, max_tokens=16 + 2 * steps)
     for _ in range(8):  # warm-up at this batch size
         engine.step()
@@ -81,14 +97,19 @@ def profile_rows(engine: Engine, ids: list[int], rows: int, steps: int, top: int
         engine.step()
     for name in PHASES:
         vars(engine).pop(name, None)
+    for hook in hooks:
+        hook.remove()
 
     per_step = 1000 * total / steps
     print(f"\n{rows} rows: {per_step:.2f} ms per decode step, {rows * steps / total:.0f} tokens/s")
+    head = spent.pop("head", 0.0)
     rest = total - sum(spent.values())
     for name, label in PHASES.items():
         if name not in spent:
             continue  # the other decode path
         print(f"  {label:<38}{1000 * spent[name] / steps:>8.2f} ms  {spent[name] / total:>6.1%}")
+        if name in ("_slot_step", "_decode_forward"):
+            print(f"  {'  of which the output head':<38}{1000 * head / steps:>8.2f} ms  {head / total:>6.1%}")
     print(f"  {'the rest of the step (Python, admission)':<38}{1000 * rest / steps:>8.2f} ms  {rest / total:>6.1%}")
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     profiled = sum(e.self_cpu_time_total for e in events) or 1

@@ -1,0 +1,81 @@
+"""What a small operator call costs right after the decode step's big read, against the same call warm.
+
+A one-row decode step streams the int8 output head (16 MiB for V = 65,536 and width 256) through the caches, then
+runs the next step's body as a hundred small operator calls. This measures, per round: the big read (oneDNN's int8
+head product where it runs exactly, as the engine's int8 head; and a plain float32 sum over 16 MiB), then the first
+calls of a few small operators right after it, then the same calls again (warm). Means over --rounds rounds, at 1 and
+at 2 threads: if the first calls cost more at 1 thread too, the cost is the caches, not OpenMP's worker threads.
+No goal; docs/architecture.md ("What stands in the way on one stream") quotes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from tablefree.serve.precision import integer_product, onednn_int8_exact
+
+V, WIDTH = 65_536, 256
+
+
+def small_calls(logits: torch.Tensor) -> dict[str, callable]:
+    """The small operators, in the order they run after the big read (a step's logits, then its sampler's first ops)."""
+    scale = torch.full((1, 1), 0.5)  # out of place: repeated in place, the values would drift into subnormals
+    return {
+        f"mul over {V:,} floats": lambda: logits.mul(scale),
+        "amax of 256 blocks": lambda: logits.view(1, -1, 256).amax(-1),
+        "max over 256 floats": lambda: logits[0, :256].max(-1),
+        "layer_norm of 1 x 256": lambda: torch.nn.functional.layer_norm(logits[:, :WIDTH], (WIDTH,)),
+    }
+
+
+def rounds(big_read, logits: torch.Tensor, count: int) -> dict[str, tuple[float, float]]:
+    """Per small call: (mean us right after `big_read`, mean us at its second call)."""
+    calls = small_calls(logits)
+    cold = {name: 0.0 for name in calls}
+    warm = {name: 0.0 for name in calls}
+    for round_ in range(count + 20):  # the first 20 rounds warm the code up and are not counted
+        big_read()
+        for name, call in calls.items():
+            began = time.perf_counter()
+            call()
+            first = time.perf_counter() - began
+            began = time.perf_counter()
+            call()
+            second = time.perf_counter() - began
+            if round_ >= 20:
+                cold[name] += first
+                warm[name] += second
+    return {name: (1e6 * cold[name] / count, 1e6 * warm[name] / count) for name in calls}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=500)
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, not {args.rounds}")
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-127, 128, (V, WIDTH), dtype=torch.int8, generator=generator)
+    codes = torch.randint(0, 256, (1, WIDTH), dtype=torch.uint8, generator=generator)
+    scales, zero_points = torch.rand(V, generator=generator) / 127, torch.zeros(V, dtype=torch.long)
+    floats = torch.randn(V * WIDTH // 4, generator=generator)  # 16 MiB of float32
+    logits = torch.randn(1, V, generator=generator)
+    reads = {"a 16 MiB float32 sum": lambda: floats.sum()}
+    if onednn_int8_exact():
+        packed = torch.ops.onednn.qlinear_prepack(weight, [1, WIDTH])
+        reads = {"oneDNN's int8 head product": lambda: integer_product(codes, packed, scales, zero_points), **reads}
+    else:
+        print("oneDNN's int8 product does not run exactly here: only the float32 read is measured")
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for what, read in reads.items():
+            print(f"\nafter {what}, {threads} thread{'s' if threads > 1 else ''} (means of {args.rounds} rounds):")
+            for name, (cold, warm) in rounds(read, logits, args.rounds).items():
+                print(f"  {name:<28} {cold:7.1f} us right after, {warm:6.1f} us at its second call ({cold / warm:.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
