@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -20,7 +21,7 @@ from tablefree.serve.precision import integer_product, onednn_int8_exact
 V, WIDTH = 65_536, 256
 
 
-def small_calls(logits: torch.Tensor) -> dict[str, callable]:
+def small_calls(logits: torch.Tensor) -> dict[str, Callable[[], object]]:
     """The small operators, in the order they run after the big read (a step's logits, then its sampler's first ops)."""
     scale = torch.full((1, 1), 0.5)  # out of place: repeated in place, the values would drift into subnormals
     return {
@@ -31,7 +32,7 @@ def small_calls(logits: torch.Tensor) -> dict[str, callable]:
     }
 
 
-def rounds(big_read, logits: torch.Tensor, count: int) -> dict[str, tuple[float, float]]:
+def rounds(big_read: Callable[[], object], logits: torch.Tensor, count: int) -> dict[str, tuple[float, float]]:
     """Per small call: (mean us right after `big_read`, mean us at its second call)."""
     calls = small_calls(logits)
     cold = {name: 0.0 for name in calls}
