@@ -188,14 +188,16 @@ class SlotDecoder:
         self._reserve(first + n, end)
         capacity = self.keys[0].shape[1]
         where = torch.tensor([(first + row) * capacity + p for row, p in enumerate(at)], device=self.device)
-        rows = ids.tolist() if n == 1 else ids.to(self.device)  # one row: its tables' entries are read as views
+        positions = positions.to(self.device)
+        # One row reads its tables' entries as views, by Python ints; more rows gather them by tensors.
+        rows, where_in_tables = (ids.tolist(), at) if n == 1 else (ids.to(self.device), positions)
         x = self._embed(rows)
-        cos, sin = self._rotation(x, at if n == 1 else positions.to(self.device))  # (n, 1, 1, rotary dims), signed sin
+        cos, sin = self._rotation(x, where_in_tables)  # (n, 1, 1, rotary dims), sin signed
         # Rows as long as the longest read every position up to `end`: no mask (the same kernel result as a mask of
         # all True, tests/test_engine.py checks it, so a row's output does not depend on its batch).
         mask = None
         if shortest != longest:
-            mask = (torch.arange(end, device=self.device)[None, :] <= positions.to(self.device)[:, None])[:, None, None, :]
+            mask = (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         rot, half = cos.shape[-1], cos.shape[-1] // 2
         for layer, keys, values in zip(self.layers, self.keys, self.values):
             qkv = layer.qkv(layer.norm1(x)).view(n, heads, 3, size)

@@ -27,16 +27,22 @@ MIN_TOP1_AGREEMENT = 0.98
 MAX_BITS_PER_BYTE_CHANGE = 0.005
 
 
+def per_row_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scales): `weight` (out x in) as int8 codes in [-127, 127] with one scale per output row, in
+    `scale_dtype`. The scales are rounded to that dtype first, so the codes are quantised against the scales a kernel
+    multiplies by."""
+    weight = weight.detach().float()
+    scales = (weight.abs().amax(1) / 127).clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype)
+    codes = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+    return codes, scales
+
+
 class Int8Linear:
     """A linear layer as int8 weights with one bfloat16 scale per output channel; its output has `out_dtype` (by
     default the layer's own dtype)."""
 
     def __init__(self, linear: torch.nn.Linear, out_dtype: torch.dtype | None = None):
-        weight = linear.weight.detach().float()
-        # Scales rounded to bfloat16 first, so the weights are quantised against the scales the kernel multiplies by.
-        scales = (weight.abs().amax(1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).bfloat16()
-        self.weight = torch.round(weight / scales.float()[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scales = scales
+        self.weight, self.scales = per_row_int8(linear.weight, torch.bfloat16)  # the kernel's scales are bfloat16
         self.out_dtype = out_dtype or linear.weight.dtype
         self.bias = None if linear.bias is None else linear.bias.detach().to(self.out_dtype)
 
@@ -66,13 +72,11 @@ class Int8Head(Int8Linear):
         if not onednn_int8_exact():
             super().__init__(head, out_dtype=torch.float32)
             return
-        weight = head.weight.detach().float()
         self.out_dtype = torch.float32
-        self.scales = (weight.abs().amax(1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        codes = torch.round(weight / self.scales[:, None]).clamp(-127, 127).to(torch.int8)
-        self.packed = torch.ops.onednn.qlinear_prepack(codes, [1, weight.shape[1]])  # oneDNN's own layout, kept alone
-        self.weight = None
-        self.zero_points = torch.zeros(weight.shape[0], dtype=torch.long)
+        codes, self.scales = per_row_int8(head.weight, torch.float32)
+        self.packed = torch.ops.onednn.qlinear_prepack(codes, [1, codes.shape[1]])
+        self.weight = None  # oneDNN's own layout (`packed`) is the only copy kept
+        self.zero_points = torch.zeros(codes.shape[0], dtype=torch.long)
         self.bias = None if head.bias is None else head.bias.detach().float()
 
     @property
