@@ -20,9 +20,9 @@ from starlette.requests import Request
 
 from tablefree.hub import load_model
 from tablefree.serve.decoder import MIN_CAPACITY, SlotDecoder
-from tablefree.serve.engine import Engine, LoopSink, Sequence, SlabHead, output_logits
-from tablefree.serve.precision import (Int8Head, choose_precision, integer_product, lower_activation, measure,
-                                      onednn_int8_exact, without_onednn)
+from tablefree.serve.engine import Engine, LoopSink, Sequence, output_logits
+from tablefree.serve.precision import (Int8Head, PackedLinear, choose_precision, integer_product, lower_activation,
+                                      measure, onednn_int8_exact, packed_products, without_onednn)
 from tablefree.serve.metrics import ServerMetrics
 from tablefree.serve.protocol import APIError, CompletionRequest
 from tablefree.serve.responses import RequestRun
@@ -457,20 +457,29 @@ def test_batched_sampling_draws_what_each_row_would():
         assert chosen[i] == int(torch.searchsorted(cdf, uniform[j] * cdf[-1], right=True))
 
 
-@pytest.mark.parametrize("columns", [2048, 1000, 7])
-def test_slab_head_gives_the_heads_logits(served, columns):
-    """The head's product from slabs of a transposed copy (the last one padded when the slabs do not divide V) equals
-    the head's own, for 1 to 64 rows; the engine puts the head back after each pass."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_head_gives_the_heads_logits(served, dtype):
+    """The head's product from oneDNN's prepacked copy of its weight equals the head's own, for 1 to 64 rows, each row
+    as in its batch; the engine decodes through it and puts the model's head back after each pass. Only float32 and
+    bfloat16 linear layers are packed."""
     model, tokenizer = served
-    head = model.get_output_embeddings()
-    slab = SlabHead.of(model, columns)
-    for rows in (1, 3, 8, 64):
-        hidden = torch.randn(rows, 1, head.in_features)
-        with torch.no_grad():
-            assert torch.allclose(slab(hidden), head(hidden), atol=1e-5) and slab(hidden).shape == (rows, 1, head.out_features)
+    head = torch.nn.Linear(model.config.hidden_size, model.config.vocab_size).to(dtype).requires_grad_(False)
+    head.weight.copy_(model.get_output_embeddings().weight)
+    packed = PackedLinear.of(head)
+    assert packed is not None and packed_products()
+    hidden = torch.randn(64, 1, head.in_features).to(dtype)
+    with torch.no_grad():
+        together, own = packed(hidden), head(hidden)
+        assert together.shape == (64, 1, head.out_features) and together.dtype == dtype
+        assert torch.allclose(together.float(), own.float(), atol=1e-5 if dtype == torch.float32 else 2e-2)
+        for first, rows in ((0, 1), (5, 3), (8, 8), (3, 17)):
+            assert torch.allclose(packed(hidden[first : first + rows]).float(), together[first : first + rows].float(),
+                                  atol=1e-5 if dtype == torch.float32 else 2e-2)
+    assert PackedLinear.of(torch.nn.Linear(4, 4).half()) is None and PackedLinear.of(torch.nn.Identity()) is None
     engine = Engine(model, tokenizer, max_model_len=64, seed=0)
+    assert isinstance(engine._packed_head, PackedLinear)
     run(engine, {0: [sequence(engine, prompt(tokenizer, "one row"), **GREEDY)]})
-    assert "forward" not in vars(head)
+    assert "forward" not in vars(model.get_output_embeddings())
 
 
 def test_int8_head_is_row_independent_close_to_float32_and_a_quarter_of_its_bytes(served):

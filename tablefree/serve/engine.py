@@ -30,7 +30,7 @@ from transformers import DynamicCache
 from . import ServeLimits
 from .decoder import SlotDecoder, unsupported
 from .params import SamplingParams
-from .precision import Int8Head
+from .precision import Int8Head, PackedLinear
 from .sampling import NonFiniteLogits, Penalties, TokenSampler, finite_rows, top_logprobs
 from .text import IncrementalText
 
@@ -170,45 +170,6 @@ def output_logits(output) -> torch.Tensor:
     return logits
 
 
-SLAB_COLUMNS = 2048  # vocabulary ids per slab of SlabHead: a 256-wide float32 slab is 2 MiB
-
-
-class SlabHead:
-    """The float32 output head's product for the last positions of a pass, from a copy of its weight stored transposed
-    and cut into slabs of SLAB_COLUMNS vocabulary ids, multiplied by one torch.bmm.
-
-    Measured on this project's CPU machine (torch 2.13, MKL, 2 threads, a 65,536 x 256 head): one product over the
-    whole (V, d) weight runs far below the memory's speed at few rows; over 32 slabs it is 1.3-2.7x faster from 1 to
-    128 rows (1 row 19 -> 13 ms, 8 rows 70 -> 37 ms, 32 rows 98 -> 61 ms, loaded machine). The price is one more copy
-    of the head's weight.
-    """
-
-    def __init__(self, head: torch.nn.Linear, columns: int = SLAB_COLUMNS):
-        weight = head.weight.detach()
-        self.vocab, width = weight.shape
-        self.slabs = max(1, -(-self.vocab // columns))
-        size = -(-self.vocab // self.slabs)
-        padded = F.pad(weight, (0, 0, 0, size * self.slabs - self.vocab))
-        self.weight = padded.view(self.slabs, size, width).transpose(1, 2).contiguous()  # (slabs, d, size)
-        self.bias = None if head.bias is None else head.bias.detach()
-
-    @classmethod
-    def of(cls, model, columns: int = SLAB_COLUMNS) -> SlabHead | None:
-        """The one for `model`'s head when it is a float32 linear layer on a CPU, else None."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu" or head.weight.dtype != torch.float32:
-            return None
-        return cls(head, columns)
-
-    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        rows = hidden.reshape(-1, hidden.shape[-1])
-        slabs = torch.bmm(rows.expand(self.slabs, *rows.shape), self.weight)  # (slabs, rows, V / slabs)
-        logits = slabs.transpose(0, 1).reshape(len(rows), -1)[:, : self.vocab]
-        if self.bias is not None:
-            logits = logits + self.bias
-        return logits.reshape(*hidden.shape[:-1], self.vocab)
-
-
 def _prompt_key(seq: Sequence) -> tuple:
     """Sequences with equal keys share one prefill: the same prompt, scored (to the same depth) or not."""
     return tuple(seq.prompt_ids), seq.params.logprobs if seq.params.prompt_logprobs else None
@@ -268,9 +229,10 @@ class Engine:
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
         self._deliver_events = deliver
         # The output head every pass runs: a lower-precision one when given (`choose_precision`), else the model's own,
-        # as SlabHead for the passes that keep the last positions only (every decode step).
+        # prepacked for the passes that keep the last positions only (every decode step).
         self._head = head
-        self._slab_head = None if head is not None else SlabHead.of(model)
+        own_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self._packed_head = None if head is not None else PackedLinear.of(own_head)
         self._thread = threading.Thread(target=self._run, name="tablefree-engine", daemon=True)
 
     # ---- any thread ----
@@ -425,8 +387,9 @@ class Engine:
 
     @contextlib.contextmanager
     def _head_for(self, last_only: bool):
-        """The model's head runs the engine's lower-precision head, or SlabHead when `last_only`, for one pass."""
-        instead = self._head or (self._slab_head if last_only else None)
+        """The model's head runs the engine's lower-precision head, or its prepacked copy when `last_only`, for one
+        pass."""
+        instead = self._head or (self._packed_head if last_only else None)
         head = self.model.get_output_embeddings() if instead is not None else None
         if head is None:
             yield
