@@ -294,7 +294,7 @@ def prepare(settings: PrepareSettings, out_dir: str | Path, tokenizer, progress:
     """
     from tqdm.auto import tqdm
 
-    from .tokenizer import end_of_text_id, tokenizer_hash
+    from .tokenizer import end_of_text_id, text_encoder, tokenizer_hash
 
     out = Path(out_dir)
     settings.check()
@@ -309,7 +309,7 @@ def prepare(settings: PrepareSettings, out_dir: str | Path, tokenizer, progress:
     state = _start_or_resume(out, fingerprint, len(settings.sources), force)
     if not state["shards"] or not (out / TOKENIZER_DIR / "tokenizer.json").is_file():
         _save_tokenizer(tokenizer, out / TOKENIZER_DIR)
-    backend = tokenizer.backend_tokenizer
+    backend = text_encoder(tokenizer)
     separator_ids = np.array([separator], dtype=dtype)
     options = settings.read_options()
     train_buf: list[np.ndarray] = []

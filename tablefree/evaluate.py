@@ -160,7 +160,9 @@ def document_windows(documents, tokenizer, seq_len: int, max_tokens: int | None,
     for doc in documents:
         count += 1
         for piece in pieces(doc):
-            ids.extend(tokenizer.encode(piece, add_special_tokens=False, verbose=False))  # no "longer than the maximum" warning: windows cut it
+            # A special token's spelling in the text is text, as prepared data encodes it (tokenizer.text_encoder); no
+            # "longer than the maximum" warning: the windows cut it.
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True, verbose=False))
         ids.append(separator)
         if max_tokens is not None and len(ids) > max_tokens:
             break

@@ -225,6 +225,15 @@ def set_end_of_text(tokenizer, token: str) -> None:
     tokenizer.eos_token = token
 
 
+def text_encoder(tokenizer) -> Tokenizer:
+    """A copy of `tokenizer`'s backend that encodes a special token's spelling found in a document ("</s>", "<s>") as
+    the text it is: documents are separated by the end-of-text id, never by what they say, so a document that quotes
+    "</s>" cannot end itself."""
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.encode_special_tokens = True
+    return backend
+
+
 def tokenizer_hash(tokenizer) -> str:
     """Content hash of what the tokenizer maps (vocabulary, merges, pre-tokenizer): prepared data records it."""
     backend = tokenizer.backend_tokenizer if hasattr(tokenizer, "backend_tokenizer") else tokenizer

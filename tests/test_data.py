@@ -152,6 +152,21 @@ def test_jsonl_and_parquet_mixture_roundtrip(tmp_path, code_point_tokenizer):
         assert (tmp_path / "out" / shard["file"]).stat().st_size == 2 * shard["tokens"]
 
 
+def test_a_special_tokens_spelling_in_a_document_is_text(tmp_path, code_point_tokenizer):
+    """A document that quotes "</s>" or "<s>" keeps those characters: only the separator between documents is the
+    end-of-text id, so no document ends early or opens another, and decoding gives back every document."""
+    texts = ["The tag </s> closes a sentence; <s> opens one.", "plain text", "<pad><unk></s>", "</s>"]
+    source = write_jsonl(tmp_path / "quoting.jsonl", texts)
+    prepare(PrepareSettings(sources=[Source(str(source))], val_fraction=0.5), tmp_path / "out", code_point_tokenizer,
+            progress=False)
+    ids = np.concatenate([_split_ids(tmp_path / "out", split) for split in ("train", "val")])
+    special = set(code_point_tokenizer.all_special_ids)
+    assert [i for i in ids.tolist() if i in special] == [EOS_ID] * len(texts)
+    docs = [d for split in ("train", "val") for d in _decode_split(tmp_path / "out", code_point_tokenizer, split)]
+    assert sorted(docs) == sorted(texts)
+    assert code_point_tokenizer.backend_tokenizer.encode_special_tokens is False  # the tokenizer itself is untouched
+
+
 def test_budget_and_weights(tmp_path, code_point_tokenizer):
     texts = topic_documents(200)
     a = write_jsonl(tmp_path / "a.jsonl", texts[:100])

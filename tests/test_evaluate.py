@@ -204,6 +204,19 @@ BYTE_SAMPLES = ["The function returns the value.", "naïve café: 5 € — 日�
                 "\x00\x7f\ufffd spaces   \r\n"]
 
 
+def test_a_file_quoting_special_tokens_is_scored_as_its_text(code_point_tokenizer):
+    """Evaluated text is encoded as prepared data is: "</s>" inside a document is its four characters, and the only
+    end-of-text ids are the separators after each document."""
+    from tablefree.evaluate import document_windows
+    from tablefree.tokenizer import EOS_ID
+
+    documents = ["a </s> b <s> c", "<unk>"]
+    (window,) = document_windows(documents, code_point_tokenizer, 64, None, "the file")
+    special = set(code_point_tokenizer.all_special_ids)
+    assert [i for i in window.tolist() if i in special] == [EOS_ID, EOS_ID]
+    assert code_point_tokenizer.decode(window.tolist()) == "a </s> b <s> c</s><unk></s>"
+
+
 @pytest.mark.parametrize("kind", ["code-point", "byte-level"])
 def test_byte_lengths_of_encoded_text_sum_to_its_utf8_bytes(kind, code_point_tokenizer, byte_level_tokenizer):
     from hypothesis import assume, given, settings
