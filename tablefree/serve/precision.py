@@ -52,7 +52,6 @@ class PackedLinear:
         weight = linear.weight.detach()
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         self.bias = None if linear.bias is None else linear.bias.detach()
-        self.out_features = weight.shape[0]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
@@ -68,13 +67,15 @@ class PackedLinear:
 
 @functools.cache
 def packed_products() -> bool:
-    """Whether this torch has oneDNN's prepacked linear product (x86 and Arm builds do), checked against `F.linear`."""
+    """Whether this torch has oneDNN's prepacked linear product, checked against `F.linear`."""
+    if not torch.backends.mkldnn.is_available():
+        return False
     try:
         linear = torch.nn.Linear(16, 8).requires_grad_(False)
         x = torch.randn(3, 16, generator=torch.Generator().manual_seed(0))
         packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight, None)
         got = torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
-        return torch.backends.mkldnn.is_available() and torch.allclose(got, linear(x), atol=1e-5)
+        return torch.allclose(got, linear(x), atol=1e-5)
     except (RuntimeError, AttributeError, NotImplementedError):  # no oneDNN, or no such product in it
         return False
 
