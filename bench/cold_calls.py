@@ -65,7 +65,7 @@ def rounds(big_read: Callable[[], object], logits: torch.Tensor, count: int) -> 
 def one_row_body(path: str) -> tuple[Callable[[], torch.Tensor], Int8Head]:
     """A decode step's body for one row of the model at `path` (int8 weights, after a 16-token prompt), and its int8
     head."""
-    model, tokenizer = load_for_serving(path, torch.float32, torch.device("cpu"), trust_remote_code=False)
+    model, _ = load_for_serving(path, torch.float32, torch.device("cpu"), trust_remote_code=False)
     decoder = SlotDecoder(model, 1, 64, lower_body=True)
     prompt = torch.arange(100, 116)[None]
     with torch.inference_mode():

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 from . import ServeLimits
 from .decoder import SlotDecoder, unsupported
 from .params import SamplingParams
-from .precision import Int8Head, PackedLinear
+from .precision import Int8Head, PackedLinear, output_head
 from .sampling import NonFiniteLogits, Penalties, TokenSampler, finite_rows, top_logprobs
 from .text import IncrementalText
 
@@ -231,8 +231,7 @@ class Engine:
         # The output head every pass runs: a lower-precision one when given (`choose_precision`), else the model's own,
         # prepacked for the passes that keep the last positions only (every decode step).
         self._head = head
-        own_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        self._packed_head = None if head is not None else PackedLinear.of(own_head)
+        self._packed_head = None if head is not None else PackedLinear.of(output_head(model))
         self._thread = threading.Thread(target=self._run, name="tablefree-engine", daemon=True)
 
     # ---- any thread ----

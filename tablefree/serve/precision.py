@@ -38,6 +38,11 @@ def per_row_int8(weight: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.
     return codes, scales
 
 
+def output_head(model):
+    """The model's output head module, or None for a model without `get_output_embeddings` (nanoGPT-style)."""
+    return model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+
+
 class PackedLinear:
     """A float32 or bfloat16 linear layer whose weight is kept in oneDNN's prepacked layout (a copy), multiplied by
     oneDNN's matmul without repacking it at each call.
@@ -144,7 +149,7 @@ class Int8Head(Int8Linear):
     @classmethod
     def of(cls, model) -> Int8Head | None:
         """The one for `model`'s head when it is a linear layer on a CPU, else None."""
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        head = output_head(model)
         if not isinstance(head, torch.nn.Linear) or head.weight.device.type != "cpu":
             return None
         return cls(head)
