@@ -16,6 +16,11 @@ network's near-uniform logits make agreement noise.
 With --engine-kinds the small network's sampled rates are also measured through a started engine of each kind
 (`tablefree serve --engine thread|process`): the worker thread, and the engine process, which adds the pipe both ways
 and the parent's reader thread, events counted by plain sinks; paired turns in alternating order, medians.
+Every engine of the table decodes one token a step (`draft_tokens=0`). Then one greedy stream of the small network
+with drafts (the engine's default, `tablefree serve --draft-tokens`: prompt lookup, serve/drafts.py), float32 and int8
+head and body, in the same turns as llama.cpp q8_0 with its own prompt lookup (`LlamaPromptLookupDecoding`, as many
+tokens guessed): both sides guess from the text, so the ratio compares like with like. The prompt's greedy text
+loops, as a small model's does: drafts show their best here, and a text that never repeats gets nothing from them.
 Goals: tiny c8/c1 >= 3; small one stream >= 0.5x llama.cpp f32's, and small c8 >= 1.5x llama.cpp's
 aggregate (llama.cpp decodes one sequence at a time, so its aggregate is its one-stream rate).
 Last line: ratio = tiny sampled c8 tokens/s / tiny sampled c1 tokens/s.
@@ -35,6 +40,7 @@ from pathlib import Path
 import torch
 
 from tablefree.runtime import add_runtime_flags, resolve_runtime
+from tablefree.serve import DRAFT_TOKENS
 from tablefree.serve.engine import Engine, Sequence
 from tablefree.serve.precision import Int8Head, measure
 from tablefree.serve.params import SamplingParams
@@ -133,22 +139,27 @@ def generate_rate(model, ids: list[int], max_tokens: int) -> float:
     return max_tokens / seconds
 
 
-def llama_model(model_dir: str, workdir: Path, threads: int, context: int, outtype: str = "f32"):
-    """llama_cpp.Llama on the GGUF export of `outtype` (f32, q8_0), or (None, why not)."""
+def llama_model(model_dir: str, workdir: Path, threads: int, context: int, outtype: str = "f32", lookup: int = 0):
+    """llama_cpp.Llama on the GGUF export of `outtype` (f32, q8_0), or (None, why not); `lookup`: that many tokens
+    guessed by llama-cpp-python's prompt lookup (LlamaPromptLookupDecoding), 0: none."""
     try:
         import llama_cpp
     except ImportError:
         return None, "llama-cpp-python is not installed"
     from tablefree.gguf import llama_cpp_without_repacking
 
+    from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
     llama_cpp_without_repacking()  # q8_0 files crash llama.cpp where it repacks them for AMX (see the function)
     out = workdir / f"gguf-{outtype}"
-    export = subprocess.run([sys.executable, "-m", "tablefree.cli", "export", model_dir, str(out), "--format", "gguf",
-                             "--outtype", outtype], capture_output=True, text=True)
-    if export.returncode != 0:
-        return None, f"the GGUF export failed: {export.stdout[-300:]}{export.stderr[-300:]}"
+    if not (out / "model.gguf").exists():
+        export = subprocess.run([sys.executable, "-m", "tablefree.cli", "export", model_dir, str(out), "--format", "gguf",
+                                 "--outtype", outtype], capture_output=True, text=True)
+        if export.returncode != 0:
+            return None, f"the GGUF export failed: {export.stdout[-300:]}{export.stderr[-300:]}"
+    draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None
     return llama_cpp.Llama(model_path=str(out / "model.gguf"), n_ctx=context, n_threads=threads,
-                           n_threads_batch=threads, verbose=False), None
+                           n_threads_batch=threads, verbose=False, draft_model=draft), None
 
 
 def llama_rate(llm, ids: list[int], max_tokens: int) -> float:
@@ -195,25 +206,32 @@ def main() -> None:
     for name, path in paths.items():
         model, tokenizer = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
         context = context_length(model.config, None)
-        engines = {name: Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context, seed=0)}
+        engines = {name: Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context, seed=0,
+                                draft_tokens=0)}
+        drafted = {}
         int8 = Int8Head.of(model) if name == "small" else None  # quantised once for every int8 variant
         for label, lower in SMALL_VARIANTS.items():
             if name != "small" or (lower is not None and int8 is None):
                 continue
             head, lower_body = (int8, lower[1]) if lower else (None, False)
             engines[label] = Engine(model, tokenizer, max_batch_size=max(args.concurrency), max_model_len=context,
-                                    seed=0, head=head, lower_body=lower_body, slots=lower is not None)
+                                    seed=0, head=head, lower_body=lower_body, slots=lower is not None, draft_tokens=0)
             if lower is not None:
                 quality[label] = measure(model, tokenizer, head, lower_body)
+        if name == "small":  # one greedy stream with drafts, float32 and int8 head and body
+            drafted = {label: Engine(model, tokenizer, max_batch_size=1, max_model_len=context, seed=0,
+                                     head=int8 if label != "small" else None, lower_body=label != "small")
+                       for label in ("small", "small-int8-body") if label == "small" or int8 is not None}
         ids = tokenizer.encode(PROMPT, add_special_tokens=False)
-        for engine in engines.values():
-            engine_rate(engine, ids, 2, 0.5, 8)  # warm-up: first-call allocations
-        llm = llm_q8 = None
+        for engine in [*engines.values(), *drafted.values()]:
+            engine_rate(engine, ids, 2 if engine.max_batch_size > 1 else 1, 0.5, 8)  # warm-up: first-call allocations
+        llm = llm_q8 = llm_lookup = None
         if name == "small":
             reference, _ = load_for_serving(path, runtime.dtype, runtime.device, trust_remote_code=False)
             generate_rate(reference, ids, 8)
             llm, why = llama_model(path, workdir, threads, context)
             llm_q8, why_q8 = llama_model(path, workdir, threads, context, "q8_0")
+            llm_lookup, _ = llama_model(path, workdir, threads, context, "q8_0", lookup=DRAFT_TOKENS)
             for why in {why, why_q8} - {None}:
                 reasons.append(f"llama.cpp left out: {why}")
         for run in range(args.repeats):
@@ -228,8 +246,14 @@ def main() -> None:
                     references["llama"] = max(references.get("llama", 0.0), llama_rate(llm, ids, args.max_tokens))
                 if llm_q8 is not None:
                     references["llama q8_0"] = max(references.get("llama q8_0", 0.0), llama_rate(llm_q8, ids, args.max_tokens))
+                for label, engine in drafted.items():
+                    key = (label, "drafts", 1)
+                    best[key] = max(best.get(key, 0.0), engine_rate(engine, ids, 1, 0.0, args.max_tokens))
+                if llm_lookup is not None:
+                    references["llama q8_0 lookup"] = max(references.get("llama q8_0 lookup", 0.0),
+                                                          llama_rate(llm_lookup, ids, args.max_tokens))
             print(f"  {name}: run {run + 1} of {args.repeats} done", file=sys.stderr, flush=True)
-        del engines, engine, model, llm, llm_q8
+        del engines, engine, drafted, model, llm, llm_q8, llm_lookup
 
     print(f"\nin-process engine, {args.max_tokens} new tokens per sequence, prompt {PROMPT!r}, best of {args.repeats}; "
           f"{runtime.describe()}")
@@ -265,6 +289,17 @@ def main() -> None:
         against = ", ".join(f"{LABELS.get(label, 'float32').strip()} {best[label, 'greedy', 1] / references['llama q8_0']:.2f}x"
                             for label in ("small", *SMALL_VARIANTS) if (label, "greedy", 1) in best)
         print(f"small one stream greedy vs llama.cpp q8_0 {references['llama q8_0']:.0f} tok/s: {against} (goal >= 1.0)")
+    if ("small", "drafts", 1) in best:
+        ours = ", ".join(f"{LABELS.get(label, 'float32').strip()} {best[label, 'drafts', 1]:.0f} tok/s"
+                         for label in ("small", "small-int8-body") if (label, "drafts", 1) in best)
+        line = f"small one stream greedy with drafts ({DRAFT_TOKENS} tokens guessed at most): {ours}"
+        for reference in ("llama q8_0", "llama q8_0 lookup"):
+            if reference in references:
+                against = ", ".join(f"{LABELS.get(label, 'float32').strip()} {best[label, 'drafts', 1] / references[reference]:.2f}x"
+                                    for label in ("small", "small-int8-body") if (label, "drafts", 1) in best)
+                name = "llama.cpp q8_0 with prompt lookup" if reference.endswith("lookup") else "llama.cpp q8_0"
+                line += f"; vs {name} {references[reference]:.0f} tok/s: {against}"
+        print(line)
     for reason in reasons:
         print(reason)
     tiny = best.get(("tiny", "sampled", 8), float("nan")) / best.get(("tiny", "sampled", 1), float("nan"))

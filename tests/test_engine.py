@@ -20,6 +20,7 @@ from starlette.requests import Request
 
 from tablefree.hub import load_model
 from tablefree.serve.decoder import MIN_CAPACITY, SlotDecoder
+from tablefree.serve.drafts import NgramDrafts
 from tablefree.serve.engine import Engine, LoopSink, Sequence, output_logits
 from tablefree.serve.precision import (Int8Head, PackedLinear, choose_precision, integer_product, lower_activation,
                                       measure, onednn_int8_exact, packed_products, without_onednn)
@@ -226,10 +227,10 @@ def test_failed_decode_step_is_retried_one_by_one(served, hooks, slots):
     if slots:
         step = engine._slots.step
 
-        def refuse_length(ids, positions, first=0, head=None):
+        def refuse_length(ids, positions, first=0, head=None, slots=None):  # in a step with drafts too
             if (positions == doomed_length - 1).any():
                 raise RuntimeError("injected decode fault")
-            return step(ids, positions, first, head)
+            return step(ids, positions, first, head, slots)
 
         engine._slots.step = refuse_length
     else:
@@ -1088,3 +1089,200 @@ def test_the_chosen_token_heads_its_top_logprobs_even_outside_the_top_k(engine, 
     prompt_scores = seq.sink[0].prompt_logprobs
     assert [s.top[0] for s in prompt_scores[1:]] == [(s.token, s.logprob) for s in prompt_scores[1:]]
     assert all(len(s.top) in (2, 3) for s in prompt_scores[1:])
+
+
+# ---- drafts: greedy rows guess their next tokens from their own text, checked in one step ----
+def drafted_and_plain(served, draft_tokens: int = 7, **engine_fields) -> tuple[Engine, Engine]:
+    model, tokenizer = served
+    return tuple(Engine(model, tokenizer, max_model_len=model.config.max_position_embeddings, seed=0, draft_tokens=n,
+                        **engine_fields) for n in (draft_tokens, 0))
+
+
+def guesses(monkeypatch) -> list[tuple[int, int]]:
+    """(guessed, held) of every draft the engine checks from now on."""
+    seen, checked = [], NgramDrafts.checked
+    monkeypatch.setattr(NgramDrafts, "checked", lambda self, guessed, held: (seen.append((guessed, held)),
+                                                                               checked(self, guessed, held))[1])
+    return seen
+
+
+def events(seq: Sequence) -> list[tuple]:
+    return [(e.text, e.token_ids, e.logprobs, e.finish_reason, e.error) for e in seq.sink]
+
+
+def steps_to_finish(engine: Engine, seqs: list[Sequence]) -> int:
+    engine.submit(seqs)
+    steps = 0
+    while not all(s.finished for s in seqs):
+        engine.step()
+        steps += 1
+    return steps
+
+
+@pytest.mark.parametrize("fields", [dict(), dict(logprobs=3), dict(max_tokens=37), dict(stop="cut")],
+                         ids=["greedy", "logprobs", "length", "stop-string"])
+def test_drafts_give_what_one_token_a_step_gives_in_fewer_steps(served, monkeypatch, fields):
+    """The tiny model's greedy text falls into a loop; the drafted engine guesses it and hands out the same events
+    (ids, text, logprobs, finish) as the plain engine, in fewer steps, ending where a plain run ends."""
+    drafted, plain = drafted_and_plain(served)
+    tokenizer = served[1]
+    ids = prompt(tokenizer, "Once upon a time")
+    fields = {"temperature": 0.0, "max_tokens": 48, "ignore_eos": True, **fields}
+    if fields.get("stop") == "cut":
+        whole = sequence(plain, ids, **{**fields, "stop": []})
+        steps_to_finish(plain, [whole])
+        text = whole.sink.text  # from before the loop to near its end: first seen late, after guesses were checked
+        fields["stop"] = [text[len(text) // 4 : -5]]
+    seen = guesses(monkeypatch)
+    a, b = sequence(drafted, ids, **fields), sequence(plain, ids, **fields)
+    fewer, plain_steps = steps_to_finish(drafted, [a]), steps_to_finish(plain, [b])
+    assert events(a) == events(b) and len(b.sink.ids) >= 2
+    assert any(held for _, held in seen) and fewer < plain_steps, (seen, fewer, plain_steps)
+    assert len(a.sink) == len(a.sink.ids)  # one event per token, as a plain run hands out
+
+
+def test_drafts_stop_at_an_end_of_sequence_token_inside_a_guess(served, monkeypatch):
+    drafted, plain = drafted_and_plain(served)
+    ids = prompt(served[1], "x")
+    fields = dict(temperature=0.0, max_tokens=40)
+    free = sequence(plain, ids, **fields)
+    steps_to_finish(plain, [free])
+    end = free.sink.ids[-3]  # a token of the loop, guessed before the run first chooses it
+    a, b = (Sequence(ids, SamplingParams(**fields), served[1], Recorder(), {end}) for _ in range(2))
+    steps_to_finish(drafted, [a])
+    steps_to_finish(plain, [b])
+    assert events(a) == events(b) and a.sink.final.finish_reason == "stop" and a.sink.ids[-1] == end
+
+
+def test_drafted_rows_leave_their_neighbours_output_alone(served, monkeypatch):
+    """Greedy rows that draft beside sampled, seeded and penalised rows (which never draft): every row's output is
+    what it is without drafts, and only the plain greedy ones guessed."""
+    drafted, plain = drafted_and_plain(served)
+    tokenizer = served[1]
+    mixes = [dict(temperature=0.0), dict(temperature=0.8), dict(SEEDED), dict(temperature=0.0, repetition_penalty=1.3),
+             dict(temperature=0.0, logprobs=2)]
+    texts = ["Once upon a time", "x", "abcabcabc", "Once upon a time", "A fourth"]
+
+    def outputs(engine):
+        seqs = [sequence(engine, prompt(tokenizer, t), **{**f, "max_tokens": 30, "ignore_eos": True})
+                for t, f in zip(texts, mixes)]
+        steps_to_finish(engine, seqs)
+        return [events(s) for s in seqs]
+
+    seen = guesses(monkeypatch)
+    assert outputs(drafted) == outputs(plain)
+    assert seen and any(held for _, held in seen)
+
+
+def test_guesses_that_always_fail_change_nothing_and_back_off(served, monkeypatch):
+    drafted, plain = drafted_and_plain(served)
+    proposed = []
+    real = NgramDrafts.propose
+
+    def wrong(self, prompt_ids, output_ids, room):
+        draft = [(t + 1) % served[0].config.vocab_size for t in real(self, prompt_ids, output_ids, room)]
+        proposed.append(len(draft))
+        return draft
+
+    monkeypatch.setattr(NgramDrafts, "propose", wrong)
+    ids = prompt(served[1], "Once upon a time")
+    a, b = (sequence(e, ids, temperature=0.0, max_tokens=60, ignore_eos=True) for e in (drafted, plain))
+    drafted_steps, plain_steps = steps_to_finish(drafted, [a]), steps_to_finish(plain, [b])
+    assert events(a) == events(b) and drafted_steps == plain_steps
+    guessed = [n for n in proposed if n]
+    assert guessed and guessed[1:] == [1] * (len(guessed) - 1), proposed  # one token at a time after the first miss
+    assert len(guessed) < len(proposed) / 3  # pausing longer after each miss
+
+
+def test_a_failed_drafted_step_is_stepped_again_without_drafts(served, monkeypatch, caplog):
+    drafted, plain = drafted_and_plain(served)
+
+    def broken(rows, drafts):
+        raise RuntimeError("injected fault in a drafted step")
+
+    monkeypatch.setattr(drafted, "_drafted_step", broken)
+    ids = prompt(served[1], "Once upon a time")
+    a, b = (sequence(e, ids, temperature=0.0, max_tokens=40, ignore_eos=True) for e in (drafted, plain))
+    with caplog.at_level("WARNING", logger="tablefree.serve"):
+        steps_to_finish(drafted, [a])
+    steps_to_finish(plain, [b])
+    assert events(a) == events(b) and a.sink.final.error is None
+    assert "stepping without drafts" in caplog.text
+
+
+@pytest.mark.parametrize("lower_body", [False, True], ids=["float32-body", "int8-body"])
+def test_rows_sharing_a_slot_get_what_steps_one_by_one_give(served, lower_body):
+    """A step whose rows are one sequence's next tokens in its slot (and another sequence's one token beside them)
+    gives each row the logits that stepping its tokens one at a time gives it: the same top choice, to rounding."""
+    model, tokenizer = served
+    head = model.get_output_embeddings()
+    texts = [prompt(tokenizer, t) for t in ("Once upon a time, there", "Another prompt")]
+
+    def decoder_after_prefill():
+        decoder = SlotDecoder(model, max_rows=2, max_len=128, lower_body=lower_body)
+        with torch.no_grad():
+            for ids in texts:
+                out = model(input_ids=torch.tensor([ids[:-1]]), use_cache=True)
+                decoder.add([(layer.keys, layer.values) for layer in out.cache.layers], [len(ids) - 1])
+        return decoder
+
+    following = [int(t) for t in torch.randint(0, model.config.vocab_size, (5,), generator=torch.Generator().manual_seed(0))]
+    one_by_one = decoder_after_prefill()
+    want = []
+    with torch.no_grad():
+        for offset, token in enumerate([texts[0][-1], *following]):
+            want.append(one_by_one.step(torch.tensor([token]), torch.tensor([len(texts[0]) - 1 + offset]), head=head)[0, -1])
+        beside = one_by_one.step(torch.tensor([texts[1][-1]]), torch.tensor([len(texts[1]) - 1]), first=1, head=head)[0, -1]
+        shared = decoder_after_prefill()
+        start = len(texts[0]) - 1
+        got = shared.step(torch.tensor([texts[0][-1], *following, texts[1][-1]]),
+                          torch.tensor([start + i for i in range(6)] + [len(texts[1]) - 1]), head=head,
+                          slots=[0] * 6 + [1])[:, -1]
+    for row, expected in enumerate([*want, beside]):
+        assert int(got[row].argmax()) == int(expected.argmax())
+        assert torch.allclose(got[row], expected, atol=1e-4), (row, (got[row] - expected).abs().max())
+    with pytest.raises(ValueError, match="2 rows and 1 slots"):
+        shared.step(torch.tensor([1, 2]), torch.tensor([3, 4]), slots=[0])
+
+
+def test_ngram_drafts_guess_what_followed_the_latest_earlier_match():
+    drafts = NgramDrafts(most=4)
+    # "7 8" occurred twice before; the latest earlier occurrence was followed by 9 10 11 7.
+    assert drafts.propose([1, 7, 8, 2, 7, 8, 9, 10, 11], [7, 8], room=4) == [9, 10, 11, 7]
+    assert drafts.propose([1, 7, 8, 2, 7, 8, 9, 10, 11], [7, 8, 3], room=4) == []  # "8 3" never occurred before
+    loop = NgramDrafts(most=7)
+    assert loop.propose([5, 6, 5, 6], [5], room=7) == [6, 5, 6, 5, 6, 5, 6]  # the guess continues through itself
+    assert loop.propose([5, 6, 5, 6], [5, 6], room=2) == [5, 6]  # room bounds it
+    assert NgramDrafts(most=3).propose([4], [], room=3) == []  # nothing before to match
+    assert NgramDrafts(most=3).propose([4, 4, 4], [], room=0) == []
+    single = NgramDrafts(most=4)
+    assert single.propose([1, 2, 3, 9, 3], [], room=4) == []  # a 1-token match is not enough
+
+
+def test_ngram_drafts_adapt_to_how_their_guesses_fare():
+    drafts = NgramDrafts(most=6)
+    text = [1, 2, 3] * 4
+    assert len(drafts.propose(text, [], room=9)) == 6
+    drafts.checked(6, 2)  # two held: guess three next
+    assert len(drafts.propose(text, [], room=9)) == 3
+    drafts.checked(3, 3)  # all held: two more
+    assert len(drafts.propose(text, [], room=9)) == 5
+    pauses = []
+    for _ in range(6):  # every guess fails: a pause after each, doubling up to MOST_PAUSE
+        drafts.checked(1, 0)
+        pauses.append(drafts.pause)
+        while drafts.pause:
+            assert drafts.propose(text, [], room=9) == []
+        assert drafts.propose(text, [], room=9) == [1]
+    assert pauses == [1, 3, 7, 15, 16, 16]
+    drafts.checked(1, 1)
+    assert drafts.backoff == 0 and len(drafts.propose(text, [], room=9)) == 3
+
+
+def test_ngram_drafts_index_a_long_prompts_end_only(monkeypatch):
+    monkeypatch.setattr("tablefree.serve.drafts.PROMPT_WINDOW", 8)
+    drafts = NgramDrafts(most=2)
+    early = [1, 2, 3, 4]  # followed by 3 4 once, far before the window
+    assert drafts.propose(early + [9] * 20 + [7, 1, 2], [], room=2) == []
+    assert len(drafts.follows) <= 2 * 8
+    assert NgramDrafts(most=2).propose(early + [9] * 2 + [1, 2], [], room=2) == [3, 4]  # inside it: found

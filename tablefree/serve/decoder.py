@@ -179,10 +179,16 @@ class SlotDecoder:
         self.rows = 0
 
     # ---- a step ----
-    def step(self, ids: torch.Tensor, positions: torch.Tensor, first: int = 0, head=None) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, positions: torch.Tensor, first: int = 0, head=None,
+             slots: list[int] | None = None) -> torch.Tensor:
         """The last hidden state, (rows, 1, width), or given `head` the logits, (rows, 1, V), of one new token per row
         for the rows in slots first..first+len(ids)-1: `ids` and `positions` (where each token is written, its row's
         length so far) are 1-D. Each row reads its own slot's positions 0..position and nothing else.
+
+        `slots`, in place of `first`: each row's slot, where several rows may share one. Rows of one slot at
+        positions p, p+1, ... are a sequence's next tokens checked in one step (the engine's drafts): each writes its
+        key and value before any row attends, and reads its slot up to its own position, so it gets what a step of
+        its own would give it after the rows before it.
 
         The same operations as GPTNeoXModel's forward for one token, in the same order, so they round alike; only the
         rows are kept 2-D and the query and key are rotated together."""
@@ -192,9 +198,15 @@ class SlotDecoder:
         at = positions.tolist()
         shortest, longest = min(at), max(at)
         end = longest + 1
-        self._reserve(first + n, end)
+        slots = list(range(first, first + n)) if slots is None else slots
+        if len(slots) != n:
+            raise ValueError(f"{n} rows and {len(slots)} slots")
+        shared = slots != list(range(slots[0], slots[0] + n))  # else the rows read a slice of the slots, not a copy
+        self._reserve(max(slots) + 1, end)
         capacity = self.keys[0].shape[1]
-        where = torch.tensor([(first + row) * capacity + p for row, p in enumerate(at)], device=self.device)
+        where = torch.tensor([slot * capacity + p for slot, p in zip(slots, at)], device=self.device)
+        gather = torch.tensor(slots, device=self.device) if shared else None
+        first = slots[0]
         positions = positions.to(self.device)
         # One row reads its tables' entries as views, by Python ints; more rows gather them by tensors.
         rows, where_in_tables = (ids.tolist(), at) if n == 1 else (ids.to(self.device), positions)
@@ -216,9 +228,12 @@ class SlotDecoder:
             qk = turned if rot == size else torch.cat((turned, qk[..., rot:]), dim=-1)
             keys.view(-1, heads, size).index_copy_(0, where, qk[:, :, 1])
             values.view(-1, heads, size).index_copy_(0, where, qkv[:, :, 2])
-            attended = F.scaled_dot_product_attention(qk[:, :, :1], keys[first : first + n, :end].transpose(1, 2),
-                                                      values[first : first + n, :end].transpose(1, 2), attn_mask=mask,
-                                                      scale=layer.scaling)  # (n, heads, 1, size)
+            if shared:
+                seen_keys, seen_values = keys[gather, :end], values[gather, :end]
+            else:
+                seen_keys, seen_values = keys[first : first + n, :end], values[first : first + n, :end]
+            attended = F.scaled_dot_product_attention(qk[:, :, :1], seen_keys.transpose(1, 2), seen_values.transpose(1, 2),
+                                                      attn_mask=mask, scale=layer.scaling)  # (n, heads, 1, size)
             attended = layer.dense(attended.reshape(n, heads * size))
             if layer.parallel:  # the sums in GPTNeoXLayer's order, so they round alike
                 x = layer.down(layer.act(layer.up(layer.norm2(x)))) + attended + x

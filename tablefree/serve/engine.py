@@ -27,14 +27,20 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from . import ServeLimits
+from . import DRAFT_TOKENS, ServeLimits
 from .decoder import SlotDecoder, unsupported
+from .drafts import NgramDrafts, drafts_for
 from .params import SamplingParams
 from .precision import Int8Head, PackedLinear, output_head
 from .sampling import NonFiniteLogits, Penalties, TokenSampler, finite_rows, top_logprobs
 from .text import IncrementalText
 
 log = logging.getLogger("tablefree.serve")
+
+# Rows of a decode step that drafts may fill up to (`Engine._drafts`): at 1 to 8 rows a step reads about the same
+# weights, so it costs little more than one row's (small-affine, int8: 1.49 ms at 1 row, 1.84 at 4, 2.33 at 8; float32
+# 2.86, 3.67, 4.47); beyond that, rows of other sequences are the better use of a step.
+DRAFT_STEP_ROWS = 8
 
 
 class QueueFull(Exception):
@@ -118,6 +124,7 @@ class Sequence:
         # Choice i of a seeded request draws from seed + i, so n > 1 differs yet repeats exactly.
         self.generator = None if params.seed is None else torch.Generator().manual_seed((params.seed + choice) % 2**64)
         self.penalties: Penalties | None = None  # the sampler builds it on the first step that needs it
+        self.drafts: NgramDrafts | None = None  # the engine builds it on the first decode step that may draft
         self.request: object | None = None  # what `Engine.submit` received it with: its request
         self.on_cancel = None  # called with the sequence by `cancel`: an engine in another process passes it on
         self.cancelled = False
@@ -198,11 +205,15 @@ class Engine:
                  max_queue: int = ServeLimits.max_queue,
                  max_prefill_tokens: int = 4096, seed: int | None = None, threads: int | None = None,
                  max_rows_per_request: int | None = None, head: Int8Head | None = None, lower_body: bool = False,
-                 slots: bool = True, deliver=hand_over):
+                 slots: bool = True, draft_tokens: int = DRAFT_TOKENS, deliver=hand_over):
         """`deliver` receives each phase's events as one list of (sequence, event); by default `hand_over`.
         `lower_body`: decode steps run the body's linear layers as int8 weights (`choose_precision`).
         `slots`: GPT-NeoX-shaped models decode through SlotDecoder; False: through their own forward (the reference
-        the benchmarks and tests hold it to)."""
+        the benchmarks and tests hold it to).
+        `draft_tokens`: tokens a greedy row may guess from its own text and have checked in the step that feeds its last
+        token (`drafts`), while a step has room (DRAFT_STEP_ROWS); 0: none. Through SlotDecoder only."""
+        if draft_tokens < 0:
+            raise ValueError(f"draft_tokens must be 0 or more, got {draft_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
@@ -226,6 +237,7 @@ class Engine:
         if lower_body and unfit:
             raise ValueError(f"int8 body weights need the engine's GPT-NeoX decode step, and {unfit}")
         self._slots = None if unfit else SlotDecoder(model, max_batch_size, max_model_len, lower_body)
+        self.draft_tokens = draft_tokens if self._slots is not None else 0
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
         self._deliver_events = deliver
         # The output head every pass runs: a lower-precision one when given (`choose_precision`), else the model's own,
@@ -541,9 +553,20 @@ class Engine:
         self._next_tokens(self._rows, logits[:, -1])
 
     def _decode_slots(self) -> None:
-        """One step of every row through SlotDecoder; if it fails, each row alone (a step only writes each row's own
-        new position, so a retry reads the cache as it was), and rows that fail alone end."""
+        """One step of every row through SlotDecoder, with the rows' drafts when any has one; if it fails, each row
+        alone without drafts (a step only writes each row's own new positions, so a retry reads the cache as it was),
+        and rows that fail alone end."""
         rows = self._rows
+        drafts = self._drafts(rows)
+        if drafts is not None:
+            try:
+                logits = self._drafted_step(rows, drafts)
+            except Exception as exc:
+                log.warning("a decode step of %d rows and their drafts failed (%s: %s); stepping without drafts",
+                            len(rows), type(exc).__name__, exc)
+            else:
+                self._next_tokens(rows, logits[:, -1], drafts=drafts)
+                return
         ids = torch.tensor([s.output_ids[-1] for s in rows])
         positions = torch.tensor([s.cached_tokens for s in rows])
         try:
@@ -567,9 +590,41 @@ class Engine:
             logits = torch.cat([by_row[i] for i in order])
         self._next_tokens(self._rows, logits[:, -1])
 
-    def _slot_step(self, ids: torch.Tensor, positions: torch.Tensor, first: int) -> torch.Tensor:
+    def _slot_step(self, ids: torch.Tensor, positions: torch.Tensor, first: int, slots: list[int] | None = None) -> torch.Tensor:
         with self._head_for(last_only=True):
-            return self._slots.step(ids, positions, first, head=self.model.get_output_embeddings())
+            return self._slots.step(ids, positions, first, head=self.model.get_output_embeddings(), slots=slots)
+
+    def _drafts(self, rows: list[Sequence]) -> list[list[int]] | None:
+        """Each row's guessed next tokens (`drafts`), within a step of DRAFT_STEP_ROWS rows shared out evenly; None when
+        no row has one."""
+        room = DRAFT_STEP_ROWS - len(rows)
+        if not self.draft_tokens or room <= 0:
+            return None
+        share = max(1, room // len(rows))
+        drafts: list[list[int]] = []
+        for seq in rows:
+            draft: list[int] = []
+            if room > 0 and (seq.drafts is not None or drafts_for(seq.params)):
+                if seq.drafts is None:
+                    seq.drafts = NgramDrafts(self.draft_tokens)
+                # Every token a guess could bring must fit the request's max_tokens and the context.
+                fits = min(seq.params.max_tokens - len(seq.output_ids) - 1, self.max_model_len - len(seq.prompt_ids)
+                           - len(seq.output_ids), share, room)
+                draft = seq.drafts.propose(seq.prompt_ids, seq.output_ids, fits)
+                room -= len(draft)
+            drafts.append(draft)
+        return drafts if any(drafts) else None
+
+    def _drafted_step(self, rows: list[Sequence], drafts: list[list[int]]) -> torch.Tensor:
+        """Logits of one step whose rows are each sequence's last token, then its draft's tokens, all in its slot."""
+        ids, positions, slots = [], [], []
+        for slot, (seq, draft) in enumerate(zip(rows, drafts)):
+            start = seq.cached_tokens
+            for offset, token in enumerate([seq.output_ids[-1], *draft]):
+                ids.append(token)
+                positions.append(start + offset)
+                slots.append(slot)
+        return self._slot_step(torch.tensor(ids), torch.tensor(positions), 0, slots)
 
     def _decode_forward(self, rows: list[Sequence], cache: DynamicCache | None):
         """(logits, cache) of one step for `rows`: their last token through the cache, or whole sequences uncached."""
@@ -606,28 +661,47 @@ class Engine:
         self._cache = DynamicCache(ddp_cache_data=joined, config=self.model.config)
         return torch.cat(logits)
 
-    def _next_tokens(self, rows: list[Sequence], last: torch.Tensor, prompt_scores: list | None = None) -> None:
-        """Samples each row's next token from `last` and hands it out; a row that fails anywhere here ends alone."""
+    def _next_tokens(self, rows: list[Sequence], last: torch.Tensor, prompt_scores: list | None = None,
+                     drafts: list[list[int]] | None = None) -> None:
+        """Samples each row's next token from `last` and hands it out; a row that fails anywhere here ends alone.
+        With `drafts`, sequence i has 1 + len(drafts[i]) rows of `last`, in order: its tokens are the choices at its
+        rows up to the first row fed a guess that was not the choice before it (`drafts`)."""
         prompt_scores = prompt_scores or [None] * len(rows)
+        drafts = drafts or [[]] * len(rows)
         for row, seq in enumerate(rows):
             if seq.params.max_tokens == 0 and not seq.finished:  # scoring only: the prompt was all it asked for
                 self._emit(seq, SequenceEvent("", [], finish_reason="length", prompt_logprobs=prompt_scores[row]))
+        first_row = [0]
+        for draft in drafts:
+            first_row.append(first_row[-1] + 1 + len(draft))
         live = [i for i, seq in enumerate(rows) if not seq.finished]
         if not live:
             return
-        last = last if len(live) == len(rows) else last[live]
-        live_rows = [rows[i] for i in live]
+        picked = [r for i in live for r in range(first_row[i], first_row[i + 1])]
+        last = last if len(picked) == len(last) else last[picked]
+        live_rows = [rows[i] for i in live for _ in range(1 + len(drafts[i]))]
         wanted = [j for j, s in enumerate(live_rows) if s.params.logprobs is not None]
         # Before sampling, which changes the logits in place: logprobs are the model's, as vLLM reports them.
         logprobs = torch.log_softmax(last[wanted].float(), dim=-1) if wanted else None
         choices = self.sampler.sample(last, live_rows)
         scores = self._token_logprobs(logprobs, wanted, live_rows, choices)
-        for j, (seq, choice) in enumerate(zip(live_rows, choices)):
-            if isinstance(choice, Exception):
-                self._fail(seq, f"sampling failed: {choice}")
-                continue
-            with self._alone(seq, "handing out the token"):
-                self._append(seq, choice, scores[j], prompt_scores[live[j]])
+        j = 0
+        for i in live:
+            seq, draft = rows[i], drafts[i]
+            held = 0
+            for offset in range(1 + len(draft)):
+                choice = choices[j + offset]
+                if isinstance(choice, Exception):
+                    self._fail(seq, f"sampling failed: {choice}")
+                    break
+                with self._alone(seq, "handing out the token"):
+                    self._append(seq, choice, scores[j + offset], prompt_scores[i] if offset == 0 else None)
+                if seq.finished or offset == len(draft) or choice != draft[offset]:
+                    break
+                held += 1
+            if draft:
+                seq.drafts.checked(len(draft), held)
+            j += 1 + len(draft)
 
     @staticmethod
     def _token_logprobs(logprobs, wanted: list[int], rows: list[Sequence], choices: list) -> list[TokenLogprob | None]:

@@ -33,7 +33,7 @@ from ..errors import TableFreeError, summary
 from ..hub import load_model, resolve_model_path
 from ..runtime import (DEVICE_HELP, DEVICE_PATTERN, DTYPE_HELP, DTYPE_NAMES, in_passing_thread, pick_device, pick_dtype,
                        resolve_runtime, settle_heap)
-from . import ENGINES, PRECISIONS, ServeLimits
+from . import DRAFT_TOKENS, ENGINES, PRECISIONS, ServeLimits
 from .app import ServeSettings, create_app
 from .chat_template import ChatTemplate, ChatTemplateError
 from .engine import Engine, end_of_sequence_ids, hand_over, why_not_slots
@@ -68,7 +68,7 @@ def check_flags(args) -> str:
         raise TableFreeError("--served-model-name must be a non-empty name in valid Unicode")
     minimums = {"--max-batch-size": (args.max_batch_size, 1), "--max-queue": (args.max_queue, 1),
                 "--max-body-bytes": (args.max_body_bytes, 1), "--max-model-len": (args.max_model_len, 2),
-                "--max-connections": (args.max_connections, 1)}
+                "--max-connections": (args.max_connections, 1), "--draft-tokens": (args.draft_tokens, 0)}
     for flag, (value, least) in minimums.items():
         if value is not None and value < least:
             raise TableFreeError(f"{flag} must be at least {least}, got {value}")
@@ -193,6 +193,7 @@ class EngineSpec:
     max_queue: int = ServeLimits.max_queue
     seed: int | None = None
     log_level: str = "info"
+    draft_tokens: int = DRAFT_TOKENS
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ def _load_engine(spec: EngineSpec, deliver) -> tuple[Engine, object, EngineFacts
         raise TableFreeError(f"--head-precision {spec.head_precision} --body-precision {spec.body_precision}: {exc}") from None
     engine = Engine(model, tokenizer, max_batch_size=spec.max_batch_size, max_model_len=max_model_len,
                     max_queue=spec.max_queue, seed=spec.seed, threads=spec.threads, head=precision.head,
-                    lower_body=precision.lower_body, deliver=deliver)
+                    lower_body=precision.lower_body, draft_tokens=spec.draft_tokens, deliver=deliver)
     facts = EngineFacts(max_model_len, model.config.vocab_size, frozenset(end_of_sequence_ids(model, tokenizer)),
                         engine.cached, precision.why if precision.head is None else f"{precision.why}; the head: "
                         f"{precision.head.kind}", runtime.describe())
@@ -502,7 +503,8 @@ def serve_command(args) -> int:
     max_connections = connection_budget(args.max_connections)
     listener = listen(args.host, args.port)
     spec = EngineSpec(model_path, args.device, args.dtype, args.threads, args.trust_remote_code, args.head_precision,
-                      args.body_precision, args.max_model_len, args.max_batch_size, args.max_queue, args.seed, args.log_level)
+                      args.body_precision, args.max_model_len, args.max_batch_size, args.max_queue, args.seed, args.log_level,
+                      args.draft_tokens)
     engine = None
     try:
         engine, tokenizer, facts = start_engine(spec, args.engine)
