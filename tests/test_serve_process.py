@@ -310,3 +310,26 @@ def test_the_process_engine_serves_cancels_and_reports_its_death_without_http(sa
         assert engine.waiting == engine.running == 0
     finally:
         engine.stop()
+
+
+def test_drafts_are_counted_and_change_no_text_in_either_engine(tmp_path_factory):
+    """A greedy completion whose text loops is guessed by drafts in the thread engine and the engine process alike:
+    /metrics counts the guessed and the accepted tokens, and the text is that of a server without drafts."""
+    model = serving_model(tmp_path_factory)
+    body = {"prompt": "Once upon a time", "max_tokens": 96, "temperature": 0, "ignore_eos": True}
+    logs = tmp_path_factory.mktemp("logs")
+    texts, counts = {}, {}
+    for name, flags in (("thread", ()), ("process", ("--engine", "process")), ("no drafts", ("--draft-tokens", "0"))):
+        server = ServerProcess(model, logs / f"{name.replace(' ', '-')}.log", *flags)
+        try:
+            texts[name] = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120).json()["choices"][0]["text"]
+            lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+            counts[name] = [float(line.split()[1]) for metric in ("tablefree_draft_tokens_total",
+                            "tablefree_draft_accepted_tokens_total") for line in lines if line.startswith(metric + " ")]
+        finally:
+            assert server.stop() in (0, -signal.SIGTERM), server.log_path.read_text()
+    assert texts["thread"] == texts["process"] == texts["no drafts"] and texts["thread"]
+    assert counts["no drafts"] == [0.0, 0.0]
+    for name in ("thread", "process"):
+        guessed, held = counts[name]
+        assert 0 < held <= guessed, (name, counts)

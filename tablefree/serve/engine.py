@@ -238,6 +238,7 @@ class Engine:
             raise ValueError(f"int8 body weights need the engine's GPT-NeoX decode step, and {unfit}")
         self._slots = None if unfit else SlotDecoder(model, max_batch_size, max_model_len, lower_body)
         self.draft_tokens = draft_tokens if self._slots is not None else 0
+        self.guessed = self.held = 0  # draft tokens checked so far, and those that were the model's own choice
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
         self._deliver_events = deliver
         # The output head every pass runs: a lower-precision one when given (`choose_precision`), else the model's own,
@@ -278,6 +279,11 @@ class Engine:
     @property
     def running(self) -> int:
         return len(self._rows)
+
+    @property
+    def draft_counts(self) -> tuple[int, int]:
+        """(tokens guessed by drafts and checked, those of them that held) since the engine started."""
+        return self.guessed, self.held
 
     @property
     def cached(self) -> bool:
@@ -701,6 +707,8 @@ class Engine:
                 held += 1
             if draft:
                 seq.drafts.checked(len(draft), held)
+                self.guessed += len(draft)
+                self.held += held
             j += 1 + len(draft)
 
     @staticmethod

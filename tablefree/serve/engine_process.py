@@ -57,6 +57,7 @@ class ProcessEngine:
         self._next_id = 0
         self._sent = 0  # sequences sent to the engine process
         self._received = self._waiting = self._running = 0  # as the engine process last reported
+        self._draft_counts = (0, 0)
         self._stopping = False
         self._failure: str | None = None
         self._reader = threading.Thread(target=self._read, name="tablefree-engine-reader", daemon=True)
@@ -135,6 +136,10 @@ class ProcessEngine:
         return self._running
 
     @property
+    def draft_counts(self) -> tuple[int, int]:
+        return self._draft_counts
+
+    @property
     def cached(self) -> bool:
         return self.facts.cached
 
@@ -174,8 +179,9 @@ class ProcessEngine:
                 return
         self._ended()
 
-    def _dispatch(self, events: list, counts: tuple[int, int, int]) -> None:
-        self._received, self._waiting, self._running = counts
+    def _dispatch(self, events: list, counts: tuple) -> None:
+        self._received, self._waiting, self._running, *drafts = counts
+        self._draft_counts = tuple(drafts)
         outbox, ids = [], []
         for sid, event in events:
             seq = self._sequences.get(sid)
@@ -322,7 +328,7 @@ class _EngineSide:
                 self.sequences.pop(sid, None)
             events.append((sid, event))
         engine = self.engine
-        counts = (self.received, engine.waiting, engine.running) if engine is not None else (0, 0, 0)
+        counts = (self.received, engine.waiting, engine.running, *engine.draft_counts) if engine is not None else (0,) * 5
         with self.lock:
             try:
                 self.conn.send(("events", events, counts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -29,5 +30,22 @@ class ServerMetrics:
             "tablefree_request_latency_seconds", "end-to-end request latency", ["endpoint"], buckets=LATENCY_BUCKETS, registry=r
         )
 
+        r.register(DraftCounts(engine))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class DraftCounts:
+    """The engine's draft counters (`--draft-tokens`), read from it at each scrape: how many guessed tokens were checked
+    and how many held, so acceptance is held / guessed."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        guessed, held = self.engine.draft_counts
+        yield CounterMetricFamily("tablefree_draft_tokens", "tokens greedy sequences guessed from their own text and had "
+                                  "checked (--draft-tokens)", value=guessed)
+        yield CounterMetricFamily("tablefree_draft_accepted_tokens", "guessed tokens that were the model's own choice",
+                                  value=held)
