@@ -6,6 +6,7 @@ Last, models whose forward takes token ids alone: the engine's uncached path, an
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import sys
 import threading
@@ -20,7 +21,7 @@ from starlette.requests import Request
 
 from tablefree.hub import load_model
 from tablefree.serve.decoder import MIN_CAPACITY, SlotDecoder
-from tablefree.serve.drafts import NgramDrafts
+from tablefree.serve.drafts import NgramDrafts, drafts_for
 from tablefree.serve.engine import Engine, LoopSink, Sequence, output_logits
 from tablefree.serve.precision import (Int8Head, PackedLinear, choose_precision, integer_product, lower_activation,
                                       measure, onednn_int8_exact, packed_products, without_onednn)
@@ -1155,12 +1156,12 @@ def test_drafts_stop_at_an_end_of_sequence_token_inside_a_guess(served, monkeypa
 
 
 def test_drafted_rows_leave_their_neighbours_output_alone(served, monkeypatch):
-    """Greedy rows that draft beside sampled, seeded and penalised rows (which never draft): every row's output is
-    what it is without drafts, and only the plain greedy ones guessed."""
+    """Greedy rows that draft beside seeded, top-k and penalised rows (which never draft): every row's output is what
+    it is without drafts."""
     drafted, plain = drafted_and_plain(served)
     tokenizer = served[1]
-    mixes = [dict(temperature=0.0), dict(temperature=0.8), dict(SEEDED), dict(temperature=0.0, repetition_penalty=1.3),
-             dict(temperature=0.0, logprobs=2)]
+    mixes = [dict(temperature=0.0), dict(temperature=0.8, top_k=50), dict(SEEDED),
+             dict(temperature=0.0, repetition_penalty=1.3), dict(temperature=0.0, logprobs=2)]
     texts = ["Once upon a time", "x", "abcabcabc", "Once upon a time", "A fourth"]
 
     def outputs(engine):
@@ -1243,6 +1244,8 @@ def test_rows_sharing_a_slot_get_what_steps_one_by_one_give(served, lower_body):
         assert torch.allclose(got[row], expected, atol=1e-4), (row, (got[row] - expected).abs().max())
     with pytest.raises(ValueError, match="2 rows and 1 slots"):
         shared.step(torch.tensor([1, 2]), torch.tensor([3, 4]), slots=[0])
+    with pytest.raises(ValueError, match="consecutive"):
+        shared.step(torch.tensor([1, 2, 3]), torch.tensor([3, 4, 5]), slots=[1, 0, 1])
 
 
 def test_ngram_drafts_guess_what_followed_the_latest_earlier_match():
@@ -1286,3 +1289,67 @@ def test_ngram_drafts_index_a_long_prompts_end_only(monkeypatch):
     assert drafts.propose(early + [9] * 20 + [7, 1, 2], [], room=2) == []
     assert len(drafts.follows) <= 2 * 8
     assert NgramDrafts(most=2).propose(early + [9] * 2 + [1, 2], [], room=2) == [3, 4]  # inside it: found
+
+
+def test_which_sequences_draft():
+    assert drafts_for(SamplingParams(temperature=0.0)) and drafts_for(SamplingParams(temperature=0.7))
+    assert drafts_for(SamplingParams(temperature=0.0, logprobs=3))
+    for fields in (dict(seed=1), dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1), dict(presence_penalty=0.5),
+                   dict(repetition_penalty=1.1), dict(logit_bias={3: 1.0})):
+        assert not drafts_for(SamplingParams(temperature=0.7, **fields)), fields
+
+
+def test_speculative_sampling_gives_each_token_its_own_distribution():
+    """A plain row's guesses are kept with the probability the model gives them and the rest of the distribution is
+    drawn from otherwise: over many draws the first token follows p0, the second (after the first guess held) p1,
+    the third (after both held) p2, within 5 standard errors; a refused guess is never the token drawn in its place."""
+    logits = torch.tensor([[1.0, 0.2, 2.0, -1.0, 0.5, 0.0], [0.3, 0.3, -0.5, 1.5, 1.0, 0.2], [2.0, -2.0, 0.0, 0.0, 1.0, 0.4]])
+    draft, temperature, trials = [2, 4], 0.8, 20_000
+    p = torch.softmax(logits / temperature, dim=-1)
+    sampler = TokenSampler(seed=5)
+    counts = [torch.zeros(6) for _ in range(3)]
+    for _ in range(trials):
+        choices = sampler.speculate(logits.clone(), [(draft, temperature)])
+        counts[0][choices[0]] += 1
+        if choices[0] == draft[0]:
+            counts[1][choices[1]] += 1
+            if choices[1] == draft[1]:
+                counts[2][choices[2]] += 1
+    for row in range(3):
+        n = counts[row].sum()
+        assert n > 1000, (row, n)
+        error = (p[row] * (1 - p[row]) / n).sqrt()
+        assert ((counts[row] / n - p[row]).abs() <= 5 * error + 1e-9).all(), (row, counts[row] / n, p[row])
+    broken = logits.clone()
+    broken[1, 0] = float("nan")
+    seen = {type(c) for _ in range(200) for c in sampler.speculate(broken.clone(), [(draft, temperature)])[1:2]}
+    assert NonFiniteLogits in seen  # a non-finite row ends the sequence when the step reaches it
+    # Sequences speculated together: each gets its own rows' choices, the same law as alone.
+    both = sampler.speculate(torch.cat([logits, logits[:1]]), [(draft, temperature), ([], 1.0)])
+    assert len(both) == 4 and all(isinstance(c, int) and 0 <= c < 6 for c in both)
+
+
+def test_sampled_rows_draft_alone_and_keep_a_servers_seed(served, monkeypatch):
+    """A plain sampled sequence decoding alone guesses too (its text is drawn, not fixed, so it is checked for what
+    can be): an engine seeded alike gives the same text twice, guesses were kept, and the sequence ends at its length.
+    Beside another sequence it does not guess. The tiny model's head is scaled up so that its distributions are
+    peaked, as a trained model's are, and its text loops."""
+    model, tokenizer = served
+    peaked = copy.deepcopy(model)
+    with torch.no_grad():
+        peaked.get_output_embeddings().weight.mul_(300)
+    seen = guesses(monkeypatch)
+
+    def texts(*prompts):
+        engine = Engine(peaked, tokenizer, max_model_len=model.config.max_position_embeddings, seed=3)
+        seqs = [sequence(engine, prompt(tokenizer, t), temperature=0.5, max_tokens=40, ignore_eos=True) for t in prompts]
+        steps = steps_to_finish(engine, seqs)
+        assert all(len(s.sink.ids) == 40 and s.sink.final.finish_reason == "length" for s in seqs)
+        return [s.sink.ids for s in seqs], steps
+
+    first, steps = texts("x")
+    assert texts("x") == (first, steps)
+    assert any(held for _, held in seen) and steps < 39, (seen, steps)  # 39: one token a step (the first with the prefill)
+    seen.clear()
+    texts("Once upon a time", "x")
+    assert not seen

@@ -46,15 +46,18 @@ ENGINE_HELP = ("where the engine (forward passes, sampling, detokenising, stop s
                "runs beside it on another core instead of sharing one interpreter lock; more memory and a slower start; "
                "if it dies, the requests it served fail with 500 and the server exits with an error)")
 
-# Greedy rows guess up to this many next tokens from their own text, checked in the step that feeds their last token
-# (drafts.py: the same output in fewer steps when the text repeats itself). Small-affine with int8 head and body, one
+# Greedy rows (and plain sampled ones decoding alone) guess up to this many next tokens from their own text, checked in
+# the step that feeds their last token (drafts.py: the same output in fewer steps when the text repeats itself). Small-affine with int8 head and body, one
 # greedy stream of 64 tokens that loops, best of 4 (tokens/s): 0 (off) 680, 2 1,332, 4 1,720, 7 2,141; with every
 # guess made wrong on purpose, 681, 659, 669, 659: a sequence whose guesses fail stops guessing, for longer each time.
 DRAFT_TOKENS = 7
-DRAFT_HELP = ("tokens a greedy request may guess from its own prompt and output (prompt lookup: what followed its last "
-              "2-3 tokens where they occurred before) and have checked in the same decode step as its last token; the "
-              "output is what decoding one token a step gives, in fewer steps when the text repeats itself. 0: off "
-              f"(default {DRAFT_TOKENS}; a decode step holds 8 rows at most with drafts, shared out evenly)")
+DRAFT_HELP = ("tokens a request may guess from its own prompt and output (prompt lookup: what followed its last 2-3 "
+              "tokens where they occurred before) and have checked in the same decode step as its last token: greedy "
+              "requests keep the model's own choices, so their text is that of one token a step, and requests that "
+              "sample at a temperature alone (no top-p, top-k, min-p or seed of their own) keep a guess with the "
+              "probability the model gives it, so their tokens are distributed as without guesses (these guess only "
+              "while they decode alone); fewer steps when the text repeats itself. Penalties and logit_bias turn "
+              f"guessing off. 0: off (default {DRAFT_TOKENS}; a decode step holds 8 rows at most with drafts)")
 
 
 def limit(default, help: str):

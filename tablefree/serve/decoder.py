@@ -185,10 +185,11 @@ class SlotDecoder:
         for the rows in slots first..first+len(ids)-1: `ids` and `positions` (where each token is written, its row's
         length so far) are 1-D. Each row reads its own slot's positions 0..position and nothing else.
 
-        `slots`, in place of `first`: each row's slot, where several rows may share one. Rows of one slot at
-        positions p, p+1, ... are a sequence's next tokens checked in one step (the engine's drafts): each writes its
-        key and value before any row attends, and reads its slot up to its own position, so it gets what a step of
-        its own would give it after the rows before it.
+        `slots`, in place of `first`: each row's slot, where several rows may share one (the slots, in their order of
+        first appearance, consecutive). Rows of one slot at positions p, p+1, ... are a sequence's next tokens
+        checked in one step (the engine's drafts): each writes its key and value before any row attends, and reads
+        its slot up to its own position, so it gets what a step of its own would give it after the rows before it.
+        Attention then takes each slot's rows as its queries, against a view of the slot (no copy of the cache).
 
         The same operations as GPTNeoXModel's forward for one token, in the same order, so they round alike; only the
         rows are kept 2-D and the query and key are rotated together."""
@@ -201,12 +202,14 @@ class SlotDecoder:
         slots = list(range(first, first + n)) if slots is None else slots
         if len(slots) != n:
             raise ValueError(f"{n} rows and {len(slots)} slots")
-        shared = slots != list(range(slots[0], slots[0] + n))  # else the rows read a slice of the slots, not a copy
+        first = slots[0]
+        distinct = list(dict.fromkeys(slots))
+        if distinct != list(range(first, first + len(distinct))):
+            raise ValueError(f"the rows' slots must be consecutive in their order of first appearance, got {distinct}")
         self._reserve(max(slots) + 1, end)
         capacity = self.keys[0].shape[1]
         where = torch.tensor([slot * capacity + p for slot, p in zip(slots, at)], device=self.device)
-        gather = torch.tensor(slots, device=self.device) if shared else None
-        first = slots[0]
+        grouped = _QueryGroups(slots, at, end, self.device) if len(distinct) < n else None
         positions = positions.to(self.device)
         # One row reads its tables' entries as views, by Python ints; more rows gather them by tensors.
         rows, where_in_tables = (ids.tolist(), at) if n == 1 else (ids.to(self.device), positions)
@@ -215,7 +218,7 @@ class SlotDecoder:
         # Rows as long as the longest read every position up to `end`: no mask (the same kernel result as a mask of
         # all True, tests/test_engine.py checks it, so a row's output does not depend on its batch).
         mask = None
-        if shortest != longest:
+        if shortest != longest and grouped is None:
             mask = (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[:, None, None, :]
         rot, half = cos.shape[-1], cos.shape[-1] // 2
         for layer, keys, values in zip(self.layers, self.keys, self.values):
@@ -228,12 +231,14 @@ class SlotDecoder:
             qk = turned if rot == size else torch.cat((turned, qk[..., rot:]), dim=-1)
             keys.view(-1, heads, size).index_copy_(0, where, qk[:, :, 1])
             values.view(-1, heads, size).index_copy_(0, where, qkv[:, :, 2])
-            if shared:
-                seen_keys, seen_values = keys[gather, :end], values[gather, :end]
-            else:
-                seen_keys, seen_values = keys[first : first + n, :end], values[first : first + n, :end]
-            attended = F.scaled_dot_product_attention(qk[:, :, :1], seen_keys.transpose(1, 2), seen_values.transpose(1, 2),
-                                                      attn_mask=mask, scale=layer.scaling)  # (n, heads, 1, size)
+            count = n if grouped is None else grouped.slots
+            seen_keys, seen_values = keys[first : first + count, :end], values[first : first + count, :end]
+            queries = qk[:, :, :1] if grouped is None else grouped.queries(qk[:, :, 0])
+            attended = F.scaled_dot_product_attention(queries, seen_keys.transpose(1, 2), seen_values.transpose(1, 2),
+                                                      attn_mask=mask if grouped is None else grouped.mask,
+                                                      scale=layer.scaling)  # (n, heads, 1, size), or grouped
+            if grouped is not None:
+                attended = grouped.rows(attended)
             attended = layer.dense(attended.reshape(n, heads * size))
             if layer.parallel:  # the sums in GPTNeoXLayer's order, so they round alike
                 x = layer.down(layer.act(layer.up(layer.norm2(x)))) + attended + x
@@ -260,6 +265,36 @@ class SlotDecoder:
             return cos[:, :, None], _signed(sin)[:, :, None]
         cos, sin = self._table
         return _entries(cos, positions)[:, None, None], _entries(sin, positions)[:, None, None]
+
+
+class _QueryGroups:
+    """Rows that share slots as each slot's queries: (slots, heads, most rows of a slot, head size), padded, with a
+    mask that lets each row see its slot up to its own position (and a padding query position 0, then dropped)."""
+
+    def __init__(self, slots: list[int], positions: list[int], end: int, device):
+        first = slots[0]
+        self.slots = len(set(slots))
+        seen: dict[int, int] = {}
+        places = []
+        for slot in slots:
+            places.append((slot - first, seen.get(slot, 0)))
+            seen[slot] = seen.get(slot, 0) + 1
+        self.most = max(seen.values())
+        self.place = torch.tensor([s * self.most + o for s, o in places], device=device)
+        reach = torch.zeros(self.slots * self.most, dtype=torch.long, device=device)
+        reach[self.place] = torch.tensor(positions, device=device)
+        self.mask = (torch.arange(end, device=device)[None, :] <= reach[:, None]).view(self.slots, 1, self.most, end)
+
+    def queries(self, rows: torch.Tensor) -> torch.Tensor:
+        """(n, heads, size) rows -> (slots, heads, most, size) queries."""
+        n, heads, size = rows.shape
+        padded = rows.new_zeros(self.slots * self.most, heads, size).index_copy_(0, self.place, rows)
+        return padded.view(self.slots, self.most, heads, size).transpose(1, 2)
+
+    def rows(self, attended: torch.Tensor) -> torch.Tensor:
+        """(slots, heads, most, size) -> (n, heads, 1, size), the rows' own."""
+        slots, heads, most, size = attended.shape
+        return attended.transpose(1, 2).reshape(slots * most, heads, size).index_select(0, self.place)[:, :, None]
 
 
 def _entries(table: torch.Tensor, index: torch.Tensor | list[int]) -> torch.Tensor:

@@ -8,10 +8,16 @@ the output is the one plain steps would give, in fewer steps when the text repea
 small model's loops). A step of a few more rows costs a little more than one (docs/architecture.md gives the
 figures), so a sequence whose guesses keep failing stops guessing for a while, longer each time.
 
-Only greedy rows without penalties or logit_bias draft: their choice at a row depends on that row's logits alone.
+Greedy rows keep the greedy choice; rows that sample at a temperature alone (no top-p, top-k, min-p, seed of their
+own) keep a guess with the probability the model gives it and otherwise draw from the rest of that distribution
+(speculative sampling, TokenSampler.speculate), so each token is distributed as without drafts. Rows with penalties
+or logit_bias never draft (their distribution reads their earlier output), nor rows with a seed of their own (their
+text must not depend on the batch, and the room for drafts does).
 """
 
 from __future__ import annotations
+
+from .sampling import is_plain
 
 LONGEST, SHORTEST = 3, 2  # n-gram lengths looked up, longest first; a 1-token match guesses too often wrong
 PROMPT_WINDOW = 4096  # a long prompt's last tokens indexed (its start rarely predicts the reply; the index stays small)
@@ -19,8 +25,9 @@ MOST_PAUSE = 16  # steps a sequence whose every guess failed waits at most befor
 
 
 def drafts_for(params) -> bool:
-    """Whether a sequence of these sampling params may draft: greedy, with nothing that reads its earlier output."""
-    return params.greedy and not params.penalized
+    """Whether a sequence of these sampling params may draft: greedy or plain sampling (`is_plain`), with nothing that
+    reads its earlier output."""
+    return not params.penalized and (params.greedy or is_plain(params))
 
 
 class NgramDrafts:

@@ -125,7 +125,7 @@ class TokenSampler:
         if greedy:
             for i, token in zip(greedy, maxima.first_argmax(greedy)):
                 chosen[i] = token
-        plain = [i for i in usable if _is_plain(rows[i].params)]
+        plain = [i for i in usable if is_plain(rows[i].params)]
         if plain:
             # The common case (temperature only, no seed) takes one batched draw, in place when it is every row.
             temps = torch.tensor([rows[i].params.temperature for i in plain], device=logits.device)[:, None]
@@ -143,6 +143,51 @@ class TokenSampler:
             except Exception as exc:  # this row's filters failed: it ends alone, the others are sampled
                 chosen[i] = exc
         return chosen
+
+    def speculate(self, logits: torch.Tensor, groups: list[tuple[list[int], float]]) -> list[int | Exception]:
+        """The choice at each row that plain rows' drafted steps reach (speculative sampling with a guess of one token
+        per row). `groups`: per sequence, its draft and temperature; its 1 + len(draft) rows follow one another in
+        `logits`. Row j < len(draft) keeps draft[j] with the probability p_j(draft[j]) that its temperature's
+        distribution gives it, else draws from p_j without draft[j] (renormalised by the draw) and its sequence ends
+        there; a row reached past every guess draws from its p. So each token is distributed as one token a step
+        would be. A sequence's rows past the last one reached repeat its choice (never read); a row with a
+        non-finite logit ends its sequence there (NonFiniteLogits). One softmax and two draws of uniform numbers for
+        every sequence together. Overwrites `logits`."""
+        logits = logits.float()
+        finite = finite_rows(logits)
+        sizes = [1 + len(draft) for draft, _ in groups]
+        temps = torch.tensor([t for (_, t), size in zip(groups, sizes) for _ in range(size)], device=logits.device)
+        # Shifted to a top logit of 0 before scaling, in place, as `sample` does for plain rows.
+        weights = torch.softmax(logits.sub_(logits.amax(-1, keepdim=True)).div_(temps[:, None]), dim=-1)
+        firsts = [sum(sizes[:g]) for g in range(len(groups))]
+        rows = [first + j for first, (draft, _) in zip(firsts, groups) for j in range(len(draft))]
+        guesses = [token for draft, _ in groups for token in draft]
+        kept = weights[rows, guesses].tolist() if rows else []
+        uniform = torch.rand(len(rows), generator=self.shared).tolist()
+        choices: list[int | Exception] = []
+        ends, refused, at = [], [], 0  # per sequence that draws: (its drawing row, rows left), the guess refused or -1
+        for first, (draft, _), size in zip(firsts, groups, sizes):
+            row = 0
+            while row < len(draft) and finite[first + row] and uniform[at + row] < kept[at + row]:
+                row += 1
+            at += len(draft)
+            choices.extend(draft[:row])
+            if not finite[first + row]:
+                failed = NonFiniteLogits("the model produced non-finite logits (NaN or infinity) for this sequence")
+                choices.extend([failed] * (size - row))
+                continue
+            ends.append((len(choices), size - row))
+            refused.append(draft[row] if row < len(draft) else -1)
+            choices.extend([None] * (size - row))
+        if ends:
+            lines = weights[[row for row, _ in ends]]
+            for line, token in enumerate(refused):
+                if token >= 0:
+                    lines[line, token] = 0.0  # the guess was refused: the rest of p, renormalised by the draw
+            drawn = draw(lines, torch.rand(len(ends), generator=self.shared)).tolist()
+            for (row, count), token in zip(ends, drawn):
+                choices[row : row + count] = [token] * count
+        return choices
 
     @staticmethod
     def _penalties(row, logits: torch.Tensor) -> Penalties:
@@ -253,7 +298,8 @@ def draw(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     return picked.clamp(max=weights.shape[-1] - 1)
 
 
-def _is_plain(params: SamplingParams) -> bool:
+def is_plain(params: SamplingParams) -> bool:
+    """Temperature alone, no seed of its own: the rows one batched draw from the shared generator serves."""
     return (
         not params.greedy
         and params.seed is None
