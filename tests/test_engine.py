@@ -1353,3 +1353,23 @@ def test_sampled_rows_draft_alone_and_keep_a_servers_seed(served, monkeypatch):
     seen.clear()
     texts("Once upon a time", "x")
     assert not seen
+
+
+def test_drafts_end_at_the_context_as_one_token_a_step_does(served, monkeypatch):
+    """Guesses never run past the context: a looping greedy sequence that meets it ends there with 'length', as
+    without drafts, and three greedy choices of one request share a step's room."""
+    seen = guesses(monkeypatch)
+    drafted, plain = drafted_and_plain(served)
+    for engine in (drafted, plain):
+        engine.max_model_len = 40
+    ids = prompt(served[1], "Once upon a time")
+    params = SamplingParams(temperature=0.0, max_tokens=100)
+
+    def run_choices(engine):
+        seqs = [Sequence(ids, params, served[1], Recorder(), set(), choice=i) for i in range(3)]
+        steps_to_finish(engine, seqs)
+        return [events(s) for s in seqs]
+
+    got, want = run_choices(drafted), run_choices(plain)
+    assert got == want and all(len(ids) + len(e) == 40 and e[-1][3] == "length" for e in got)
+    assert any(held for _, held in seen)

@@ -217,8 +217,9 @@ class Engine:
         `lower_body`: decode steps run the body's linear layers as int8 weights (`choose_precision`).
         `slots`: GPT-NeoX-shaped models decode through SlotDecoder; False: through their own forward (the reference
         the benchmarks and tests hold it to).
-        `draft_tokens`: tokens a greedy row may guess from its own text and have checked in the step that feeds its last
-        token (`drafts`), while a step has room (DRAFT_STEP_ROWS); 0: none. Through SlotDecoder only."""
+        `draft_tokens`: tokens a greedy row, or a plain sampled one decoding alone, may guess from its own text and have
+        checked in the step that feeds its last token (`drafts`), while a step has room (DRAFT_STEP_ROWS); 0: none.
+        Through SlotDecoder only."""
         if draft_tokens < 0:
             raise ValueError(f"draft_tokens must be 0 or more, got {draft_tokens}")
         self.model = model
@@ -695,12 +696,12 @@ class Engine:
         if not live:
             return
         picked = [r for i in live for r in range(first_row[i], first_row[i + 1])]
-        last = last if len(picked) == len(last) else last[picked]
+        last = last if len(picked) == len(last) else _rows_of(last, picked)
         live_rows = [rows[i] for i in live for _ in range(1 + len(drafts[i]))]
         wanted = [j for j, s in enumerate(live_rows) if s.params.logprobs is not None]
         # Before sampling, which changes the logits in place: logprobs are the model's, as vLLM reports them.
         logprobs = torch.log_softmax(last[wanted].float(), dim=-1) if wanted else None
-        choices = self._choices(last, live_rows, [(i, drafts[i]) for i in live])
+        choices = self._choices(last, live_rows, [drafts[i] for i in live])
         scores = self._token_logprobs(logprobs, wanted, live_rows, choices)
         j = 0
         for i in live:
@@ -722,24 +723,24 @@ class Engine:
                 self.held += held
             j += 1 + len(draft)
 
-    def _choices(self, last: torch.Tensor, rows: list[Sequence], drafts: list[tuple[int, list[int]]]) -> list:
+    def _choices(self, last: torch.Tensor, rows: list[Sequence], drafts: list[list[int]]) -> list:
         """The choice at each row of `last` (`rows`: each row's sequence; `drafts`: each sequence's draft, in order):
         the sampler's for every row but those of sampled sequences with a draft, which speculate."""
         spans, row = [], 0
-        for _, draft in drafts:
+        for draft in drafts:
             seq = rows[row]
             if draft and not seq.params.greedy:
                 spans.append((row, seq, draft))
             row += 1 + len(draft)
         if not spans:
             return self.sampler.sample(last, rows)
-        apart = {r for start, _, draft in spans for r in range(start, start + 1 + len(draft))}
+        mine = [r for start, _, draft in spans for r in range(start, start + 1 + len(draft))]
+        apart = set(mine)
         others = [r for r in range(len(rows)) if r not in apart]
         choices: list = [None] * len(rows)
         if others:
             for r, choice in zip(others, self.sampler.sample(_rows_of(last, others), [rows[r] for r in others])):
                 choices[r] = choice
-        mine = [r for start, _, draft in spans for r in range(start, start + 1 + len(draft))]
         try:
             got = self.sampler.speculate(_rows_of(last, mine), [(draft, seq.params.temperature) for _, seq, draft in spans])
         except Exception as exc:  # these sequences' draws failed (a bug: nothing here is one row's): they end
