@@ -154,8 +154,8 @@ def llama_model(model_dir: str, workdir: Path, threads: int, context: int, outty
     llama_cpp_without_repacking()  # q8_0 files crash llama.cpp where it repacks them for AMX (see the function)
     out = workdir / f"gguf-{outtype}"
     if not (out / "model.gguf").exists():
-        export = subprocess.run([sys.executable, "-m", "tablefree.cli", "export", model_dir, str(out), "--format", "gguf",
-                                 "--outtype", outtype], capture_output=True, text=True)
+        export = subprocess.run([sys.executable, "-m", "tablefree.cli", "export", model_dir, str(out), "--format",
+                                 "gguf", "--outtype", outtype], capture_output=True, text=True)
         if export.returncode != 0:
             return None, f"the GGUF export failed: {export.stdout[-300:]}{export.stderr[-300:]}"
     draft = LlamaPromptLookupDecoding(num_pred_tokens=lookup) if lookup else None

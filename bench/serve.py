@@ -9,7 +9,8 @@ time,", temperature 0.5, N new tokens), streamed and not, from 1, 8 and 32 concu
 bfloat16 (--dtypes).
 
 Every tablefree server runs with `--draft-tokens 0`: the other servers guess no tokens, so ours decodes one token a
-step too (bench/engine.py measures drafts, against llama.cpp's own). All servers of one dtype run at once, each started alone (the others paused) and warmed up. A turn gives one server
+step too (bench/engine.py measures drafts, against llama.cpp's own). All servers of one dtype run at once, each
+started alone (the others paused) and warmed up. A turn gives one server
 one level (mode, clients) while every other server's processes are stopped (SIGSTOP to its process group and
 tree, SIGCONT after): vLLM runs an API server and an engine core in separate processes. In each level every
 server takes one turn per repeat, in an order reversed from one repeat to the next, so machine load that drifts
@@ -358,8 +359,8 @@ def build_servers(keys: list[str], dtype: str, files: dict, args, workdir: Path)
         if key in ENGINE_OF:
             command = [sys.executable, "-m", "tablefree.cli", "serve", files["model"], "--port", str(port),
                        "--served-model-name", "bench", "--log-level", "warning", "--device", args.device,
-                       "--dtype", dtype, "--draft-tokens", "0"] + (["--engine", ENGINE_OF[key]] if ENGINE_OF[key] else []) \
-                + FLAGS_OF.get(key, [])
+                       "--dtype", dtype, "--draft-tokens", "0"]
+            command += (["--engine", ENGINE_OF[key]] if ENGINE_OF[key] else []) + FLAGS_OF.get(key, [])
             servers.append(Server(key, dtype, command, port, "bench", log, env))
         elif key == "vllm":
             command = [args.vllm_python, "-m", "vllm.entrypoints.openai.api_server", "--model", files["model"],

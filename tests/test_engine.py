@@ -1227,13 +1227,15 @@ def test_rows_sharing_a_slot_get_what_steps_one_by_one_give(served, lower_body):
                 decoder.add([(layer.keys, layer.values) for layer in out.cache.layers], [len(ids) - 1])
         return decoder
 
-    following = [int(t) for t in torch.randint(0, model.config.vocab_size, (5,), generator=torch.Generator().manual_seed(0))]
+    following = torch.randint(0, model.config.vocab_size, (5,), generator=torch.Generator().manual_seed(0)).tolist()
     one_by_one = decoder_after_prefill()
     want = []
     with torch.no_grad():
         for offset, token in enumerate([texts[0][-1], *following]):
-            want.append(one_by_one.step(torch.tensor([token]), torch.tensor([len(texts[0]) - 1 + offset]), head=head)[0, -1])
-        beside = one_by_one.step(torch.tensor([texts[1][-1]]), torch.tensor([len(texts[1]) - 1]), first=1, head=head)[0, -1]
+            at = torch.tensor([len(texts[0]) - 1 + offset])
+            want.append(one_by_one.step(torch.tensor([token]), at, head=head)[0, -1])
+        beside = one_by_one.step(torch.tensor([texts[1][-1]]), torch.tensor([len(texts[1]) - 1]), first=1,
+                                 head=head)[0, -1]
         shared = decoder_after_prefill()
         start = len(texts[0]) - 1
         got = shared.step(torch.tensor([texts[0][-1], *following, texts[1][-1]]),
@@ -1303,7 +1305,8 @@ def test_speculative_sampling_gives_each_token_its_own_distribution():
     """A plain row's guesses are kept with the probability the model gives them and the rest of the distribution is
     drawn from otherwise: over many draws the first token follows p0, the second (after the first guess held) p1,
     the third (after both held) p2, within 5 standard errors; a refused guess is never the token drawn in its place."""
-    logits = torch.tensor([[1.0, 0.2, 2.0, -1.0, 0.5, 0.0], [0.3, 0.3, -0.5, 1.5, 1.0, 0.2], [2.0, -2.0, 0.0, 0.0, 1.0, 0.4]])
+    logits = torch.tensor([[1.0, 0.2, 2.0, -1.0, 0.5, 0.0], [0.3, 0.3, -0.5, 1.5, 1.0, 0.2],
+                           [2.0, -2.0, 0.0, 0.0, 1.0, 0.4]])
     draft, temperature, trials = [2, 4], 0.8, 20_000
     p = torch.softmax(logits / temperature, dim=-1)
     sampler = TokenSampler(seed=5)

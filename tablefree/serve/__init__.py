@@ -47,9 +47,10 @@ ENGINE_HELP = ("where the engine (forward passes, sampling, detokenising, stop s
                "if it dies, the requests it served fail with 500 and the server exits with an error)")
 
 # Greedy rows (and plain sampled ones decoding alone) guess up to this many next tokens from their own text, checked in
-# the step that feeds their last token (drafts.py: the same output in fewer steps when the text repeats itself). Small-affine with int8 head and body, one
-# greedy stream of 64 tokens that loops, best of 4 (tokens/s): 0 (off) 680, 2 1,332, 4 1,720, 7 2,141; with every
-# guess made wrong on purpose, 681, 659, 669, 659: a sequence whose guesses fail stops guessing, for longer each time.
+# the step that feeds their last token (drafts.py: the same output in fewer steps when the text repeats itself).
+# Small-affine with int8 head and body, one greedy stream of 64 tokens that loops, best of 4 (tokens/s): 0 (off) 680,
+# 2 1,332, 4 1,720, 7 2,141; with every guess made wrong on purpose, 681, 659, 669, 659: a sequence whose guesses fail
+# stops guessing, for longer each time.
 DRAFT_TOKENS = 7
 DRAFT_HELP = ("tokens a request may guess from its own prompt and output (prompt lookup: what followed its last 2-3 "
               "tokens where they occurred before) and have checked in the same decode step as its last token: greedy "

@@ -1,11 +1,11 @@
-"""Drafts a greedy sequence proposes from its own text, checked by the engine in the step that feeds its last token.
+"""Drafts a sequence proposes from its own text, checked by the engine in the step that feeds its last token.
 
 Prompt lookup (n-gram speculation, as vLLM's `ngram` method and llama.cpp's lookup decoding): when a sequence's last n
 tokens occurred earlier in its prompt or output, the tokens that followed them then are a guess at what follows now.
 The engine feeds that guess to the same decode step as the sequence's last token, one row per token (SlotDecoder's
-shared slots), and keeps the model's own greedy choice at each row up to the first row whose input was a wrong guess:
-the output is the one plain steps would give, in fewer steps when the text repeats itself (code, quotes, lists, a
-small model's loops). A step of a few more rows costs a little more than one (docs/architecture.md gives the
+shared slots), and, for a greedy sequence, keeps the model's own choice at each row up to the first row fed a wrong
+guess: the output is the one plain steps would give, in fewer steps when the text repeats itself (code, quotes, lists,
+a small model's loops). A step of a few more rows costs a little more than one (docs/architecture.md gives the
 figures), so a sequence whose guesses keep failing stops guessing for a while, longer each time.
 
 Greedy rows keep the greedy choice; rows that sample at a temperature alone (no top-p, top-k, min-p, seed of their

@@ -604,7 +604,8 @@ class Engine:
             logits = torch.cat([by_row[i] for i in order])
         self._next_tokens(self._rows, logits[:, -1])
 
-    def _slot_step(self, ids: torch.Tensor, positions: torch.Tensor, first: int, slots: list[int] | None = None) -> torch.Tensor:
+    def _slot_step(self, ids: torch.Tensor, positions: torch.Tensor, first: int,
+                   slots: list[int] | None = None) -> torch.Tensor:
         with self._head_for(last_only=True):
             return self._slots.step(ids, positions, first, head=self.model.get_output_embeddings(), slots=slots)
 
@@ -622,7 +623,8 @@ class Engine:
             # and beside other sequences its extra rows cost more than they save. Small-affine trained, 64 tokens,
             # best of 3, tokens/s with drafts over without at 1 / 2 / 4 sequences: sampled at 0.5, float32 1.44 / 1.03 /
             # 0.88, int8 head and body 1.31 / 1.04 / 0.86; greedy, 3.18 / 2.39 / 1.36 and 3.24 / 2.24 / 1.39.
-            if room > 0 and (seq.params.greedy or len(rows) == 1) and (seq.drafts is not None or drafts_for(seq.params)):
+            may = seq.params.greedy or len(rows) == 1
+            if room > 0 and may and (seq.drafts is not None or drafts_for(seq.params)):
                 if seq.drafts is None:
                     seq.drafts = NgramDrafts(self.draft_tokens)
                 # Every token a guess could bring must fit the request's max_tokens and the context.
@@ -742,7 +744,8 @@ class Engine:
             for r, choice in zip(others, self.sampler.sample(_rows_of(last, others), [rows[r] for r in others])):
                 choices[r] = choice
         try:
-            got = self.sampler.speculate(_rows_of(last, mine), [(draft, seq.params.temperature) for _, seq, draft in spans])
+            groups = [(draft, seq.params.temperature) for _, seq, draft in spans]
+            got = self.sampler.speculate(_rows_of(last, mine), groups)
         except Exception as exc:  # these sequences' draws failed (a bug: nothing here is one row's): they end
             log.exception("speculative sampling failed")
             got = [exc] * len(mine)

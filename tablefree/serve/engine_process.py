@@ -328,7 +328,8 @@ class _EngineSide:
                 self.sequences.pop(sid, None)
             events.append((sid, event))
         engine = self.engine
-        counts = (self.received, engine.waiting, engine.running, *engine.draft_counts) if engine is not None else (0,) * 5
+        counts = ((self.received, engine.waiting, engine.running, *engine.draft_counts) if engine is not None
+                  else (0,) * 5)
         with self.lock:
             try:
                 self.conn.send(("events", events, counts))

@@ -45,7 +45,7 @@ class DraftCounts:
 
     def collect(self):
         guessed, held = self.engine.draft_counts
-        yield CounterMetricFamily("tablefree_draft_tokens", "tokens greedy sequences guessed from their own text and had "
-                                  "checked (--draft-tokens)", value=guessed)
+        yield CounterMetricFamily("tablefree_draft_tokens", "tokens sequences guessed from their own text and had checked "
+                                  "(--draft-tokens)", value=guessed)
         yield CounterMetricFamily("tablefree_draft_accepted_tokens", "guessed tokens that were the model's own choice",
                                   value=held)

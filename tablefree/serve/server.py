@@ -503,8 +503,8 @@ def serve_command(args) -> int:
     max_connections = connection_budget(args.max_connections)
     listener = listen(args.host, args.port)
     spec = EngineSpec(model_path, args.device, args.dtype, args.threads, args.trust_remote_code, args.head_precision,
-                      args.body_precision, args.max_model_len, args.max_batch_size, args.max_queue, args.seed, args.log_level,
-                      args.draft_tokens)
+                      args.body_precision, args.max_model_len, args.max_batch_size, args.max_queue, args.seed,
+                      args.log_level, args.draft_tokens)
     engine = None
     try:
         engine, tokenizer, facts = start_engine(spec, args.engine)
