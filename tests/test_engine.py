@@ -1294,11 +1294,12 @@ def test_ngram_drafts_index_a_long_prompts_end_only(monkeypatch):
 
 
 def test_which_sequences_draft():
-    assert drafts_for(SamplingParams(temperature=0.0)) and drafts_for(SamplingParams(temperature=0.7))
-    assert drafts_for(SamplingParams(temperature=0.0, logprobs=3))
+    assert drafts_for(SamplingParams(temperature=0.0), alone=True)
+    assert drafts_for(SamplingParams(temperature=0.7), alone=True)
+    assert drafts_for(SamplingParams(temperature=0.0, logprobs=3), alone=True)
     for fields in (dict(seed=1), dict(top_p=0.9), dict(top_k=5), dict(min_p=0.1), dict(presence_penalty=0.5),
                    dict(repetition_penalty=1.1), dict(logit_bias={3: 1.0})):
-        assert not drafts_for(SamplingParams(temperature=0.7, **fields)), fields
+        assert not drafts_for(SamplingParams(temperature=0.7, **fields), alone=True), fields
 
 
 def test_speculative_sampling_gives_each_token_its_own_distribution():

@@ -273,13 +273,12 @@ class _QueryGroups:
 
     def __init__(self, slots: list[int], positions: list[int], end: int, device):
         first = slots[0]
-        self.slots = len(set(slots))
-        seen: dict[int, int] = {}
+        seen: dict[int, int] = {}  # rows of each slot so far
         places = []
         for slot in slots:
             places.append((slot - first, seen.get(slot, 0)))
             seen[slot] = seen.get(slot, 0) + 1
-        self.most = max(seen.values())
+        self.slots, self.most = len(seen), max(seen.values())
         self.place = torch.tensor([s * self.most + o for s, o in places], device=device)
         reach = torch.zeros(self.slots * self.most, dtype=torch.long, device=device)
         reach[self.place] = torch.tensor(positions, device=device)

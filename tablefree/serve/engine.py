@@ -619,17 +619,12 @@ class Engine:
         drafts: list[list[int]] = []
         for seq in rows:
             draft: list[int] = []
-            # A sampled sequence drafts only while it decodes alone: about half its guesses hold at temperature 0.5,
-            # and beside other sequences its extra rows cost more than they save. Small-affine trained, 64 tokens,
-            # best of 3, tokens/s with drafts over without at 1 / 2 / 4 sequences: sampled at 0.5, float32 1.44 / 1.03 /
-            # 0.88, int8 head and body 1.31 / 1.04 / 0.86; greedy, 3.18 / 2.39 / 1.36 and 3.24 / 2.24 / 1.39.
-            may = seq.params.greedy or len(rows) == 1
-            if room > 0 and may and (seq.drafts is not None or drafts_for(seq.params)):
+            if room > 0 and drafts_for(seq.params, alone=len(rows) == 1):
                 if seq.drafts is None:
                     seq.drafts = NgramDrafts(self.draft_tokens)
                 # Every token a guess could bring must fit the request's max_tokens and the context.
-                fits = min(seq.params.max_tokens - len(seq.output_ids) - 1, self.max_model_len - len(seq.prompt_ids)
-                           - len(seq.output_ids), share, room)
+                fits = min(seq.params.max_tokens - len(seq.output_ids) - 1, self.max_model_len - 1 - seq.cached_tokens,
+                           share, room)
                 draft = seq.drafts.propose(seq.prompt_ids, seq.output_ids, fits)
                 room -= len(draft)
             drafts.append(draft)

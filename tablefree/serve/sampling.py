@@ -6,6 +6,7 @@ and logit bias are tensors built once per sequence (`Penalties`), never Python l
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy
@@ -159,7 +160,7 @@ class TokenSampler:
         temps = torch.tensor([t for (_, t), size in zip(groups, sizes) for _ in range(size)], device=logits.device)
         # Shifted to a top logit of 0 before scaling, in place, as `sample` does for plain rows.
         weights = torch.softmax(logits.sub_(logits.amax(-1, keepdim=True)).div_(temps[:, None]), dim=-1)
-        firsts = [sum(sizes[:g]) for g in range(len(groups))]
+        firsts = [0, *itertools.accumulate(sizes)][:-1]
         rows = [first + j for first, (draft, _) in zip(firsts, groups) for j in range(len(draft))]
         guesses = [token for draft, _ in groups for token in draft]
         kept = weights[rows, guesses].tolist() if rows else []
