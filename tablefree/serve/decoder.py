@@ -25,6 +25,7 @@ from transformers import GPTNeoXForCausalLM
 from transformers.models.gpt_neox.modeling_gpt_neox import GPTNeoXRotaryEmbedding
 
 from ..codes import CodeLift
+from .native import NativeBody, native_problem
 from .precision import Int8Linear, PackedLinear, lower_activation
 
 MIN_CAPACITY = 64  # cache positions allocated at first; the capacity doubles from there up to the context length
@@ -91,13 +92,13 @@ class SlotDecoder:
     """Decode steps of up to `max_rows` rows over a cache of slots (see the module's docstring)."""
 
     def __init__(self, model, max_rows: int, max_len: int, lower_body: bool = False):
-        """`lower_body`: the body's linear layers as int8 weights (Int8Linear), for a CPU; else the model's own."""
+        """`lower_body`: the body's linear layers as int8 weights, for a CPU, run by the native body (NativeBody) where
+        it builds and takes the model, else by torch's kernels (Int8Linear); else the model's own."""
         problem = unsupported(model)
         if problem:
             raise ValueError(f"the slot decoder cannot run this model: {problem}")
         base = model.gpt_neox
         self.embed, self.rotary, self.final_norm = base.embed_in, base.rotary_emb, base.final_layer_norm
-        self.layers = [_Layer(layer, lower_body) for layer in base.layers]
         self.max_rows, self.max_len = max_rows, max_len
         self.dtype = self.final_norm.weight.dtype
         self.device = self.final_norm.weight.device
@@ -109,7 +110,13 @@ class SlotDecoder:
             with torch.no_grad():
                 probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
                 cos, sin = self.rotary(probe, position_ids=torch.arange(max_len, device=self.device)[None])
-            self._table = (cos[0], _signed(sin[0]))
+            self._table = (cos[0].contiguous(), _signed(sin[0]).contiguous())
+        # Why int8 body steps run torch's kernels rather than the native body (None: they run natively, or the body
+        # is not int8).
+        self.native_problem = native_problem(model) if lower_body else None
+        self._native = NativeBody(model, *self._table) if lower_body and self.native_problem is None else None
+        # The torch layers, for every step that is not native (the native body keeps its own int8 copies).
+        self.layers = [_Layer(layer, lower_body and self._native is None) for layer in base.layers]
         # The code's K values of every id, computed once (V x K, 4 MiB for V = 65,536 and K = 16 in float32): a step
         # then looks its ids up instead of running the code's integer operations. A cache of a fixed function, not a
         # parameter; skipped when it would be large (wide hashed codes of a large vocabulary).
@@ -207,6 +214,9 @@ class SlotDecoder:
         if distinct != list(range(first, first + len(distinct))):
             raise ValueError(f"the rows' slots must be consecutive in their order of first appearance, got {distinct}")
         self._reserve(max(slots) + 1, end)
+        if self._native is not None:
+            x = self._native(self._embed(ids.tolist() if n == 1 else ids), slots, at, self.keys, self.values)[:, None]
+            return x if head is None else head(x)
         capacity = self.keys[0].shape[1]
         where = torch.tensor([slot * capacity + p for slot, p in zip(slots, at)], device=self.device)
         grouped = _QueryGroups(slots, at, end, self.device) if len(distinct) < n else None

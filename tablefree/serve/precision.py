@@ -216,11 +216,14 @@ def lower_activation(act):
 
 @contextlib.contextmanager
 def int8_body(model):
-    """Runs the model's block linears as Int8Linear inside the block, and its activation without oneDNN, as the
-    engine's decode step would."""
+    """Runs the model's block linears as int8 weights inside the block, as the engine's decode step would: the native
+    body's products (NativeLinear) where it runs this model, else Int8Linear with the activation without oneDNN."""
+    from .native import NativeLinear, native_problem
+
+    lower = NativeLinear if native_problem(model) is None else Int8Linear
     linears = body_linears(model)
     for linear in linears:
-        linear.forward = Int8Linear(linear)  # an instance attribute: removed on the way out
+        linear.forward = lower(linear)  # an instance attribute: removed on the way out
     try:
         with without_onednn():
             yield

@@ -1,0 +1,237 @@
+"""The native body: a decode step's blocks with int8 weights as one call into C (native_step.c), built on first use.
+
+A one-row decode step through torch makes about 20 tensor operations per layer, each costing microseconds of dispatch
+whatever its size; for small-affine that was 0.65 ms of a 1.5 ms step, more than its arithmetic
+(docs/architecture.md, "The native body"). native_step.c runs the same blocks as plain loops in one call.
+
+It is built with the machine's C compiler (`CC`, else `cc`) for this CPU (-O3 -march=native, OpenMP), once, into
+tablefree's cache folder (`TABLEFREE_CACHE`, else $XDG_CACHE_HOME/tablefree, else ~/.cache/tablefree), named by a
+hash of the source, the flags and the compiler's target, so a new CPU or source builds anew. Written to a temporary
+name and renamed: two processes building at once never load a half-written library. Where no compiler works the
+engine runs torch's int8 kernels instead, and says why (`native_unavailable`). TABLEFREE_NATIVE=0 turns it off.
+
+OpenMP: the library links `libgomp.so.1`, which torch has already loaded, so its threads are torch's own pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .precision import per_row_int8
+
+SOURCE = Path(__file__).with_name("native_step.c")
+FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
+ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2, "silu": 3, "swish": 3}
+LAYER_TENSORS = 18  # pointers per layer in tf_body's `tensors`, in native_step.c's order
+SHAPE_FIELDS = 10
+
+
+def cache_folder() -> Path:
+    if os.environ.get("TABLEFREE_CACHE"):
+        return Path(os.environ["TABLEFREE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tablefree"
+
+
+def _compiler() -> str | None:
+    name = os.environ.get("CC", "cc")
+    return shutil.which(name)
+
+
+def _target(compiler: str) -> bytes:
+    """What -march=native means to this compiler on this CPU (its predefined macros), for the library's name."""
+    done = subprocess.run([compiler, "-march=native", "-E", "-dM", "-x", "c", os.devnull], capture_output=True,
+                          timeout=60, check=True)
+    return done.stdout
+
+
+class _Build:
+    """The loaded library, or why there is none."""
+
+    def __init__(self):
+        self.library: ctypes.CDLL | None = None
+        self.problem: str | None = None
+        if os.environ.get("TABLEFREE_NATIVE", "1") == "0":
+            self.problem = "TABLEFREE_NATIVE=0"
+            return
+        compiler = _compiler()
+        if compiler is None:
+            self.problem = f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
+            return
+        try:
+            source = SOURCE.read_bytes()
+            key = hashlib.sha256(source + " ".join(FLAGS).encode() + _target(compiler) + compiler.encode())
+            folder = cache_folder() / "native"
+            path = folder / f"step-{key.hexdigest()[:20]}.so"
+            if not path.exists():
+                folder.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=folder) as work:
+                    built = Path(work) / path.name
+                    done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
+                                          capture_output=True, text=True, timeout=300)
+                    if done.returncode != 0:
+                        self.problem = f"{compiler} failed: {done.stderr.strip()[-500:]}"
+                        return
+                    os.replace(built, path)
+            library = ctypes.CDLL(str(path))
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.problem = f"{type(exc).__name__}: {exc}"
+            return
+        library.tf_body.restype = ctypes.c_int
+        library.tf_body.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4
+        library.tf_lanes.restype = ctypes.c_int
+        library.tf_scratch_floats.restype = ctypes.c_long
+        library.tf_scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        library.tf_linear.restype = None
+        library.tf_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+        self.library = library
+        self.lanes = library.tf_lanes()
+
+
+@functools.cache
+def _build() -> _Build:
+    return _Build()
+
+
+def native_unavailable() -> str | None:
+    """Why the native body cannot run here, or None when it can (building it on first call)."""
+    return _build().problem
+
+
+def _pointer(tensor: torch.Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+def blocked(codes: torch.Tensor) -> torch.Tensor:
+    """int8 `codes` (out x in) in native_step.c's layout: blocks of LANES outputs, each holding for every input the
+    LANES outputs' weights side by side (out / LANES, in, LANES), LANES being the library's vector width."""
+    lanes = _build().lanes
+    out, width = codes.shape
+    if out % lanes:
+        raise ValueError(f"{out} outputs (native: a multiple of {lanes})")
+    return codes.view(out // lanes, lanes, width).transpose(1, 2).contiguous()
+
+
+def native_problem(model) -> str | None:
+    """Why `model`'s int8 body cannot run natively here, or None when it can: the library must build, and the model
+    must be what native_step.c computes (float32 weights on the CPU, GPT-NeoX's own rotary embedding with a fixed
+    table, an activation it knows, widths that are whole blocks of its vectors, norms with biases)."""
+    problem = native_unavailable()
+    if problem:
+        return problem
+    config, base = model.config, model.gpt_neox
+    if getattr(base.rotary_emb, "rope_type", None) != "default":
+        return f"rope type {getattr(base.rotary_emb, 'rope_type', None)!r} (native: 'default')"
+    if config.hidden_act not in ACTIVATIONS:
+        return f"activation {config.hidden_act!r} (native: {', '.join(ACTIVATIONS)})"
+    lanes = _build().lanes
+    layers = base.layers
+    outputs = {linear.out_features for layer in layers for linear in (layer.attention.query_key_value,
+                                                                      layer.attention.dense, layer.mlp.dense_h_to_4h,
+                                                                      layer.mlp.dense_4h_to_h)}
+    if any(out % lanes for out in outputs):
+        return f"layer widths {sorted(outputs)} (native: multiples of {lanes})"
+    if len({layer.use_parallel_residual for layer in layers}) > 1 or len({layer.mlp.dense_h_to_4h.out_features
+                                                                          for layer in layers}) > 1:
+        return "layers of different shapes"
+    for tensor in list(base.parameters()):
+        if tensor.dtype != torch.float32 or tensor.device.type != "cpu":
+            return f"weights of {tensor.dtype} on {tensor.device} (native: float32 on the CPU)"
+    norms = [base.final_layer_norm] + [norm for layer in layers
+                                       for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    if any(norm.weight is None or norm.bias is None for norm in norms):
+        return "layer norms without weights or biases"
+    return None
+
+
+class NativeLinear:
+    """An int8 linear layer as native_step.c computes it (one float32 scale per output channel, float32 sums), for
+    the quality measurement's forward passes: the same products a native decode step makes."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        codes, self.scales = per_row_int8(linear.weight, torch.float32)
+        self.weight, self.outputs = blocked(codes), codes.shape[0]
+        self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
+        self.out_dtype = linear.weight.dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, x.shape[-1]).float().contiguous()
+        n, width = rows.shape
+        out = torch.empty(n, self.outputs)
+        _build().library.tf_linear(rows.data_ptr(), n, width, self.weight.data_ptr(), self.scales.data_ptr(),
+                                   _pointer(self.bias), self.outputs, out.data_ptr())
+        return out.to(self.out_dtype).reshape(*x.shape[:-1], -1)
+
+
+class NativeBody:
+    """A SlotDecoder's blocks and final layer norm for native_step.c: int8 copies of the block weights and pointers
+    to everything else (the model's own norms and biases, the decoder's rotary tables and cache). For a model
+    `native_problem` passes."""
+
+    def __init__(self, model, cos: torch.Tensor, sin: torch.Tensor):
+        base = model.gpt_neox
+        config = model.config
+        first = base.layers[0]
+        self.width = config.hidden_size
+        self.shape = torch.tensor([len(base.layers), self.width, config.num_attention_heads,
+                                   self.width // config.num_attention_heads, cos.shape[-1],
+                                   first.mlp.dense_h_to_4h.out_features, int(first.use_parallel_residual),
+                                   ACTIVATIONS[config.hidden_act], 0, 0, len(cos)], dtype=torch.int64)
+        self.floats = torch.tensor([first.input_layernorm.eps, first.attention.scaling,
+                                    base.final_layer_norm.eps], dtype=torch.float32)
+        fixed = [cos.contiguous(), sin.contiguous(), base.final_layer_norm.weight, base.final_layer_norm.bias]
+        self._layers = []
+        for layer in base.layers:
+            parts = [layer.input_layernorm.weight, layer.input_layernorm.bias, layer.post_attention_layernorm.weight,
+                     layer.post_attention_layernorm.bias]
+            for linear in (layer.attention.query_key_value, layer.attention.dense, layer.mlp.dense_h_to_4h,
+                           layer.mlp.dense_4h_to_h):
+                native = NativeLinear(linear)
+                parts += [native.weight, native.scales, native.bias]
+            self._layers.append([t.detach() if t is not None else None for t in parts])
+        self._fixed = [t.detach() for t in fixed]
+        self._cache_key = None
+        self._pointers = None
+        self._scratch = torch.empty(0)
+
+    def _bind(self, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+        key = tuple(t.data_ptr() for t in keys + values)
+        if key == self._cache_key:
+            return
+        for t in keys + values:
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != keys[0].shape:
+                raise ValueError("the cache must be contiguous float32 tensors of one shape")
+        pointers = [_pointer(t) for t in self._fixed]
+        for parts, k, v in zip(self._layers, keys, values):
+            pointers += [_pointer(t) for t in parts] + [k.data_ptr(), v.data_ptr()]
+        self._pointers = (ctypes.c_void_p * len(pointers))(*pointers)
+        self.shape[8], self.shape[9] = keys[0].shape[0], keys[0].shape[1]
+        self._cache_key = key
+
+    def __call__(self, x: torch.Tensor, slots: list[int], positions: list[int], keys: list[torch.Tensor],
+                 values: list[torch.Tensor]) -> torch.Tensor:
+        """The final layer norm's output (n, width) for input vectors `x` (n, width) of rows at `slots` and
+        `positions`; writes each row's keys and values into `keys` and `values`."""
+        self._bind(keys, values)
+        n = len(slots)
+        library = _build().library
+        out = torch.empty(n, self.width)
+        out.copy_(x.reshape(n, self.width))
+        need = library.tf_scratch_floats(self.shape.data_ptr(), n)
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need)
+        done = library.tf_body(self.shape.data_ptr(), self._pointers, self.floats.data_ptr(), n,
+                               (ctypes.c_int32 * n)(*slots), (ctypes.c_int32 * n)(*positions), out.data_ptr(),
+                               self._scratch.data_ptr())
+        if done != 0:
+            raise IndexError(f"a position in {positions} or a slot in {slots} is outside the cache")
+        return out

@@ -1,0 +1,303 @@
+/* The body of a GPT-NeoX-shaped model's decode step with int8 block weights, in one call (tablefree/serve/native.py
+ * builds and loads it; docs/architecture.md, "The native body").
+ *
+ * A decode step of a small model spends most of its body's time between operations, not in them: each tensor
+ * operation called from Python costs microseconds whatever its size, and a step makes about 20 per layer. Here the
+ * same arithmetic runs as plain loops, once per step:
+ *
+ *   per layer: layer norm, the fused query-key-value product, rotary embedding of the query and key, the key and
+ *   value written into each row's slot at its position, attention of each row over its slot's positions 0..its own,
+ *   the output product, the MLP (up, activation, down) and the residual sums, in GPT-NeoX's order (parallel or not);
+ *   then the final layer norm.
+ *
+ * Every row's arithmetic is the same whatever the other rows are (each product sums one row's values in a fixed
+ * order), so a row's hidden state does not depend on its batch: the engine's greedy text stays batch-invariant.
+ * Weights are int8 with one float32 scale per output channel; activations, the cache and all sums are float32.
+ */
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+enum { ACT_GELU = 0, ACT_GELU_TANH = 1, ACT_RELU = 2, ACT_SILU = 3 };
+enum {
+    T_NORM1_W, T_NORM1_B, T_NORM2_W, T_NORM2_B,
+    T_QKV_W, T_QKV_S, T_QKV_B, T_DENSE_W, T_DENSE_S, T_DENSE_B,
+    T_UP_W, T_UP_S, T_UP_B, T_DOWN_W, T_DOWN_S, T_DOWN_B,
+    T_KEYS, T_VALUES, T_PER_LAYER
+};
+
+/* The model's shape (tf_body's `shape`). */
+enum {
+    S_LAYERS, S_WIDTH, S_HEADS, S_SIZE, S_ROTARY, S_INNER, S_PARALLEL, S_ACT, S_SLOTS, S_CAPACITY, S_TABLE_LEN, S_COUNT
+};
+
+int tf_version(void) { return 1; }
+
+/* Vectors of LANES floats: x86's own types where it has them (GCC and Clang give them arithmetic operators, and
+ * their widening of bytes is one instruction), else GCC's and Clang's vector extensions. */
+#if defined(__AVX512F__)
+#define LANES 16
+typedef __m512 vec;
+static inline vec load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void store(float *p, vec v) { _mm512_storeu_ps(p, v); }
+static inline vec splat(float value) { return _mm512_set1_ps(value); }
+static inline vec widen(const int8_t *p) {  /* LANES int8 values as floats, exactly */
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif defined(__AVX2__)
+#define LANES 8
+typedef __m256 vec;
+static inline vec load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void store(float *p, vec v) { _mm256_storeu_ps(p, v); }
+static inline vec splat(float value) { return _mm256_set1_ps(value); }
+static inline vec widen(const int8_t *p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+#else
+#define LANES 16
+typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+static inline vec load(const float *p) {
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
+static inline vec splat(float value) {
+    vec out;
+    for (int l = 0; l < LANES; l++) out[l] = value;
+    return out;
+}
+static inline vec widen(const int8_t *p) {
+    vec out;
+    for (int l = 0; l < LANES; l++) out[l] = (float)p[l];
+    return out;
+}
+#endif
+
+/* Outputs per block of the weight layout (`linear`). */
+int tf_lanes(void) { return LANES; }
+
+/* The LANES partial sums of `v`, added pairwise in one fixed order. */
+static inline float sum_lanes(vec v) {
+    float t[LANES];
+    store(t, v);
+    for (int width = LANES / 2; width > 1; width /= 2)
+        for (int l = 0; l < width; l++) t[l] += t[l + width];
+    return t[0] + t[1];
+}
+
+/* Sum of a[i] * b[i], i < n, in one fixed order: LANES partial sums, then the rest one at a time. */
+static inline float dot(const float *a, const float *b, int n) {
+    vec acc = {0};
+    int i = 0;
+    for (; i + LANES <= n; i += LANES) acc += load(a + i) * load(b + i);
+    float total = sum_lanes(acc);
+    for (; i < n; i++) total += a[i] * b[i];
+    return total;
+}
+
+/* Output blocks one pass of `linear` computes together: independent sums, so their products overlap. */
+enum { GROUP = 4 };
+
+/* GROUP blocks of outputs (or `count` < GROUP) for one row: acc[c][j] = sum over k of w[c][k][j] * x[k], k in
+ * order. Written out for count == GROUP so the compiler keeps the sums in registers. */
+static inline void block_sums(const float *x, int in, const int8_t *w, int count, vec *acc) {
+    if (count == GROUP) {
+        vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        const size_t stride = (size_t)in * LANES;
+        for (int k = 0; k < in; k++) {
+            const int8_t *at = w + (size_t)k * LANES;
+            vec xk = splat(x[k]);
+            a0 += widen(at) * xk;
+            a1 += widen(at + stride) * xk;
+            a2 += widen(at + 2 * stride) * xk;
+            a3 += widen(at + 3 * stride) * xk;
+        }
+        acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+        return;
+    }
+    for (int c = 0; c < count; c++) {
+        vec a = {0};
+        const int8_t *block = w + (size_t)c * in * LANES;
+        for (int k = 0; k < in; k++) a += widen(block + (size_t)k * LANES) * splat(x[k]);
+        acc[c] = a;
+    }
+}
+
+/* y[r][o] = (sum_k w[o][k] x[r][k]) * scale[o] + bias[o] for rows r < n. `w` is in blocks of LANES outputs (block b:
+ * for each input k, the weights of outputs b*LANES..b*LANES+LANES-1), `out` a multiple of LANES. Each output's sum
+ * runs over k in order, so a row's outputs do not depend on the other rows or on how the outputs are split among
+ * threads. */
+static void linear(const float *x, int n, int in, const int8_t *w, const float *scale, const float *bias, int out,
+                   float *y) {
+    const int blocks = out / LANES, groups = (blocks + GROUP - 1) / GROUP;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if ((long)n * out * in >= 65536)
+#endif
+    for (int g = 0; g < groups; g++) {
+        int first = g * GROUP, count = blocks - first < GROUP ? blocks - first : GROUP;
+        const int8_t *wg = w + (size_t)first * in * LANES;
+        for (int r = 0; r < n; r++) {
+            vec acc[GROUP];
+            block_sums(x + (size_t)r * in, in, wg, count, acc);
+            for (int c = 0; c < count; c++) {
+                int o = (first + c) * LANES;
+                vec result = acc[c] * load(scale + o);
+                if (bias) result += load(bias + o);
+                store(y + (size_t)r * out + o, result);
+            }
+        }
+    }
+}
+
+static void layer_norm(const float *x, int n, int width, const float *w, const float *b, float eps, float *y) {
+    for (int r = 0; r < n; r++) {
+        const float *row = x + (size_t)r * width;
+        float *out = y + (size_t)r * width;
+        float mean = 0.0f, var = 0.0f;
+        for (int i = 0; i < width; i++) mean += row[i];
+        mean /= (float)width;
+        for (int i = 0; i < width; i++) {
+            float d = row[i] - mean;
+            var += d * d;
+        }
+        float inv = 1.0f / sqrtf(var / (float)width + eps);
+        for (int i = 0; i < width; i++) out[i] = (row[i] - mean) * inv * w[i] + b[i];
+    }
+}
+
+static void activate(float *x, size_t count, int act) {
+    for (size_t i = 0; i < count; i++) {
+        float v = x[i];
+        switch (act) {
+        case ACT_GELU: x[i] = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f)); break;
+        case ACT_GELU_TANH:
+            x[i] = 0.5f * v * (1.0f + tanhf(0.79788456080286536f * (v + 0.044715f * v * v * v)));
+            break;
+        case ACT_RELU: x[i] = v > 0.0f ? v : 0.0f; break;
+        default: x[i] = v / (1.0f + expf(-v)); break;
+        }
+    }
+}
+
+/* GPT-NeoX's rotary embedding of one head's first `rotary` values: t * cos + cat(t2, t1) * sin, sin signed. */
+static void rotate(float *t, int rotary, const float *cos, const float *sin) {
+    int half = rotary / 2;
+    float turned[rotary];
+    for (int i = 0; i < rotary; i++) turned[i] = t[i] * cos[i] + t[i < half ? i + half : i - half] * sin[i];
+    memcpy(t, turned, sizeof(float) * rotary);
+}
+
+/* One step's body for n rows. x: (n, width) input vectors, overwritten by the final layer norm's output.
+ * slots, positions: each row's slot and where its new token is written (it then reads positions 0..its own).
+ * scratch: room for tf_scratch_floats(shape, n) floats. Returns 0, or -1 for a slot or position outside the cache
+ * (or a position outside the rotary table), before anything is written. */
+long tf_scratch_floats(const int64_t *shape, int n) {
+    long width = shape[S_WIDTH], inner = shape[S_INNER], capacity = shape[S_CAPACITY];
+    long widest = inner > 3 * width ? inner : 3 * width;
+    return n * (3 * width + widest) + capacity;
+}
+
+int tf_body(const int64_t *shape, void *const *tensors, const float *floats, int n, const int32_t *slots,
+            const int32_t *positions, float *x, float *scratch) {
+    const int layers = (int)shape[S_LAYERS], width = (int)shape[S_WIDTH], heads = (int)shape[S_HEADS];
+    const int size = (int)shape[S_SIZE], rotary = (int)shape[S_ROTARY], inner = (int)shape[S_INNER];
+    const int parallel = (int)shape[S_PARALLEL], act = (int)shape[S_ACT];
+    const long capacity = shape[S_CAPACITY], table_len = shape[S_TABLE_LEN], slot_count = shape[S_SLOTS];
+    const float eps = floats[0], scaling = floats[1], final_eps = floats[2];
+    const float *cos_table = tensors[0], *sin_table = tensors[1];
+    const float *final_w = tensors[2], *final_b = tensors[3];
+    void *const *per_layer = tensors + 4;
+
+    for (int r = 0; r < n; r++)
+        if (positions[r] < 0 || positions[r] >= capacity || positions[r] >= table_len || slots[r] < 0 ||
+            slots[r] >= slot_count)
+            return -1;
+
+    const int widest = inner > 3 * width ? inner : 3 * width;
+    float *normed = scratch;                         /* n x width */
+    float *attended = normed + (size_t)n * width;    /* n x width */
+    float *wide = attended + (size_t)n * width;      /* n x widest: qkv, then the MLP's inner values */
+    float *mixed = wide + (size_t)n * widest;        /* n x width: the output product, then the MLP's */
+    float *scores = mixed + (size_t)n * width;       /* capacity */
+
+    for (int l = 0; l < layers; l++) {
+        void *const *t = per_layer + (size_t)l * T_PER_LAYER;
+        float *keys = t[T_KEYS], *values = t[T_VALUES];
+        layer_norm(x, n, width, t[T_NORM1_W], t[T_NORM1_B], eps, normed);
+        linear(normed, n, width, t[T_QKV_W], t[T_QKV_S], t[T_QKV_B], 3 * width, wide);
+        /* qkv per row is (heads, 3, size): rotate q and k, then write k and v into the row's slot. */
+        for (int r = 0; r < n; r++) {
+            const float *cos = cos_table + (size_t)positions[r] * rotary;
+            const float *sin = sin_table + (size_t)positions[r] * rotary;
+            size_t at = ((size_t)slots[r] * capacity + positions[r]) * heads * size;
+            for (int h = 0; h < heads; h++) {
+                float *q = wide + (size_t)r * 3 * width + (size_t)h * 3 * size;
+                rotate(q, rotary, cos, sin);
+                rotate(q + size, rotary, cos, sin);
+                memcpy(keys + at + (size_t)h * size, q + size, sizeof(float) * size);
+                memcpy(values + at + (size_t)h * size, q + 2 * size, sizeof(float) * size);
+            }
+        }
+        /* Each row attends over its slot's positions 0..its own, after every row wrote its key and value. */
+        for (int r = 0; r < n; r++) {
+            int seen = positions[r] + 1;
+            const float *slot_keys = keys + (size_t)slots[r] * capacity * heads * size;
+            const float *slot_values = values + (size_t)slots[r] * capacity * heads * size;
+            for (int h = 0; h < heads; h++) {
+                const float *q = wide + (size_t)r * 3 * width + (size_t)h * 3 * size;
+                float most = -INFINITY;
+                for (int p = 0; p < seen; p++) {
+                    scores[p] = dot(q, slot_keys + ((size_t)p * heads + h) * size, size) * scaling;
+                    if (scores[p] > most) most = scores[p];
+                }
+                float total = 0.0f;
+                for (int p = 0; p < seen; p++) {
+                    scores[p] = expf(scores[p] - most);
+                    total += scores[p];
+                }
+                float *out = attended + (size_t)r * width + (size_t)h * size;
+                for (int i = 0; i < size; i++) out[i] = 0.0f;
+                for (int p = 0; p < seen; p++) {
+                    const float *v = slot_values + ((size_t)p * heads + h) * size;
+                    float weight = scores[p] / total;
+                    for (int i = 0; i < size; i++) out[i] += weight * v[i];
+                }
+            }
+        }
+        linear(attended, n, width, t[T_DENSE_W], t[T_DENSE_S], t[T_DENSE_B], width, mixed);
+        if (parallel) {
+            /* x = mlp(norm2(x)) + attended + x */
+            layer_norm(x, n, width, t[T_NORM2_W], t[T_NORM2_B], eps, normed);
+            for (size_t i = 0; i < (size_t)n * width; i++) attended[i] = mixed[i];
+        } else {
+            for (size_t i = 0; i < (size_t)n * width; i++) x[i] = x[i] + mixed[i];
+            layer_norm(x, n, width, t[T_NORM2_W], t[T_NORM2_B], eps, normed);
+        }
+        linear(normed, n, width, t[T_UP_W], t[T_UP_S], t[T_UP_B], inner, wide);
+        activate(wide, (size_t)n * inner, act);
+        linear(wide, n, inner, t[T_DOWN_W], t[T_DOWN_S], t[T_DOWN_B], width, mixed);
+        if (parallel)
+            for (size_t i = 0; i < (size_t)n * width; i++) x[i] = mixed[i] + attended[i] + x[i];
+        else
+            for (size_t i = 0; i < (size_t)n * width; i++) x[i] = x[i] + mixed[i];
+    }
+    layer_norm(x, n, width, final_w, final_b, final_eps, normed);
+    memcpy(x, normed, sizeof(float) * (size_t)n * width);
+    return 0;
+}
+
+/* One int8 linear layer over n rows, as tf_body computes it (the quality measurement runs the model through it). */
+void tf_linear(const float *x, int n, int in, const int8_t *w, const float *scale, const float *bias, int out,
+               float *y) {
+    linear(x, n, in, w, scale, bias, out, y);
+}
