@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from .precision import per_row_int8
-
 SOURCE = Path(__file__).with_name("native_step.c")
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-fopenmp", "-std=c11"]
+# -ffp-contract=off: no multiply-add fused unless written so (native_step.c's `madd`), so a sum rounds the same way
+# on every path through the code.
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
 ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2, "silu": 3, "swish": 3}
 LAYER_TENSORS = 18  # pointers per layer in tf_body's `tensors`, in native_step.c's order
 SHAPE_FIELDS = 10
@@ -88,6 +88,12 @@ class _Build:
         library.tf_body.restype = ctypes.c_int
         library.tf_body.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4
         library.tf_lanes.restype = ctypes.c_int
+        library.tf_quantize_rows.restype = None
+        library.tf_quantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                                             ctypes.c_void_p]
+        library.tf_head.restype = None
+        library.tf_head.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
+                                    + [ctypes.c_int, ctypes.c_void_p])
         library.tf_scratch_floats.restype = ctypes.c_long
         library.tf_scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int]
         library.tf_linear.restype = None
@@ -158,6 +164,8 @@ class NativeLinear:
     the quality measurement's forward passes: the same products a native decode step makes."""
 
     def __init__(self, linear: torch.nn.Linear):
+        from .precision import per_row_int8
+
         codes, self.scales = per_row_int8(linear.weight, torch.float32)
         self.weight, self.outputs = blocked(codes), codes.shape[0]
         self.bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
@@ -234,4 +242,43 @@ class NativeBody:
                                self._scratch.data_ptr())
         if done != 0:
             raise IndexError(f"a position in {positions} or a slot in {slots} is outside the cache")
+        return out
+
+
+HEAD_GROUP = 64  # outputs tf_head computes together; its weights are padded to a multiple of this
+
+
+class NativeHead:
+    """The int8 output head's product as native_step.c computes it: uint8 codes of each row (zero point 128) times
+    int8 weights, summed exactly in int32, then the weight's and the row's scales. Exact sums, so the same logits as
+    oneDNN's product, bit for bit (tests/test_native.py); faster for a few rows, slower for many (NATIVE_HEAD_ROWS)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        out, width = codes.shape
+        if width % 4:
+            raise ValueError(f"width {width} (native head: a multiple of 4)")
+        padded = -(-out // HEAD_GROUP) * HEAD_GROUP
+        full = torch.zeros(padded, width, dtype=torch.int8)
+        full[:out] = codes
+        self.weight = full.view(padded // 16, 16, width // 4, 4).transpose(1, 2).contiguous()
+        self.sums = (full.int().sum(1) * 128).int().contiguous()
+        self.scales = torch.zeros(padded)
+        self.scales[:out] = scales
+        self.bias = None if bias is None else bias.float().contiguous()
+        self.out, self.width = out, width
+
+    @staticmethod
+    def quantize(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes, scales) of float32 `rows` (n x width, contiguous): Int8Head's quantisation, bit for bit."""
+        n, width = rows.shape
+        codes, scales = torch.empty(n, width, dtype=torch.uint8), torch.empty(n)
+        _build().library.tf_quantize_rows(rows.data_ptr(), n, width, codes.data_ptr(), scales.data_ptr())
+        return codes, scales
+
+    def __call__(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        n = codes.shape[0]
+        out = torch.empty(n, self.out)
+        _build().library.tf_head(codes.data_ptr(), n, self.width, self.weight.data_ptr(), self.sums.data_ptr(),
+                                 self.scales.data_ptr(), scales.data_ptr(), _pointer(self.bias), self.out,
+                                 out.data_ptr())
         return out

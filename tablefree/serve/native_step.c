@@ -50,6 +50,7 @@ typedef __m512 vec;
 static inline vec load(const float *p) { return _mm512_loadu_ps(p); }
 static inline void store(float *p, vec v) { _mm512_storeu_ps(p, v); }
 static inline vec splat(float value) { return _mm512_set1_ps(value); }
+static inline vec madd(vec acc, vec a, vec b) { return _mm512_fmadd_ps(a, b, acc); }  /* acc + a b, rounded once */
 static inline vec widen(const int8_t *p) {  /* LANES int8 values as floats, exactly */
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
 }
@@ -59,6 +60,11 @@ typedef __m256 vec;
 static inline vec load(const float *p) { return _mm256_loadu_ps(p); }
 static inline void store(float *p, vec v) { _mm256_storeu_ps(p, v); }
 static inline vec splat(float value) { return _mm256_set1_ps(value); }
+#ifdef __FMA__
+static inline vec madd(vec acc, vec a, vec b) { return _mm256_fmadd_ps(a, b, acc); }
+#else
+static inline vec madd(vec acc, vec a, vec b) { return acc + a * b; }
+#endif
 static inline vec widen(const int8_t *p) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
@@ -81,6 +87,7 @@ static inline vec widen(const int8_t *p) {
     for (int l = 0; l < LANES; l++) out[l] = (float)p[l];
     return out;
 }
+static inline vec madd(vec acc, vec a, vec b) { return acc + a * b; }  /* two roundings: contraction is off */
 #endif
 
 /* Outputs per block of the weight layout (`linear`). */
@@ -105,38 +112,44 @@ static inline float dot(const float *a, const float *b, int n) {
     return total;
 }
 
-/* Output blocks one pass of `linear` computes together: independent sums, so their products overlap. */
-enum { GROUP = 4 };
+/* Output blocks, and rows, one pass of `linear` computes together: independent sums, so their products overlap, and
+ * each block's weights are widened once for all the rows. */
+enum { GROUP = 4, ROWS = 4 };
 
-/* GROUP blocks of outputs (or `count` < GROUP) for one row: acc[c][j] = sum over k of w[c][k][j] * x[k], k in
- * order. Written out for count == GROUP so the compiler keeps the sums in registers. */
-static inline void block_sums(const float *x, int in, const int8_t *w, int count, vec *acc) {
-    if (count == GROUP) {
-        vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        const size_t stride = (size_t)in * LANES;
+/* GROUP blocks of outputs (or `count` < GROUP) for `rows` <= ROWS rows: acc[r][c][j] = sum over k of w[c][k][j] *
+ * x[r][k], k in order, whatever `rows` and `count` are. */
+static inline void block_sums(const float *x, int rows, int in, const int8_t *w, int count, vec acc[ROWS][GROUP]) {
+    const size_t stride = (size_t)in * LANES;
+    if (count == GROUP && rows == 1) {  /* one row: the sums alone in registers */
+        vec a0 = splat(0.0f), a1 = a0, a2 = a0, a3 = a0;
         for (int k = 0; k < in; k++) {
             const int8_t *at = w + (size_t)k * LANES;
             vec xk = splat(x[k]);
-            a0 += widen(at) * xk;
-            a1 += widen(at + stride) * xk;
-            a2 += widen(at + 2 * stride) * xk;
-            a3 += widen(at + 3 * stride) * xk;
+            a0 = madd(a0, widen(at), xk);
+            a1 = madd(a1, widen(at + stride), xk);
+            a2 = madd(a2, widen(at + 2 * stride), xk);
+            a3 = madd(a3, widen(at + 3 * stride), xk);
         }
-        acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;
+        acc[0][0] = a0, acc[0][1] = a1, acc[0][2] = a2, acc[0][3] = a3;
         return;
     }
-    for (int c = 0; c < count; c++) {
-        vec a = {0};
-        const int8_t *block = w + (size_t)c * in * LANES;
-        for (int k = 0; k < in; k++) a += widen(block + (size_t)k * LANES) * splat(x[k]);
-        acc[c] = a;
+    for (int r = 0; r < ROWS; r++)
+        for (int c = 0; c < GROUP; c++) acc[r][c] = splat(0.0f);
+    for (int k = 0; k < in; k++) {
+        vec weights[GROUP];
+        for (int c = 0; c < GROUP; c++) weights[c] = c < count ? widen(w + c * stride + (size_t)k * LANES) : splat(0);
+        for (int r = 0; r < ROWS; r++) {
+            if (r >= rows) break;
+            vec xk = splat(x[(size_t)r * in + k]);
+            for (int c = 0; c < GROUP; c++) acc[r][c] = madd(acc[r][c], weights[c], xk);
+        }
     }
 }
 
 /* y[r][o] = (sum_k w[o][k] x[r][k]) * scale[o] + bias[o] for rows r < n. `w` is in blocks of LANES outputs (block b:
  * for each input k, the weights of outputs b*LANES..b*LANES+LANES-1), `out` a multiple of LANES. Each output's sum
- * runs over k in order, so a row's outputs do not depend on the other rows or on how the outputs are split among
- * threads. */
+ * runs over k in order (one fused multiply-add a term), so a row's outputs do not depend on the other rows or on how
+ * the outputs are split among threads. */
 static void linear(const float *x, int n, int in, const int8_t *w, const float *scale, const float *bias, int out,
                    float *y) {
     const int blocks = out / LANES, groups = (blocks + GROUP - 1) / GROUP;
@@ -146,15 +159,17 @@ static void linear(const float *x, int n, int in, const int8_t *w, const float *
     for (int g = 0; g < groups; g++) {
         int first = g * GROUP, count = blocks - first < GROUP ? blocks - first : GROUP;
         const int8_t *wg = w + (size_t)first * in * LANES;
-        for (int r = 0; r < n; r++) {
-            vec acc[GROUP];
-            block_sums(x + (size_t)r * in, in, wg, count, acc);
-            for (int c = 0; c < count; c++) {
-                int o = (first + c) * LANES;
-                vec result = acc[c] * load(scale + o);
-                if (bias) result += load(bias + o);
-                store(y + (size_t)r * out + o, result);
-            }
+        for (int r0 = 0; r0 < n; r0 += ROWS) {
+            int rows = n - r0 < ROWS ? n - r0 : ROWS;
+            vec acc[ROWS][GROUP];
+            block_sums(x + (size_t)r0 * in, rows, in, wg, count, acc);
+            for (int r = 0; r < rows; r++)
+                for (int c = 0; c < count; c++) {
+                    int o = (first + c) * LANES;
+                    vec result = acc[r][c] * load(scale + o);
+                    if (bias) result += load(bias + o);
+                    store(y + (size_t)(r0 + r) * out + o, result);
+                }
         }
     }
 }
@@ -300,4 +315,104 @@ int tf_body(const int64_t *shape, void *const *tensors, const float *floats, int
 void tf_linear(const float *x, int n, int in, const int8_t *w, const float *scale, const float *bias, int out,
                float *y) {
     linear(x, n, in, w, scale, bias, out, y);
+}
+
+/* ---- The int8 output head: rows quantised to int8 codes, an exact integer product, the two scales. ---- */
+
+/* Each row of x (n x in) as uint8 codes with zero point 128 and its scale, max |x| / 127 (at least FLT_MIN): the
+ * same arithmetic as tablefree/serve/precision.py's Int8Head, so the same codes. */
+void tf_quantize_rows(const float *x, int n, int in, uint8_t *codes, float *scales) {
+    for (int r = 0; r < n; r++) {
+        const float *row = x + (size_t)r * in;
+        float most = 0.0f;
+        int nan = 0;
+        for (int k = 0; k < in; k++) {
+            float a = fabsf(row[k]);
+            if (a != a) nan = 1;
+            if (a > most) most = a;
+        }
+        float scale = nan ? NAN : most / 127.0f;
+        if (scale < 1.17549435e-38f) scale = 1.17549435e-38f;
+        scales[r] = scale;
+        /* |row[k] / scale| <= 127 for a finite row; a non-finite one (its scale NaN or infinite, so its logits are
+         * too) gets the zero point wherever the quotient is not a code. */
+        for (int k = 0; k < in; k++) {
+            float q = rintf(row[k] / scale);
+            codes[(size_t)r * in + k] = (uint8_t)(q >= -127.0f && q <= 127.0f ? (int)q + 128 : 128);
+        }
+    }
+}
+
+/* y[r][o] = float(sum_k (codes[r][k] - 128) w[o][k]) * w_scale[o] * scales[r] + bias[o]. `w` in blocks of 16
+ * outputs by groups of 4 inputs (block b, group g: outputs b*16..b*16+15, each with its 4 weights of inputs 4g..4g+3),
+ * `in` a multiple of 4, `out` of 16; `sums[o]` = 128 * sum_k w[o][k], the zero point's share. The integer sums are
+ * exact whatever the order, so every path here gives the same logits. */
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+/* HEAD_BLOCKS blocks of 16 outputs for `rows` (<= HEAD_ROWS) rows: each group's weights are loaded once for every
+ * row. */
+enum { HEAD_BLOCKS = 4, HEAD_ROWS = 4 };
+static inline void head_sums(const uint8_t *codes, int rows, int in, const int8_t *w, size_t stride,
+                             int32_t total[HEAD_ROWS][HEAD_BLOCKS][16]) {
+    __m512i acc[HEAD_ROWS][HEAD_BLOCKS];
+    for (int r = 0; r < HEAD_ROWS; r++)
+        for (int c = 0; c < HEAD_BLOCKS; c++) acc[r][c] = _mm512_setzero_si512();
+    for (int g = 0; g < in / 4; g++) {
+        __m512i weights[HEAD_BLOCKS];
+        for (int c = 0; c < HEAD_BLOCKS; c++) weights[c] = _mm512_loadu_si512(w + c * stride + (size_t)g * 64);
+        for (int r = 0; r < HEAD_ROWS; r++) {
+            if (r >= rows) break;
+            int32_t four;
+            memcpy(&four, codes + (size_t)r * in + 4 * g, 4);
+            __m512i x = _mm512_set1_epi32(four);
+            for (int c = 0; c < HEAD_BLOCKS; c++) acc[r][c] = _mm512_dpbusd_epi32(acc[r][c], x, weights[c]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < HEAD_BLOCKS; c++) _mm512_storeu_si512(total[r][c], acc[r][c]);
+}
+#else
+enum { HEAD_BLOCKS = 4, HEAD_ROWS = 4 };
+static inline void head_sums(const uint8_t *codes, int rows, int in, const int8_t *w, size_t stride,
+                             int32_t total[HEAD_ROWS][HEAD_BLOCKS][16]) {
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < HEAD_BLOCKS; c++) {
+            const int8_t *block = w + c * stride;
+            for (int j = 0; j < 16; j++) {
+                int32_t sum = 0;
+                for (int k = 0; k < in; k++)
+                    sum += (int32_t)codes[(size_t)r * in + k] * block[(size_t)(k / 4) * 64 + 4 * j + k % 4];
+                total[r][c][j] = sum;
+            }
+        }
+}
+#endif
+
+/* y[r][o] = float(sum_k (codes[r][k] - 128) w[o][k]) * w_scale[o] * scales[r] + bias[o], o < out. `w` in blocks
+ * of 16 outputs by groups of 4 inputs (block b, group g: outputs b*16..b*16+15, each with its 4 weights of inputs
+ * 4g..4g+3), `in` a multiple of 4, the outputs padded with zeros to a multiple of 16 * HEAD_BLOCKS (as are `sums`,
+ * 128 * sum_k w[o][k], the zero point's share, and `w_scale`). The integer sums are exact whatever the order, so
+ * every path here (and oneDNN's) gives the same logits. */
+void tf_head(const uint8_t *codes, int n, int in, const int8_t *w, const int32_t *sums, const float *w_scale,
+             const float *scales, const float *bias, int out, float *y) {
+    const size_t stride = (size_t)in * 16;  /* bytes of one block */
+    const int groups = (out + 16 * HEAD_BLOCKS - 1) / (16 * HEAD_BLOCKS);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static)
+#endif
+    for (int g = 0; g < groups; g++) {
+        const int8_t *at = w + (size_t)g * HEAD_BLOCKS * stride;
+        for (int first = 0; first < n; first += HEAD_ROWS) {
+            int rows = n - first < HEAD_ROWS ? n - first : HEAD_ROWS;
+            int32_t total[HEAD_ROWS][HEAD_BLOCKS][16];
+            head_sums(codes + (size_t)first * in, rows, in, at, stride, total);
+            for (int r = 0; r < rows; r++)
+                for (int c = 0; c < HEAD_BLOCKS; c++)
+                    for (int j = 0; j < 16; j++) {
+                        int o = (g * HEAD_BLOCKS + c) * 16 + j;
+                        if (o >= out) break;
+                        float v = (float)(total[r][c][j] - sums[o]) * w_scale[o] * scales[first + r];
+                        y[(size_t)(first + r) * out + o] = bias ? v + bias[o] : v;
+                    }
+        }
+    }
 }
