@@ -246,6 +246,8 @@ class Engine:
             raise ValueError(f"int8 body weights need the engine's GPT-NeoX decode step, and {unfit}")
         self._slots = None if unfit else SlotDecoder(model, max_batch_size, max_model_len, lower_body)
         self.draft_tokens = draft_tokens if self._slots is not None else 0
+        # Why int8 body weights run through torch's kernels rather than the native body (None: natively, or float32).
+        self.native_problem = self._slots.native_problem if self._slots is not None else None
         self.guessed = self.held = 0  # draft tokens checked so far, and those that were the model's own choice
         self._outbox: list[tuple[Sequence, SequenceEvent]] = []  # this phase's events, handed out together
         self._deliver_events = deliver

@@ -41,16 +41,61 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tablefree"
 
 
-def _compiler() -> str | None:
-    name = os.environ.get("CC", "cc")
-    return shutil.which(name)
+class NativeBuildError(Exception):
+    """The library could not be built or loaded: the message says why."""
 
 
 def _target(compiler: str) -> bytes:
     """What -march=native means to this compiler on this CPU (its predefined macros), for the library's name."""
     done = subprocess.run([compiler, "-march=native", "-E", "-dM", "-x", "c", os.devnull], capture_output=True,
-                          timeout=60, check=True)
-    return done.stdout
+                          timeout=60)
+    return done.stdout if done.returncode == 0 else b""
+
+
+def build(flags: list[str] = FLAGS) -> Path:
+    """The library built from SOURCE with `flags`, in the cache folder (built there first if need be)."""
+    name = os.environ.get("CC") or "cc"
+    compiler = shutil.which(name)
+    if compiler is None:
+        raise NativeBuildError(f"no C compiler ({name}) on PATH; set CC to one")
+    try:
+        key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _target(compiler) + compiler.encode())
+        folder = cache_folder() / "native"
+        path = folder / f"step-{key.hexdigest()[:20]}.so"
+        if path.exists():
+            return path
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=folder) as work:  # built aside, then renamed into place whole
+            built = Path(work) / path.name
+            done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
+                                  text=True, timeout=600)
+            if done.returncode != 0:
+                lines = done.stderr.strip().splitlines()
+                raise NativeBuildError(f"{name} failed ({lines[-1] if lines else f'exit status {done.returncode}'})")
+            os.replace(built, path)
+        return path
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeBuildError(f"building with {name}: {type(exc).__name__}: {exc}") from None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """The library at `path`, its functions typed."""
+    try:
+        library = ctypes.CDLL(str(path))
+    except OSError as exc:
+        raise NativeBuildError(f"loading {path}: {exc}") from None
+    pointer, count = ctypes.c_void_p, ctypes.c_int
+    for name, result, arguments in (
+        ("tf_lanes", count, []),
+        ("tf_scratch_floats", ctypes.c_long, [pointer, count]),
+        ("tf_body", count, [pointer] * 3 + [count] + [pointer] * 4),
+        ("tf_linear", None, [pointer, count, count, pointer, pointer, pointer, count, pointer]),
+        ("tf_quantize_rows", None, [pointer, count, count, pointer, pointer]),
+        ("tf_head", None, [pointer, count, count] + [pointer] * 5 + [count, pointer]),
+    ):
+        function = getattr(library, name)
+        function.restype, function.argtypes = result, arguments
+    return library
 
 
 class _Build:
@@ -59,48 +104,21 @@ class _Build:
     def __init__(self):
         self.library: ctypes.CDLL | None = None
         self.problem: str | None = None
+        self.lanes = 0
         if os.environ.get("TABLEFREE_NATIVE", "1") == "0":
             self.problem = "TABLEFREE_NATIVE=0"
             return
-        compiler = _compiler()
-        if compiler is None:
-            self.problem = f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
-            return
         try:
-            source = SOURCE.read_bytes()
-            key = hashlib.sha256(source + " ".join(FLAGS).encode() + _target(compiler) + compiler.encode())
-            folder = cache_folder() / "native"
-            path = folder / f"step-{key.hexdigest()[:20]}.so"
-            if not path.exists():
-                folder.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=folder) as work:
-                    built = Path(work) / path.name
-                    done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(built), "-lm"],
-                                          capture_output=True, text=True, timeout=300)
-                    if done.returncode != 0:
-                        self.problem = f"{compiler} failed: {done.stderr.strip()[-500:]}"
-                        return
-                    os.replace(built, path)
-            library = ctypes.CDLL(str(path))
-        except (OSError, subprocess.SubprocessError) as exc:
-            self.problem = f"{type(exc).__name__}: {exc}"
+            path = build()
+            try:
+                self.library = load(path)
+            except NativeBuildError:  # a damaged file where the library should be (ours): built again
+                path.unlink(missing_ok=True)
+                self.library = load(build())
+        except NativeBuildError as exc:
+            self.problem = str(exc)
             return
-        library.tf_body.restype = ctypes.c_int
-        library.tf_body.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_void_p] * 4
-        library.tf_lanes.restype = ctypes.c_int
-        library.tf_quantize_rows.restype = None
-        library.tf_quantize_rows.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
-                                             ctypes.c_void_p]
-        library.tf_head.restype = None
-        library.tf_head.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_int] + [ctypes.c_void_p] * 5
-                                    + [ctypes.c_int, ctypes.c_void_p])
-        library.tf_scratch_floats.restype = ctypes.c_long
-        library.tf_scratch_floats.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        library.tf_linear.restype = None
-        library.tf_linear.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                      ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
-        self.library = library
-        self.lanes = library.tf_lanes()
+        self.lanes = self.library.tf_lanes()
 
 
 @functools.cache

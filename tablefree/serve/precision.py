@@ -116,7 +116,9 @@ class Int8Head(Int8Linear):
     Where oneDNN's int8 product runs exactly (`onednn_int8_exact`), each row of hidden states is quantised too, to int8
     with a scale of its own, and the product is integer (u8 x s8, exact in int32) times the two scales: 1.2x faster
     than the weight-only kernel at 1 row and 3-6x at 8 to 32 rows on this project's CPU machine, and a row's logits
-    depend on that row alone. Elsewhere the weight-only kernel (Int8Linear, bfloat16 activations) runs."""
+    depend on that row alone. Where the native library builds, it quantises the rows (the same codes) and, up to
+    NATIVE_HEAD_ROWS rows, multiplies them too (NativeHead: exact sums, so the same logits, bit for bit).
+    Elsewhere the weight-only kernel (Int8Linear, bfloat16 activations) runs."""
 
     def __init__(self, head: torch.nn.Linear):
         self.packed = None
@@ -134,7 +136,11 @@ class Int8Head(Int8Linear):
 
     @property
     def kind(self) -> str:
-        return "int8 weights and activations (oneDNN)" if self.packed is not None else "int8 weights"
+        if self.packed is None:
+            return "int8 weights"
+        if self.native is None:
+            return "int8 weights and activations (oneDNN)"
+        return f"int8 weights and activations (native up to {NATIVE_HEAD_ROWS} rows, then oneDNN)"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

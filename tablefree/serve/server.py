@@ -225,9 +225,12 @@ def _load_engine(spec: EngineSpec, deliver) -> tuple[Engine, object, EngineFacts
     engine = Engine(model, tokenizer, max_batch_size=spec.max_batch_size, max_model_len=max_model_len,
                     max_queue=spec.max_queue, seed=spec.seed, threads=spec.threads, head=precision.head,
                     lower_body=precision.lower_body, draft_tokens=spec.draft_tokens, deliver=deliver)
+    why = precision.why if precision.head is None else f"{precision.why}; the head: {precision.head.kind}"
+    if precision.lower_body:
+        problem = engine.native_problem
+        why += "; the body: native" if problem is None else f"; the body: torch's int8 kernels (not native: {problem})"
     facts = EngineFacts(max_model_len, model.config.vocab_size, frozenset(end_of_sequence_ids(model, tokenizer)),
-                        engine.cached, precision.why if precision.head is None else f"{precision.why}; the head: "
-                        f"{precision.head.kind}", runtime.describe())
+                        engine.cached, why, runtime.describe())
     return engine, tokenizer, facts
 
 
