@@ -202,3 +202,21 @@ def test_the_library_is_built_once_and_a_damaged_copy_is_built_again(tmp_path, m
     rebuilt = native._build()
     assert rebuilt.problem is None and rebuilt.library.tf_lanes() in (8, 16)
     assert path.stat().st_size > 100
+
+
+def test_inputs_of_the_wrong_shape_are_refused_not_read_past(model):
+    """The C code reads what the shapes say: a row, code or cache of another shape is a ValueError first."""
+    linear = native.NativeLinear(model.gpt_neox.layers[0].mlp.dense_h_to_4h)
+    with pytest.raises(ValueError, match="rows of 79 values for a layer of 80 inputs"):
+        linear(torch.randn(2, 79))
+    head = NativeHead(torch.ones(64, 16, dtype=torch.int8), torch.ones(64), None)
+    with pytest.raises(ValueError, match="codes of shape"):
+        head(torch.zeros(2, 12, dtype=torch.uint8), torch.ones(2))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        NativeHead.quantize(torch.randn(16, 2).t())
+    decoder = SlotDecoder(model, max_rows=1, max_len=64, lower_body=True)
+    decoder._reserve(1, 8)
+    with pytest.raises(ValueError, match="a cache of 1 layers"):
+        decoder._native(torch.randn(1, 80), [0], [0], decoder.keys[:1], decoder.values[:1])
+    with pytest.raises(ValueError, match="the cache must be contiguous float32"):
+        decoder._native(torch.randn(1, 80), [0], [0], [k.transpose(0, 1) for k in decoder.keys], decoder.values)

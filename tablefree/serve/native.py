@@ -192,6 +192,8 @@ class NativeLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1]).float().contiguous()
         n, width = rows.shape
+        if width != self.weight.shape[1]:
+            raise ValueError(f"rows of {width} values for a layer of {self.weight.shape[1]} inputs")
         out = torch.empty(n, self.outputs)
         _build().library.tf_linear(rows.data_ptr(), n, width, self.weight.data_ptr(), self.scales.data_ptr(),
                                    _pointer(self.bias), self.outputs, out.data_ptr())
@@ -233,9 +235,13 @@ class NativeBody:
         key = tuple(t.data_ptr() for t in keys + values)
         if key == self._cache_key:
             return
+        layers, heads, size = (int(v) for v in self.shape[[0, 2, 3]])
+        if len(keys) != layers or len(values) != layers:
+            raise ValueError(f"a cache of {len(keys)} layers for a model of {layers}")
         for t in keys + values:
-            if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != keys[0].shape:
-                raise ValueError("the cache must be contiguous float32 tensors of one shape")
+            if t.dtype != torch.float32 or not t.is_contiguous() or t.shape != keys[0].shape or t.shape[2:] != (
+                    heads, size):
+                raise ValueError(f"the cache must be contiguous float32 tensors of (slots, positions, {heads}, {size})")
         pointers = [_pointer(t) for t in self._fixed]
         for parts, k, v in zip(self._layers, keys, values):
             pointers += [_pointer(t) for t in parts] + [k.data_ptr(), v.data_ptr()]
@@ -289,12 +295,16 @@ class NativeHead:
     def quantize(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes, scales) of float32 `rows` (n x width, contiguous): Int8Head's quantisation, bit for bit."""
         n, width = rows.shape
+        if rows.dtype != torch.float32 or not rows.is_contiguous():
+            raise ValueError("rows must be contiguous float32")
         codes, scales = torch.empty(n, width, dtype=torch.uint8), torch.empty(n)
         _build().library.tf_quantize_rows(rows.data_ptr(), n, width, codes.data_ptr(), scales.data_ptr())
         return codes, scales
 
     def __call__(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         n = codes.shape[0]
+        if codes.shape != (n, self.width) or codes.dtype != torch.uint8 or scales.shape != (n,):
+            raise ValueError(f"codes of shape {tuple(codes.shape)} for a head of {self.width} inputs")
         out = torch.empty(n, self.out)
         _build().library.tf_head(codes.data_ptr(), n, self.width, self.weight.data_ptr(), self.sums.data_ptr(),
                                  self.scales.data_ptr(), scales.data_ptr(), _pointer(self.bias), self.out,

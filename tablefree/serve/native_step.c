@@ -219,7 +219,7 @@ static void rotate(float *t, int rotary, const float *cos, const float *sin) {
 long tf_scratch_floats(const int64_t *shape, int n) {
     long width = shape[S_WIDTH], inner = shape[S_INNER], capacity = shape[S_CAPACITY];
     long widest = inner > 3 * width ? inner : 3 * width;
-    return n * (3 * width + widest) + capacity;
+    return n * (3 * width + widest + shape[S_HEADS] * capacity);
 }
 
 int tf_body(const int64_t *shape, void *const *tensors, const float *floats, int n, const int32_t *slots,
@@ -243,7 +243,7 @@ int tf_body(const int64_t *shape, void *const *tensors, const float *floats, int
     float *attended = normed + (size_t)n * width;    /* n x width */
     float *wide = attended + (size_t)n * width;      /* n x widest: qkv, then the MLP's inner values */
     float *mixed = wide + (size_t)n * widest;        /* n x width: the output product, then the MLP's */
-    float *scores = mixed + (size_t)n * width;       /* capacity */
+    float *scores = mixed + (size_t)n * width;       /* n x heads x capacity: each (row, head)'s own */
 
     for (int l = 0; l < layers; l++) {
         void *const *t = per_layer + (size_t)l * T_PER_LAYER;
@@ -263,30 +263,35 @@ int tf_body(const int64_t *shape, void *const *tensors, const float *floats, int
                 memcpy(values + at + (size_t)h * size, q + 2 * size, sizeof(float) * size);
             }
         }
-        /* Each row attends over its slot's positions 0..its own, after every row wrote its key and value. */
-        for (int r = 0; r < n; r++) {
-            int seen = positions[r] + 1;
+        /* Each row attends over its slot's positions 0..its own, after every row wrote its key and value; the
+         * (row, head) pairs are independent, each with scores of its own. */
+        long work = 0;
+        for (int r = 0; r < n; r++) work += (long)(positions[r] + 1) * heads * size;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(dynamic) if (work >= 16384)
+#endif
+        for (int pair = 0; pair < n * heads; pair++) {
+            int r = pair / heads, h = pair % heads, seen = positions[r] + 1;
             const float *slot_keys = keys + (size_t)slots[r] * capacity * heads * size;
             const float *slot_values = values + (size_t)slots[r] * capacity * heads * size;
-            for (int h = 0; h < heads; h++) {
-                const float *q = wide + (size_t)r * 3 * width + (size_t)h * 3 * size;
-                float most = -INFINITY;
-                for (int p = 0; p < seen; p++) {
-                    scores[p] = dot(q, slot_keys + ((size_t)p * heads + h) * size, size) * scaling;
-                    if (scores[p] > most) most = scores[p];
-                }
-                float total = 0.0f;
-                for (int p = 0; p < seen; p++) {
-                    scores[p] = expf(scores[p] - most);
-                    total += scores[p];
-                }
-                float *out = attended + (size_t)r * width + (size_t)h * size;
-                for (int i = 0; i < size; i++) out[i] = 0.0f;
-                for (int p = 0; p < seen; p++) {
-                    const float *v = slot_values + ((size_t)p * heads + h) * size;
-                    float weight = scores[p] / total;
-                    for (int i = 0; i < size; i++) out[i] += weight * v[i];
-                }
+            float *own = scores + (size_t)pair * capacity;
+            const float *q = wide + (size_t)r * 3 * width + (size_t)h * 3 * size;
+            float most = -INFINITY;
+            for (int p = 0; p < seen; p++) {
+                own[p] = dot(q, slot_keys + ((size_t)p * heads + h) * size, size) * scaling;
+                if (own[p] > most) most = own[p];
+            }
+            float total = 0.0f;
+            for (int p = 0; p < seen; p++) {
+                own[p] = expf(own[p] - most);
+                total += own[p];
+            }
+            float *out = attended + (size_t)r * width + (size_t)h * size;
+            for (int i = 0; i < size; i++) out[i] = 0.0f;
+            for (int p = 0; p < seen; p++) {
+                const float *v = slot_values + ((size_t)p * heads + h) * size;
+                float weight = own[p] / total;
+                for (int i = 0; i < size; i++) out[i] += weight * v[i];
             }
         }
         linear(attended, n, width, t[T_DENSE_W], t[T_DENSE_S], t[T_DENSE_B], width, mixed);
