@@ -48,7 +48,7 @@ class NativeBuildError(Exception):
 def _target(compiler: str) -> bytes:
     """What -march=native means to this compiler on this CPU (its predefined macros), for the library's name."""
     done = subprocess.run([compiler, "-march=native", "-E", "-dM", "-x", "c", os.devnull], capture_output=True,
-                          timeout=60)
+                          timeout=60, check=False)
     return done.stdout if done.returncode == 0 else b""
 
 
@@ -68,7 +68,7 @@ def build(flags: list[str] = FLAGS) -> Path:
         with tempfile.TemporaryDirectory(dir=folder) as work:  # built aside, then renamed into place whole
             built = Path(work) / path.name
             done = subprocess.run([compiler, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True,
-                                  text=True, timeout=600)
+                                  text=True, timeout=600, check=False)
             if done.returncode != 0:
                 lines = done.stderr.strip().splitlines()
                 raise NativeBuildError(f"{name} failed ({lines[-1] if lines else f'exit status {done.returncode}'})")

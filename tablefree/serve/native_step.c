@@ -1,5 +1,5 @@
-/* The body of a GPT-NeoX-shaped model's decode step with int8 block weights, in one call (tablefree/serve/native.py
- * builds and loads it; docs/architecture.md, "The native body").
+/* The body of a GPT-NeoX-shaped model's decode step with int8 block weights, in one call, and its int8 head
+ * (tablefree/serve/native.py builds and loads it; docs/architecture.md, "The native body").
  *
  * A decode step of a small model spends most of its body's time between operations, not in them: each tensor
  * operation called from Python costs microseconds whatever its size, and a step makes about 20 per layer. Here the
@@ -13,6 +13,8 @@
  * Every row's arithmetic is the same whatever the other rows are (each product sums one row's values in a fixed
  * order), so a row's hidden state does not depend on its batch: the engine's greedy text stays batch-invariant.
  * Weights are int8 with one float32 scale per output channel; activations, the cache and all sums are float32.
+ *
+ * Then the int8 output head: rows quantised to uint8 codes, and their exact integer product with int8 weights.
  */
 
 #include <math.h>
@@ -39,8 +41,6 @@ enum {
 enum {
     S_LAYERS, S_WIDTH, S_HEADS, S_SIZE, S_ROTARY, S_INNER, S_PARALLEL, S_ACT, S_SLOTS, S_CAPACITY, S_TABLE_LEN, S_COUNT
 };
-
-int tf_version(void) { return 1; }
 
 /* Vectors of LANES floats: x86's own types where it has them (GCC and Clang give them arithmetic operators, and
  * their widening of bytes is one instruction), else GCC's and Clang's vector extensions. */
@@ -212,16 +212,17 @@ static void rotate(float *t, int rotary, const float *cos, const float *sin) {
     memcpy(t, turned, sizeof(float) * rotary);
 }
 
-/* One step's body for n rows. x: (n, width) input vectors, overwritten by the final layer norm's output.
- * slots, positions: each row's slot and where its new token is written (it then reads positions 0..its own).
- * scratch: room for tf_scratch_floats(shape, n) floats. Returns 0, or -1 for a slot or position outside the cache
- * (or a position outside the rotary table), before anything is written. */
+/* Floats of scratch tf_body needs for n rows. */
 long tf_scratch_floats(const int64_t *shape, int n) {
     long width = shape[S_WIDTH], inner = shape[S_INNER], capacity = shape[S_CAPACITY];
     long widest = inner > 3 * width ? inner : 3 * width;
     return n * (3 * width + widest + shape[S_HEADS] * capacity);
 }
 
+/* One step's body for n rows. x: (n, width) input vectors, overwritten by the final layer norm's output.
+ * slots, positions: each row's slot and where its new token is written (it then reads positions 0..its own).
+ * scratch: room for tf_scratch_floats(shape, n) floats. Returns 0, or -1 for a slot or position outside the cache
+ * (or a position outside the rotary table), before anything is written. */
 int tf_body(const int64_t *shape, void *const *tensors, const float *floats, int n, const int32_t *slots,
             const int32_t *positions, float *x, float *scratch) {
     const int layers = (int)shape[S_LAYERS], width = (int)shape[S_WIDTH], heads = (int)shape[S_HEADS];
