@@ -491,7 +491,8 @@ def test_int8_head_is_row_independent_close_to_float32_and_a_quarter_of_its_byte
     model, _ = served
     head = model.get_output_embeddings()
     int8 = Int8Head.of(model)
-    assert int8.kind == ("int8 weights and activations (oneDNN)" if onednn_int8_exact() else "int8 weights")
+    kernels = "native up to 16 rows, then oneDNN" if int8.native is not None else "oneDNN"
+    assert int8.kind == (f"int8 weights and activations ({kernels})" if onednn_int8_exact() else "int8 weights")
     stored = int8.packed if int8.packed is not None else int8.weight
     assert stored.dtype == torch.int8 and stored.numel() == head.weight.numel() and int8.scales.shape == (head.out_features,)
     hidden = torch.randn(32, 1, head.in_features)

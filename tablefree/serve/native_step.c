@@ -29,6 +29,13 @@
 #include <immintrin.h>
 #endif
 
+#ifndef PARALLEL_PRODUCT
+#define PARALLEL_PRODUCT 65536  /* multiply-adds from which a product is split between the threads */
+#endif
+#ifndef PARALLEL_ATTENTION
+#define PARALLEL_ATTENTION 16384  /* and attention */
+#endif
+
 enum { ACT_GELU = 0, ACT_GELU_TANH = 1, ACT_RELU = 2, ACT_SILU = 3 };
 enum {
     T_NORM1_W, T_NORM1_B, T_NORM2_W, T_NORM2_B,
@@ -154,7 +161,7 @@ static void linear(const float *x, int n, int in, const int8_t *w, const float *
                    float *y) {
     const int blocks = out / LANES, groups = (blocks + GROUP - 1) / GROUP;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if ((long)n * out * in >= 65536)
+#pragma omp parallel for schedule(static) if ((long)n * out * in >= PARALLEL_PRODUCT)
 #endif
     for (int g = 0; g < groups; g++) {
         int first = g * GROUP, count = blocks - first < GROUP ? blocks - first : GROUP;
@@ -269,7 +276,7 @@ int tf_body(const int64_t *shape, void *const *tensors, const float *floats, int
         long work = 0;
         for (int r = 0; r < n; r++) work += (long)(positions[r] + 1) * heads * size;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic) if (work >= 16384)
+#pragma omp parallel for schedule(dynamic) if (work >= PARALLEL_ATTENTION)
 #endif
         for (int pair = 0; pair < n * heads; pair++) {
             int r = pair / heads, h = pair % heads, seen = positions[r] + 1;
