@@ -220,3 +220,27 @@ def test_inputs_of_the_wrong_shape_are_refused_not_read_past(model):
         decoder._native(torch.randn(1, 80), [0], [0], decoder.keys[:1], decoder.values[:1])
     with pytest.raises(ValueError, match="the cache must be contiguous float32"):
         decoder._native(torch.randn(1, 80), [0], [0], [k.transpose(0, 1) for k in decoder.keys], decoder.values)
+
+
+def test_both_engines_serve_int8_natively_and_one_thread_or_two_give_the_same_text(saved_tiny_model, tmp_path):
+    """`tablefree serve --head-precision int8 --body-precision int8` says the body runs natively, in the server's
+    process and in an engine process alike, and greedy text does not depend on the thread count (each sum runs in one
+    order however the work is split)."""
+    import httpx
+    from serve_process import ServerProcess
+
+    texts = {}
+    for engine, threads in (("thread", "1"), ("process", "2")):
+        log = tmp_path / f"{engine}.log"
+        server = ServerProcess(saved_tiny_model[0], log, "--engine", engine, "--threads", threads, "--head-precision",
+                               "int8", "--body-precision", "int8", "--served-model-name", "m")
+        try:
+            body = {"model": "m", "prompt": "One, two, three", "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+            reply = httpx.post(f"{server.url}/v1/completions", json=body, timeout=120)
+            assert reply.status_code == 200, reply.text
+            texts[engine] = reply.json()["choices"][0]["text"]
+        finally:
+            server.stop()
+        assert "int8 head, int8 body: asked for; the head: int8 weights and activations (native up to 16 rows, then " \
+               "oneDNN); the body: native" in log.read_text()
+    assert texts["thread"] == texts["process"] and len(texts["thread"]) > 0
