@@ -102,11 +102,15 @@ int tf_lanes(void) { return LANES; }
 
 /* The LANES partial sums of `v`, added pairwise in one fixed order. */
 static inline float sum_lanes(vec v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps(v);
+#else
     float t[LANES];
     store(t, v);
     for (int width = LANES / 2; width > 1; width /= 2)
         for (int l = 0; l < width; l++) t[l] += t[l + width];
     return t[0] + t[1];
+#endif
 }
 
 /* Sum of a[i] * b[i], i < n, in one fixed order: LANES partial sums, then the rest one at a time. */
@@ -118,6 +122,85 @@ static inline float dot(const float *a, const float *b, int n) {
     for (; i < n; i++) total += a[i] * b[i];
     return total;
 }
+
+/* exp(x[i] - shift) for i < n, in place, and their sum (in one fixed order for a given n). x[i] - shift <= 0. */
+static float exp_shifted(float *x, int n, float shift) {
+    int i = 0;
+#if defined(__AVX512F__)
+    /* e^t = 2^k e^r, k = round(t / ln 2), r = t - k ln 2 in [-ln 2 / 2, ln 2 / 2], e^r by its Taylor polynomial to
+     * degree 6 (relative error below 2e-7), t clamped at -87.3 where e^t is below float32's smallest normal. */
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693145751953125f);
+    const __m512 ln2_lo = _mm512_set1_ps(1.42860682030941723e-6f), lowest = _mm512_set1_ps(-87.3f);
+    const __m512 s = _mm512_set1_ps(shift), one = _mm512_set1_ps(1.0f);
+    __m512 total = _mm512_setzero_ps();
+    for (; i < n; i += LANES) {
+        __mmask16 live = n - i >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        __m512 t = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + i), s), lowest);
+        __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(t, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, t));
+        __m512 p = _mm512_set1_ps(1.0f / 720);
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+        p = _mm512_fmadd_ps(p, r, one);
+        p = _mm512_fmadd_ps(p, r, one);
+        __m512 e = _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
+        _mm512_mask_storeu_ps(x + i, live, e);
+        total = _mm512_add_ps(total, e);
+    }
+    return _mm512_reduce_add_ps(total);
+#else
+    float total = 0.0f;
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - shift);
+        total += x[i];
+    }
+    return total;
+#endif
+}
+
+/* Attention of one query over `seen` positions of one head: keys and values of position p at keys + p * stride
+ * (and values + p * stride), `size` values each; the softmax of the scaled scores (in `scores`, room for `seen`)
+ * weighs the values into `out`. */
+static void attend(const float *q, const float *keys, const float *values, size_t stride, int seen, int size,
+                   float scaling, float *scores, float *out) {
+    float most = -INFINITY;
+    const int blocks = size / LANES;
+    if (size % LANES == 0 && blocks <= 4) {  /* the head in registers */
+        vec query[4], acc[4];
+        for (int b = 0; b < blocks; b++) query[b] = load(q + b * LANES);
+        for (int p = 0; p < seen; p++) {
+            const float *k = keys + (size_t)p * stride;
+            vec sum = query[0] * load(k);
+            for (int b = 1; b < blocks; b++) sum = madd(sum, query[b], load(k + b * LANES));
+            scores[p] = sum_lanes(sum) * scaling;
+            most = scores[p] > most ? scores[p] : most;
+        }
+        float total = exp_shifted(scores, seen, most);
+        for (int b = 0; b < blocks; b++) acc[b] = splat(0.0f);
+        for (int p = 0; p < seen; p++) {
+            const float *v = values + (size_t)p * stride;
+            vec weight = splat(scores[p]);
+            for (int b = 0; b < blocks; b++) acc[b] = madd(acc[b], weight, load(v + b * LANES));
+        }
+        vec inverse = splat(1.0f / total);
+        for (int b = 0; b < blocks; b++) store(out + b * LANES, acc[b] * inverse);
+        return;
+    }
+    for (int p = 0; p < seen; p++) {
+        scores[p] = dot(q, keys + (size_t)p * stride, size) * scaling;
+        most = scores[p] > most ? scores[p] : most;
+    }
+    float total = exp_shifted(scores, seen, most);
+    for (int i = 0; i < size; i++) out[i] = 0.0f;
+    for (int p = 0; p < seen; p++) {
+        const float *v = values + (size_t)p * stride;
+        for (int i = 0; i < size; i++) out[i] += scores[p] * v[i];
+    }
+    for (int i = 0; i < size; i++) out[i] *= 1.0f / total;
+}
+
 
 /* Output blocks, and rows, one pass of `linear` computes together: independent sums, so their products overlap, and
  * each block's weights are widened once for all the rows. */
@@ -280,27 +363,10 @@ int tf_body(const int64_t *shape, void *const *tensors, const float *floats, int
 #endif
         for (int pair = 0; pair < n * heads; pair++) {
             int r = pair / heads, h = pair % heads, seen = positions[r] + 1;
-            const float *slot_keys = keys + (size_t)slots[r] * capacity * heads * size;
-            const float *slot_values = values + (size_t)slots[r] * capacity * heads * size;
-            float *own = scores + (size_t)pair * capacity;
-            const float *q = wide + (size_t)r * 3 * width + (size_t)h * 3 * size;
-            float most = -INFINITY;
-            for (int p = 0; p < seen; p++) {
-                own[p] = dot(q, slot_keys + ((size_t)p * heads + h) * size, size) * scaling;
-                if (own[p] > most) most = own[p];
-            }
-            float total = 0.0f;
-            for (int p = 0; p < seen; p++) {
-                own[p] = expf(own[p] - most);
-                total += own[p];
-            }
-            float *out = attended + (size_t)r * width + (size_t)h * size;
-            for (int i = 0; i < size; i++) out[i] = 0.0f;
-            for (int p = 0; p < seen; p++) {
-                const float *v = slot_values + ((size_t)p * heads + h) * size;
-                float weight = own[p] / total;
-                for (int i = 0; i < size; i++) out[i] += weight * v[i];
-            }
+            size_t slot = (size_t)slots[r] * capacity * heads * size + (size_t)h * size;
+            attend(wide + (size_t)r * 3 * width + (size_t)h * 3 * size, keys + slot, values + slot,
+                   (size_t)heads * size, seen, size, scaling, scores + (size_t)pair * capacity,
+                   attended + (size_t)r * width + (size_t)h * size);
         }
         linear(attended, n, width, t[T_DENSE_W], t[T_DENSE_S], t[T_DENSE_B], width, mixed);
         if (parallel) {
