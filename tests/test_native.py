@@ -244,3 +244,37 @@ def test_both_engines_serve_int8_natively_and_one_thread_or_two_give_the_same_te
         assert "int8 head, int8 body: asked for; the head: int8 weights and activations (native up to 16 rows, then " \
                "oneDNN); the body: native" in log.read_text()
     assert texts["thread"] == texts["process"] and len(texts["thread"]) > 0
+
+
+def test_native_steps_match_the_models_forward_through_the_same_int8_products(model):
+    """Past the cache's first capacity (64 positions), native steps give the hidden states of the model's own forward
+    run through the same int8 products (NativeLinear): what differs is attention, its exponentials, the activation and
+    the norms, each within float32's rounding."""
+    from tablefree.serve.precision import int8_body
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 90), generator=torch.Generator().manual_seed(6))
+    decoder = SlotDecoder(model, max_rows=1, max_len=256, lower_body=True)
+    with torch.no_grad():
+        with int8_body(model):  # the first position's key and value from the same products
+            out = model(input_ids=ids[:, :1], use_cache=True)
+            want = model.gpt_neox(input_ids=ids).last_hidden_state[0, 1:]
+        decoder.add([(layer.keys, layer.values) for layer in out.cache.layers], [1])
+        got = torch.cat([decoder.step(ids[:, p], torch.tensor([p]))[:, 0] for p in range(1, 90)])
+    assert decoder.keys[0].shape[1] == 128
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_the_softmaxs_exponentials_are_within_a_few_units_of_float32s_last_place():
+    """exp_shifted, which attention's softmax runs, against exp in float64: relative error below 3e-7 wherever the
+    result is a normal float32 (from -87.3 to 0, past the end of whole vectors too), below float32's smallest normal
+    beneath that, and the sum it returns is theirs."""
+    library = native._build().library
+    for n in (1, 15, 16, 100_003):
+        x = torch.linspace(-90.0, 2.5, n) if n > 16 else torch.rand(n) * -5
+        got = x.clone()
+        total = library.tf_exp_shifted(got.data_ptr(), n, 2.5 if n > 16 else 0.0)
+        want = torch.exp((x - (2.5 if n > 16 else 0.0)).double())  # of the float32 difference, as the kernel takes it
+        normal = want > torch.finfo(torch.float32).tiny
+        assert bool((((got.double() - want).abs() / want)[normal] < 3e-7).all()), n
+        assert bool((got[~normal] < 2 * torch.finfo(torch.float32).tiny).all())
+        assert abs(total - float(got.double().sum())) <= 1e-6 * float(want.sum())

@@ -92,6 +92,7 @@ def load(path: Path) -> ctypes.CDLL:
         ("tf_linear", None, [pointer, count, count, pointer, pointer, pointer, count, pointer]),
         ("tf_quantize_rows", None, [pointer, count, count, pointer, pointer]),
         ("tf_head", None, [pointer, count, count] + [pointer] * 5 + [count, pointer]),
+        ("tf_exp_shifted", ctypes.c_float, [pointer, count, ctypes.c_float]),
     ):
         function = getattr(library, name)
         function.restype, function.argtypes = result, arguments
