@@ -92,7 +92,8 @@ def load(path: Path) -> ctypes.CDLL:
         ("tf_linear", None, [pointer, count, count, pointer, pointer, pointer, count, pointer]),
         ("tf_quantize_rows", None, [pointer, count, count, pointer, pointer]),
         ("tf_head", None, [pointer, count, count] + [pointer] * 5 + [count, pointer]),
-        ("tf_exp_shifted", ctypes.c_float, [pointer, count, ctypes.c_float]),
+        ("tf_exp_shifted", ctypes.c_float, [pointer, count, ctypes.c_float, ctypes.c_float]),
+        ("tf_draw", None, [pointer, count, count] + [pointer] * 5),
     ):
         function = getattr(library, name)
         function.restype, function.argtypes = result, arguments
@@ -311,3 +312,23 @@ class NativeHead:
                                  self.scales.data_ptr(), scales.data_ptr(), _pointer(self.bias), self.out,
                                  out.data_ptr())
         return out
+
+
+def native_draw(logits: torch.Tensor, rows: list[int], tops: list[float], temperatures: list[float],
+                uniform: torch.Tensor) -> list[int] | None:
+    """Each of `rows` of float32 `logits` (contiguous, on the CPU) drawn at its temperature with its uniform number
+    (tf_draw: exp((logit - top) / temperature), the inverse of its cumulative weight), overwriting those rows with
+    their weights; None where the native library does not run (then the caller draws)."""
+    library = _build().library
+    if library is None or logits.dtype != torch.float32 or not logits.is_contiguous() or logits.device.type != "cpu":
+        return None
+    count = len(rows)
+    if not all(0 <= row < len(logits) for row in rows) or not (len(tops) == len(temperatures) == count == len(uniform)):
+        raise ValueError(f"rows {rows} of {len(logits)}, {len(tops)} tops, {len(temperatures)} temperatures, "
+                         f"{len(uniform)} uniform numbers")
+    out = torch.empty(count, dtype=torch.int64)
+    floats = torch.tensor([tops, temperatures], dtype=torch.float32)
+    uniform = uniform.to(torch.float32).contiguous()
+    library.tf_draw(logits.data_ptr(), logits.shape[-1], count, (ctypes.c_int32 * count)(*rows), floats[0].data_ptr(),
+                    floats[1].data_ptr(), uniform.data_ptr(), out.data_ptr())
+    return out.tolist()

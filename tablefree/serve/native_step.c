@@ -123,37 +123,51 @@ static inline float dot(const float *a, const float *b, int n) {
     return total;
 }
 
-/* exp(x[i] - shift) for i < n, in place, and their sum (in one fixed order for a given n). x[i] - shift <= 0. */
-static float exp_shifted(float *x, int n, float shift) {
-    int i = 0;
 #if defined(__AVX512F__)
-    /* e^t = 2^k e^r, k = round(t / ln 2), r = t - k ln 2 in [-ln 2 / 2, ln 2 / 2], e^r by its Taylor polynomial to
-     * degree 6 (relative error below 3e-7 where e^t is a normal float32), t clamped at -104, where e^t rounds to 0. */
-    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693145751953125f);
-    const __m512 ln2_lo = _mm512_set1_ps(1.42860682030941723e-6f), lowest = _mm512_set1_ps(-104.0f);
-    const __m512 s = _mm512_set1_ps(shift), one = _mm512_set1_ps(1.0f);
+/* e^t for t <= 0, LANES at a time: e^t = 2^k e^r, k = round(t / ln 2), r = t - k ln 2 in [-ln 2 / 2, ln 2 / 2],
+ * e^r by its Taylor polynomial to degree 6 (relative error below 3e-7 where e^t is a normal float32); exactly 0
+ * from t = -104 down (where e^t rounds to 0 anyway), for -inf and for NaN. */
+static inline __m512 exp_vec(__m512 t) {
+    const __m512 lowest = _mm512_set1_ps(-104.0f), one = _mm512_set1_ps(1.0f);
+    __mmask16 above = _mm512_cmp_ps_mask(t, lowest, _CMP_GT_OQ);
+    t = _mm512_max_ps(t, lowest);
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(1.42860682030941723e-6f),
+                                _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693145751953125f), t));
+    __m512 p = _mm512_set1_ps(1.0f / 720);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, one);
+    p = _mm512_fmadd_ps(p, r, one);
+    return _mm512_maskz_mov_ps(above, _mm512_scalef_ps(p, k));
+}
+
+static inline __mmask16 first_lanes(int count) {
+    return count >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << count) - 1);
+}
+#endif
+
+/* x[i] = exp((x[i] - shift) / divisor) for i < n, in place, with their sum (in one fixed order for a given n);
+ * (x[i] - shift) / divisor <= 0. */
+static float exp_shifted(float *x, int n, float shift, float divisor) {
+#if defined(__AVX512F__)
+    const __m512 s = _mm512_set1_ps(shift), d = _mm512_set1_ps(divisor);
     __m512 total = _mm512_setzero_ps();
-    for (; i < n; i += LANES) {
-        __mmask16 live = n - i >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
-        __m512 t = _mm512_max_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + i), s), lowest);
-        __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(t, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m512 r = _mm512_fnmadd_ps(k, ln2_lo, _mm512_fnmadd_ps(k, ln2_hi, t));
-        __m512 p = _mm512_set1_ps(1.0f / 720);
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-        p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-        p = _mm512_fmadd_ps(p, r, one);
-        p = _mm512_fmadd_ps(p, r, one);
-        __m512 e = _mm512_maskz_mov_ps(live, _mm512_scalef_ps(p, k));
+    for (int i = 0; i < n; i += LANES) {
+        __mmask16 live = first_lanes(n - i);
+        __m512 e = exp_vec(_mm512_div_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, x + i), s), d));
+        e = _mm512_maskz_mov_ps(live, e);
         _mm512_mask_storeu_ps(x + i, live, e);
         total = _mm512_add_ps(total, e);
     }
     return _mm512_reduce_add_ps(total);
 #else
     float total = 0.0f;
-    for (; i < n; i++) {
-        x[i] = expf(x[i] - shift);
+    for (int i = 0; i < n; i++) {
+        x[i] = expf((x[i] - shift) / divisor);
         total += x[i];
     }
     return total;
@@ -161,7 +175,7 @@ static float exp_shifted(float *x, int n, float shift) {
 }
 
 /* exp_shifted for callers outside (the tests hold it to torch.exp). */
-float tf_exp_shifted(float *x, int n, float shift) { return exp_shifted(x, n, shift); }
+float tf_exp_shifted(float *x, int n, float shift, float divisor) { return exp_shifted(x, n, shift, divisor); }
 
 /* Attention of one query over `seen` positions of one head: keys and values of position p at keys + p * stride
  * (and values + p * stride), `size` values each; the softmax of the scaled scores (in `scores`, room for `seen`)
@@ -180,7 +194,7 @@ static void attend(const float *q, const float *keys, const float *values, size_
             scores[p] = sum_lanes(sum) * scaling;
             most = scores[p] > most ? scores[p] : most;
         }
-        float total = exp_shifted(scores, seen, most);
+        float total = exp_shifted(scores, seen, most, 1.0f);
         for (int b = 0; b < blocks; b++) acc[b] = splat(0.0f);
         for (int p = 0; p < seen; p++) {
             const float *v = values + (size_t)p * stride;
@@ -195,7 +209,7 @@ static void attend(const float *q, const float *keys, const float *values, size_
         scores[p] = dot(q, keys + (size_t)p * stride, size) * scaling;
         most = scores[p] > most ? scores[p] : most;
     }
-    float total = exp_shifted(scores, seen, most);
+    float total = exp_shifted(scores, seen, most, 1.0f);
     for (int i = 0; i < size; i++) out[i] = 0.0f;
     for (int p = 0; p < seen; p++) {
         const float *v = values + (size_t)p * stride;
@@ -496,5 +510,53 @@ void tf_head(const uint8_t *codes, int n, int in, const int8_t *w, const int32_t
                         y[(size_t)(first + r) * out + o] = bias ? v + bias[o] : v;
                     }
         }
+    }
+}
+
+/* ---- Drawing a token: temperature alone. ---- */
+
+/* The sum of chunk j (LANES weights from `w`, fewer at the end), in one fixed order. */
+static inline float chunk_sum(const float *w, int count) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps(_mm512_maskz_loadu_ps(first_lanes(count), w));
+#else
+    float sum = 0.0f;
+    for (int i = 0; i < count && i < LANES; i++) sum += w[i];
+    return sum;
+#endif
+}
+
+/* For each of `count` rows of `logits` (rows[j] of them, V wide): the id drawn with probability proportional to
+ * exp((logit - tops[j]) / temps[j]), by the inverse of its cumulative weight at uniforms[j] * total (kept below the
+ * total, so an id of weight 0 is never drawn). The row's logits are overwritten by its weights. tops[j] is the row's
+ * largest logit, temps[j] > 0. */
+void tf_draw(float *logits, int V, int count, const int32_t *rows, const float *tops, const float *temps,
+             const float *uniforms, int64_t *out) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (count > 1)
+#endif
+    for (int j = 0; j < count; j++) {
+        float *w = logits + (size_t)rows[j] * V;
+        exp_shifted(w, V, tops[j], temps[j]);
+        float total = 0.0f;
+        for (int i = 0; i < V; i += LANES) total += chunk_sum(w + i, V - i);
+        float target = uniforms[j] * total;
+        if (!(target < total)) target = nextafterf(total, 0.0f);
+        int64_t chosen = -1;
+        float running = 0.0f;
+        for (int i = 0; i < V && chosen < 0; i += LANES) {
+            float after = running + chunk_sum(w + i, V - i);
+            if (after > target || i + LANES >= V) {  /* the chunk that crosses the target: its ids one by one */
+                float inside = running;
+                for (int k = i; k < V && k < i + LANES; k++) {
+                    if (w[k] > 0.0f) chosen = k;
+                    inside += w[k];
+                    if (w[k] > 0.0f && inside > target) break;
+                }
+                if (after > target) break;
+            }
+            running = after;
+        }
+        out[j] = chosen;
     }
 }

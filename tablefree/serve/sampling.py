@@ -12,6 +12,7 @@ import math
 import numpy
 import torch
 
+from .native import native_draw
 from .params import SamplingParams
 
 
@@ -128,15 +129,22 @@ class TokenSampler:
                 chosen[i] = token
         plain = [i for i in usable if is_plain(rows[i].params)]
         if plain:
-            # The common case (temperature only, no seed) takes one batched draw, in place when it is every row.
-            temps = torch.tensor([rows[i].params.temperature for i in plain], device=logits.device)[:, None]
-            every = len(plain) == len(rows)
-            scaled = logits if every else logits[plain]
-            top = maxima.top if every else maxima.top[plain]
-            # Shifted to a top logit of 0 before scaling, so no temperature can overflow the division; softmax's
-            # exp is the fast one (torch.exp is ~2x slower over a 65,536-wide row).
-            weights = torch.softmax(scaled.sub_(top[:, None]).div_(temps), dim=-1).cpu()
-            for i, token in zip(plain, draw(weights, torch.rand(len(plain), generator=self.shared)).tolist()):
+            # The common case (temperature only, no seed) takes one batched draw: natively where the library runs
+            # (native_draw; this method 2.5x faster at 1 row, 8x at 8 and 32), else through softmax, in place when it
+            # is every row. Either way shifted to a top logit of 0 before scaling, so no temperature can overflow the
+            # division.
+            temperatures = [rows[i].params.temperature for i in plain]
+            uniform = torch.rand(len(plain), generator=self.shared)
+            drawn = native_draw(logits, plain, [maxima.tops[i] for i in plain], temperatures, uniform)
+            if drawn is None:
+                temps = torch.tensor(temperatures, device=logits.device)[:, None]
+                every = len(plain) == len(rows)
+                scaled = logits if every else logits[plain]
+                top = maxima.top if every else maxima.top[plain]
+                # softmax's exp is the fast one (torch.exp is ~2x slower over a 65,536-wide row).
+                weights = torch.softmax(scaled.sub_(top[:, None]).div_(temps), dim=-1).cpu()
+                drawn = draw(weights, uniform).tolist()
+            for i, token in zip(plain, drawn):
                 chosen[i] = token
         for i in sorted(set(usable) - set(greedy) - set(plain)):
             try:
