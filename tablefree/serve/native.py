@@ -1,4 +1,5 @@
-"""The native body: a decode step's blocks with int8 weights as one call into C (native_step.c), built on first use.
+"""The native body: a decode step's blocks with int8 weights as one call into C (native_step.c), built on first use;
+with it the int8 head's product (NativeHead) and the draw of plain sampled rows (native_draw).
 
 A one-row decode step through torch makes about 20 tensor operations per layer, each costing microseconds of dispatch
 whatever its size; for small-affine that was 0.65 ms of a 1.5 ms step, more than its arithmetic
@@ -30,9 +31,8 @@ SOURCE = Path(__file__).with_name("native_step.c")
 # -ffp-contract=off: no multiply-add fused unless written so (native_step.c's `madd`), so a sum rounds the same way
 # on every path through the code.
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp", "-std=gnu11"]
+# config.hidden_act -> native_step.c's activation (ACT_GELU, ACT_GELU_TANH, ACT_RELU, ACT_SILU)
 ACTIVATIONS = {"gelu": 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu_fast": 1, "relu": 2, "silu": 3, "swish": 3}
-LAYER_TENSORS = 18  # pointers per layer in tf_body's `tensors`, in native_step.c's order
-SHAPE_FIELDS = 10
 
 
 def cache_folder() -> Path:
@@ -74,7 +74,7 @@ def build(flags: list[str] = FLAGS) -> Path:
                 raise NativeBuildError(f"{name} failed ({lines[-1] if lines else f'exit status {done.returncode}'})")
             os.replace(built, path)
         return path
-    except (OSError, subprocess.SubprocessError) as exc:
+    except (OSError, subprocess.SubprocessError, RuntimeError) as exc:  # RuntimeError: no home folder for the cache
         raise NativeBuildError(f"building with {name}: {type(exc).__name__}: {exc}") from None
 
 
@@ -85,6 +85,10 @@ def load(path: Path) -> ctypes.CDLL:
     except OSError as exc:
         raise NativeBuildError(f"loading {path}: {exc}") from None
     pointer, count = ctypes.c_void_p, ctypes.c_int
+    for name in ("tf_lanes", "tf_scratch_floats", "tf_body", "tf_linear", "tf_quantize_rows", "tf_head",
+                 "tf_exp_shifted", "tf_draw"):
+        if not hasattr(library, name):
+            raise NativeBuildError(f"loading {path}: it has no {name}")
     for name, result, arguments in (
         ("tf_lanes", count, []),
         ("tf_scratch_floats", ctypes.c_long, [pointer, count]),
