@@ -218,7 +218,6 @@ static void attend(const float *q, const float *keys, const float *values, size_
     for (int i = 0; i < size; i++) out[i] *= 1.0f / total;
 }
 
-
 /* Output blocks, and rows, one pass of `linear` computes together: independent sums, so their products overlap, and
  * each block's weights are widened once for all the rows. */
 enum { GROUP = 4, ROWS = 4 };
