@@ -30,6 +30,8 @@ def model():
 def test_the_library_builds_on_this_machine(model):
     assert native.native_unavailable() is None
     assert native_problem(model) is None
+    vectorised = native._build().library.tf_head_vectorised()
+    assert native.native_head_unavailable() == (None if vectorised else "no AVX-512 VNNI on this CPU")
 
 
 def run_rows(decoder: SlotDecoder, ids: torch.Tensor, first_slot: int = 0) -> list[torch.Tensor]:

@@ -86,7 +86,7 @@ def load(path: Path) -> ctypes.CDLL:
         raise NativeBuildError(f"loading {path}: {exc}") from None
     pointer, count = ctypes.c_void_p, ctypes.c_int
     for name in ("tf_lanes", "tf_scratch_floats", "tf_body", "tf_linear", "tf_quantize_rows", "tf_head",
-                 "tf_exp_shifted", "tf_draw"):
+                 "tf_exp_shifted", "tf_draw", "tf_head_vectorised"):
         if not hasattr(library, name):
             raise NativeBuildError(f"loading {path}: it has no {name}")
     for name, result, arguments in (
@@ -98,6 +98,7 @@ def load(path: Path) -> ctypes.CDLL:
         ("tf_head", None, [pointer, count, count] + [pointer] * 5 + [count, pointer]),
         ("tf_exp_shifted", ctypes.c_float, [pointer, count, ctypes.c_float, ctypes.c_float]),
         ("tf_draw", None, [pointer, count, count] + [pointer] * 5),
+        ("tf_head_vectorised", count, []),
     ):
         function = getattr(library, name)
         function.restype, function.argtypes = result, arguments
@@ -130,6 +131,15 @@ class _Build:
 @functools.cache
 def _build() -> _Build:
     return _Build()
+
+
+def native_head_unavailable() -> str | None:
+    """Why the int8 head's product does not run natively here (the library does not build, or this CPU lacks
+    AVX-512 VNNI, where oneDNN's product is the faster), or None when it does."""
+    build = _build()
+    if build.problem:
+        return build.problem
+    return None if build.library.tf_head_vectorised() else "no AVX-512 VNNI on this CPU"
 
 
 def native_unavailable() -> str | None:

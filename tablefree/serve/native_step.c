@@ -482,6 +482,15 @@ static inline void head_sums(const uint8_t *codes, int rows, int in, const int8_
 }
 #endif
 
+/* Whether tf_head runs on VNNI here (else on plain C loops, exact but slower than oneDNN's product). */
+int tf_head_vectorised(void) {
+#if defined(__AVX512VNNI__) && defined(__AVX512F__)
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* y[r][o] = float(sum_k (codes[r][k] - 128) w[o][k]) * w_scale[o] * scales[r] + bias[o], o < out. `w` in blocks
  * of 16 outputs by groups of 4 inputs (block b, group g: outputs b*16..b*16+15, each with its 4 weights of inputs
  * 4g..4g+3), `in` a multiple of 4, the outputs padded with zeros to a multiple of 16 * HEAD_BLOCKS (as are `sums`,

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..evaluate import token_byte_lengths
 from . import PRECISIONS
-from .native import NativeHead, native_unavailable
+from .native import NativeHead, native_head_unavailable
 
 QUALITY_POSITIONS = 512  # held-out positions the quality of lower-precision weights is measured over
 MIN_TOP1_AGREEMENT = 0.98
@@ -131,7 +131,7 @@ class Int8Head(Int8Linear):
         self.weight = None  # oneDNN's own layout (`packed`), and the native head's, are the copies kept
         self.zero_points = torch.zeros(codes.shape[0], dtype=torch.long)
         self.bias = None if head.bias is None else head.bias.detach().float()
-        fits = native_unavailable() is None and codes.shape[1] % 4 == 0
+        fits = native_head_unavailable() is None and codes.shape[1] % 4 == 0
         self.native = NativeHead(codes, self.scales, self.bias) if fits else None
 
     @property
