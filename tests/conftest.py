@@ -1,4 +1,7 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -6,6 +9,11 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The native library (tablefree/serve/native.py) is built into a folder of this run's own, not the user's cache
+# (which may not be writable where tests run); the servers the tests start inherit it.
+if "TABLEFREE_CACHE" not in os.environ:
+    os.environ["TABLEFREE_CACHE"] = tempfile.mkdtemp(prefix="tablefree-tests-")
+    atexit.register(shutil.rmtree, os.environ["TABLEFREE_CACHE"], True)
 
 
 @pytest.fixture(scope="session")
