@@ -151,8 +151,9 @@ static inline __mmask16 first_lanes(int count) {
 #endif
 
 /* x[i] = exp((x[i] - shift) / divisor) for i < n, in place, with their sum (in one fixed order for a given n);
- * (x[i] - shift) / divisor <= 0. */
-static float exp_shifted(float *x, int n, float shift, float divisor) {
+ * (x[i] - shift) / divisor <= 0. Always inlined: attention's divisor of 1 then costs no division (x / 1 is x
+ * exactly, so the compiler drops it), and a caller that ignores the sum costs no additions. */
+static inline __attribute__((always_inline)) float exp_shifted(float *x, int n, float shift, float divisor) {
 #if defined(__AVX512F__)
     const __m512 s = _mm512_set1_ps(shift), d = _mm512_set1_ps(divisor);
     __m512 total = _mm512_setzero_ps();
